@@ -1,0 +1,26 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv and installs the pinned
+# stack on first use; later runs skip the install unless setup.cfg or pyproject.toml changed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench clean-demo
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m kd.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/bench_overhead.py
+
+clean-demo:
+	rm -rf .demo runs/demo-teacher runs/demo-kd runs/demo-baseline
