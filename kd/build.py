@@ -1,0 +1,136 @@
+"""Assemble a run from a validated config: accelerator, data, teacher, student.
+
+Order matters for the user: cheap checks that can fail (GPU present, precision supported) come
+before anything slow (dataset decoding, model loading), and the dataset's label space is known
+before either model is built, so a teacher/student/label mismatch stops the run before training.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import accelerate
+import torch
+import transformers
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+
+from kd.config import Config
+from kd.data import PreparedData, prepare_data
+from kd.errors import ConfigError, TrainingError
+from kd.students import build_student, student_input_key, use_channels_last
+from kd.teachers import check_label_space, count_parameters, load_processor, load_teacher
+
+
+@dataclass
+class Run:
+    cfg: Config
+    accelerator: Accelerator
+    data: PreparedData
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    processor: Any
+    input_key: str  # "waveform" (log-mel student) or "inputs" (transformers student)
+    env: dict[str, Any]
+    params: dict[str, int | None]
+
+
+def build_run(cfg: Config) -> Run:
+    check_device(cfg)
+    set_seed(cfg.run.seed)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with=cfg.telemetry.report_to or None,
+        project_dir=str(cfg.output_dir),
+        # Seedable sampler: the shuffle order of epoch e depends only on (seed, e), which is what lets
+        # --resume continue on exactly the next batch. non_blocking: pinned batches copy asynchronously.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=cfg.data.pin_memory),
+    )
+    say = accelerator.print
+    env = describe_environment(accelerator)
+    if env["gpu_name"]:
+        say(f"GPU: {env['gpu_name']}, {env['gpu_total_bytes'] / 2**30:.1f} GiB, precision {env['mixed_precision']}")
+    else:
+        say(f"Device: {accelerator.device}, precision {env['mixed_precision']}, processes {env['world_size']}")
+
+    processor_source = cfg.teacher.model if cfg.distillation.enabled else (
+        cfg.student.config if cfg.student.type == "hf" else None)
+    processor = load_processor(processor_source, cfg.data.modality, cfg.teacher.revision) if processor_source else None
+    rate = sampling_rate(cfg, processor)
+    with accelerator.main_process_first():  # the first process fills the datasets cache, the others reuse it
+        data = prepare_data(cfg.data, processor, rate)
+    say(f"Data: {len(data.splits['train'])} training samples, {len(data.label_names)} labels")
+
+    teacher = None
+    if cfg.distillation.enabled:
+        teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
+        check_label_space(teacher.config, data.label_names, f"teacher {cfg.teacher.model}")
+        teacher.to(teacher_device(cfg, accelerator))
+    student = build_student(cfg.student, cfg.data.modality, data.label_names, data.sampling_rate,
+                            teacher, cfg.teacher.model)
+    if accelerator.device.type == "cuda":
+        if cfg.student.channels_last and use_channels_last(student):
+            say("Using channels_last memory format")
+        if teacher is not None and next(teacher.parameters()).is_cuda:
+            use_channels_last(teacher)
+        if cfg.data.pin_memory:
+            say("Non-blocking transfers enabled")
+    params = {"teacher": count_parameters(teacher) if teacher is not None else None,
+              "student": count_parameters(student)}
+    say(f"Parameters: teacher {_fmt_count(params['teacher'])}, student {_fmt_count(params['student'])}")
+    return Run(cfg, accelerator, data, student, teacher, processor, student_input_key(student), env, params)
+
+
+def check_device(cfg: Config) -> None:
+    """Fail at start, before any loading, when the config asks for a GPU that is not there."""
+    has_cuda = torch.cuda.is_available()
+    if cfg.run.gpu_only and not has_cuda:
+        raise TrainingError("run.gpu_only is true but no CUDA GPU is visible to PyTorch (check nvidia-smi and "
+                            "CUDA_VISIBLE_DEVICES); set run.gpu_only: false to allow training on the CPU")
+    if cfg.train.mixed_precision == "fp16" and not has_cuda:
+        raise ConfigError(["train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on the CPU"])
+    if cfg.teacher.device == "cuda" and not has_cuda:
+        raise ConfigError(["teacher.device: 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'"])
+
+
+def teacher_device(cfg: Config, accelerator: Accelerator) -> torch.device:
+    if cfg.teacher.device == "cpu":
+        return torch.device("cpu")
+    return accelerator.device  # "auto" and "cuda": next to the student, so logits never cross the bus
+
+
+def sampling_rate(cfg: Config, processor: Any) -> int | None:
+    """The audio rate: the teacher's feature extractor decides; data.sampling_rate must agree with it."""
+    if cfg.data.modality != "audio":
+        return None
+    expected = getattr(processor, "sampling_rate", None)
+    if expected and cfg.data.sampling_rate and cfg.data.sampling_rate != expected:
+        raise ConfigError([f"data.sampling_rate: {cfg.data.sampling_rate} differs from the {expected} Hz the "
+                           "teacher's feature extractor expects; remove it or set it to that rate"])
+    return cfg.data.sampling_rate or expected or 16000
+
+
+def describe_environment(accelerator: Accelerator) -> dict[str, Any]:
+    device = accelerator.device
+    gpu = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "accelerate": accelerate.__version__,
+        "transformers": transformers.__version__,
+        "gpu_name": gpu.name if gpu else None,
+        "gpu_total_bytes": gpu.total_memory if gpu else None,
+        "mixed_precision": accelerator.mixed_precision,
+        "world_size": accelerator.num_processes,
+        "device": str(device),
+    }
+
+
+def _fmt_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"

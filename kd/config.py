@@ -1,0 +1,381 @@
+"""Typed run configuration: YAML in, a validated `Config` out.
+
+Every key of the YAML maps to a typed field below. `load_config` reads the file with
+`yaml.safe_load` (no tags that import code), applies `a.b=value` overrides, and validates everything
+in one pass, so the user sees every problem at once, each with its key path, the bad value and what
+is allowed. Nothing is loaded (no data, no model) before validation has passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from kd.errors import ConfigError
+
+Modality = Literal["audio", "text", "image"]
+Precision = Literal["no", "fp16", "bf16"]
+
+
+@dataclass
+class RunConfig:
+    name: str = "kd-run"
+    output_dir: str | None = None  # None: runs/<name>
+    seed: int = 42
+    gpu_only: bool = False
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""
+    config_name: str | None = None
+    data_dir: str | None = None
+    data_files: Any = None
+    train_split: str = "train"
+    eval_split: str | None = "validation"
+    test_split: str | None = None
+    modality: Modality = "audio"
+    input_column: str = "audio"
+    label_column: str = "label"
+    weight_column: str | None = None
+    sampling_rate: int | None = None
+    max_seconds: float = 1.0
+    max_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    preprocess_workers: int = 1
+    num_workers: int = 2
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+
+
+@dataclass
+class TeacherConfig:
+    model: str | None = None
+    revision: str | None = None
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+@dataclass
+class StudentConfig:
+    type: Literal["logmel_cnn", "hf"] = "logmel_cnn"
+    n_mels: int = 40
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64, 128])
+    dropout: float = 0.1
+    config: str | None = None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from_teacher: bool = False
+    teacher_layers: list[int] | None = None
+    channels_last: bool = True
+
+
+@dataclass
+class DistillationConfig:
+    enabled: bool = True
+    alpha: float = 0.5
+    temperature: float = 4.0
+    alpha_schedule: Literal["constant", "linear", "cosine", "step"] = "constant"
+    alpha_start: float | None = None
+    alpha_end: float | None = None
+    alpha_step_at: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    grad_accum: int = 1
+    epochs: int | None = 10
+    max_steps: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.05
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Precision = "no"
+    eval_every: int = 100
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class MemoryConfig:
+    vram_budget_gb: float = 5.5
+
+
+@dataclass
+class TelemetryConfig:
+    log_every: int = 10
+    warmup_steps: int = 2
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]] = field(
+        default_factory=list
+    )
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir or Path("runs") / self.run.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `a.b=value` overrides, validate, and return the typed config."""
+    raw: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"file not found: {p} (pass --config with a YAML file, e.g. configs/demo.yaml)"])
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            # Includes tags such as !!python/object, which safe_load refuses to construct.
+            first = str(exc).strip().splitlines()
+            raise ConfigError([f"not valid YAML ({' '.join(first[:3])})"], source) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"the top level must be a mapping of sections, got {type(loaded).__name__}"], source)
+        raw = loaded
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
+    """Build and validate a Config from a plain dict (as YAML gives it)."""
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            problems.append(_unknown(str(key), SECTIONS, prefix=""))
+            continue
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            problems.append(f"{key}: must be a mapping of keys, got {_show(value)}")
+            continue
+        sections[key] = _build_section(key, SECTIONS[key], value, problems)
+    cfg = Config(**{name: sections.get(name, SECTIONS[name]()) for name in SECTIONS})
+    # Value rules run even after type errors (a mistyped field keeps its default), so one pass
+    # shows everything; a key already reported is not reported twice.
+    reported = {p.split(":", 1)[0] for p in problems}
+    problems.extend(p for p in _check_values(cfg) if p.split(":", 1)[0] not in reported)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config; `load_config` on the result gives back an equal Config."""
+    text = "# Resolved config of this run (defaults filled in, overrides applied).\n"
+    text += yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    Path(path).write_text(text)
+
+
+def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
+    if "=" not in item:
+        problems.append(f"override {item!r}: expected key.path=value, e.g. train.batch_size=8")
+        return
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        problems.append(f"override {item!r}: the key must name a section and a field, e.g. train.batch_size=8")
+        return
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            problems.append(f"override {item!r}: {part} is not a mapping")
+            return
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: types (generic, from the annotations) then values (the rules of each field)
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any], problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            problems.append(_unknown(str(key), hints, prefix=f"{name}."))
+            continue
+        ok, converted, expected = _coerce(value, hints[key])
+        if ok:
+            kwargs[key] = converted
+        else:
+            problems.append(f"{name}.{key}: {_show(value)} is not valid; expected {expected}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
+    """Check `value` against the annotation `tp`; return (ok, value, what was expected)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return True, value, "any value"
+    if origin is Union or origin is types.UnionType:
+        expected = []
+        for arg in args:
+            ok, converted, exp = _coerce(value, arg)
+            if ok:
+                return True, converted, ""
+            expected.append(exp)
+        return False, value, " or ".join(expected)
+    if tp is type(None):
+        return value is None, value, "null"
+    if origin is Literal:
+        return value in args, value, "one of " + ", ".join(repr(a) for a in args)
+    if tp is bool:
+        return isinstance(value, bool), value, "true or false"
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value, "a number"
+    if tp is str:
+        return isinstance(value, str), value, "a string"
+    if origin is list:
+        (item_tp,) = args
+        _, _, item_expected = _coerce(object(), item_tp)
+        if not isinstance(value, list):
+            return False, value, f"a list of {item_expected}"
+        items = []
+        for item in value:
+            ok, converted, _ = _coerce(item, item_tp)
+            if not ok:
+                return False, value, f"a list of {item_expected}"
+            items.append(converted)
+        return True, items, ""
+    if origin is dict:
+        return isinstance(value, dict), value, "a mapping"
+    raise TypeError(f"unsupported annotation {tp!r}")  # a bug in this module, not user input
+
+
+def _check_values(cfg: Config) -> list[str]:
+    problems: list[str] = []
+
+    def need(cond: bool, key: str, value: Any, allowed: str) -> None:
+        if not cond:
+            problems.append(f"{key}: {_show(value)} is not allowed; {allowed}")
+
+    run, data, teacher, student = cfg.run, cfg.data, cfg.teacher, cfg.student
+    dist, train, tel = cfg.distillation, cfg.train, cfg.telemetry
+
+    need(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run.name)), "run.name", run.name,
+         "use letters, digits, '.', '_' and '-' (it names the run folder)")
+    need(run.seed >= 0, "run.seed", run.seed, "must be >= 0")
+
+    need(bool(data.dataset.strip()), "data.dataset", data.dataset,
+         "required: a Hub name (google/speech_commands), a local builder (audiofolder, imagefolder, json, csv) "
+         "or a save_to_disk folder")
+    for key in ("train_split", "input_column", "label_column"):
+        need(bool(getattr(data, key).strip()), f"data.{key}", getattr(data, key), "must not be empty")
+    need(data.max_seconds > 0, "data.max_seconds", data.max_seconds, "must be > 0 (clip length in seconds)")
+    for key in ("max_length", "preprocess_workers", "prefetch_factor"):
+        need(getattr(data, key) >= 1, f"data.{key}", getattr(data, key), "must be an integer >= 1")
+    need(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0 (0 loads in the main process)")
+    for key in ("sampling_rate", "max_train_samples", "max_eval_samples"):
+        v = getattr(data, key)
+        need(v is None or v >= 1, f"data.{key}", v, "must be null or an integer >= 1")
+
+    if student.type == "logmel_cnn":
+        need(data.modality == "audio", "student.type", student.type,
+             f"logmel_cnn takes audio, but data.modality is {data.modality!r}; use student.type: hf")
+        need(student.n_mels >= 8, "student.n_mels", student.n_mels, "must be >= 8")
+        need(len(student.channels) >= 1 and all(c >= 1 for c in student.channels), "student.channels",
+             student.channels, "must be a non-empty list of integers >= 1")
+    need(0.0 <= student.dropout < 1.0, "student.dropout", student.dropout, "must be in [0, 1)")
+    if student.type == "hf":
+        need(student.config is not None or teacher.model is not None, "student.config", student.config,
+             "an hf student needs a config: a folder or Hub id with config.json, or teacher.model to start from")
+    if student.teacher_layers is not None:
+        need(student.init_from_teacher, "student.teacher_layers", student.teacher_layers,
+             "only used with student.init_from_teacher: true")
+        need(len(student.teacher_layers) >= 1 and all(i >= 0 for i in student.teacher_layers),
+             "student.teacher_layers", student.teacher_layers, "must list teacher layer indices >= 0")
+    if student.init_from_teacher:
+        need(student.type == "hf", "student.init_from_teacher", True, "needs student.type: hf")
+        need(teacher.model is not None, "student.init_from_teacher", True, "needs teacher.model")
+
+    if dist.enabled:
+        need(teacher.model is not None, "teacher.model", teacher.model,
+             "required when distillation.enabled is true: a Hub id, a model folder or a .safetensors file")
+    need(0.0 <= dist.alpha <= 1.0, "distillation.alpha", dist.alpha, "must be in [0, 1]")
+    need(dist.temperature > 0, "distillation.temperature", dist.temperature, "must be > 0")
+    for key in ("alpha_start", "alpha_end"):
+        v = getattr(dist, key)
+        need(v is None or 0.0 <= v <= 1.0, f"distillation.{key}", v, "must be null or in [0, 1]")
+    need(0.0 < dist.alpha_step_at < 1.0, "distillation.alpha_step_at", dist.alpha_step_at,
+         "must be in (0, 1): the fraction of training at which a step schedule switches")
+
+    for key in ("batch_size", "grad_accum", "eval_every", "keep_checkpoints"):
+        need(getattr(train, key) >= 1, f"train.{key}", getattr(train, key), "must be an integer >= 1")
+    for key in ("epochs", "max_steps", "checkpoint_every"):
+        v = getattr(train, key)
+        need(v is None or v >= 1, f"train.{key}", v, "must be null or an integer >= 1")
+    need(train.epochs is not None or train.max_steps is not None, "train.epochs", train.epochs,
+         "set train.epochs or train.max_steps (max_steps wins when both are set)")
+    need(train.lr > 0, "train.lr", train.lr, "must be > 0")
+    need(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "must be >= 0")
+    need(0.0 <= train.warmup_ratio < 1.0, "train.warmup_ratio", train.warmup_ratio, "must be in [0, 1)")
+    need(train.max_grad_norm is None or train.max_grad_norm > 0, "train.max_grad_norm", train.max_grad_norm,
+         "must be null (no clipping) or > 0")
+
+    need(cfg.memory.vram_budget_gb > 0, "memory.vram_budget_gb", cfg.memory.vram_budget_gb, "must be > 0 (GB)")
+    need(tel.log_every >= 1, "telemetry.log_every", tel.log_every, "must be an integer >= 1")
+    need(tel.warmup_steps >= 0, "telemetry.warmup_steps", tel.warmup_steps, "must be >= 0")
+    return problems
+
+
+def _unknown(key: str, known: typing.Iterable[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(known)}"
+    return f"{prefix}{key}: unknown key{hint}"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

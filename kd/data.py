@@ -1,0 +1,307 @@
+"""Datasets by name, preprocessing through the datasets cache, and DataLoaders.
+
+`data.dataset` is a Hub name (google/speech_commands), a local builder (audiofolder, imagefolder,
+json, csv, parquet, text) pointed at `data.data_dir` / `data.data_files`, or a `save_to_disk` folder.
+
+Audio is decoded with soundfile (WAV/FLAC/OGG without FFmpeg), mixed to mono, resampled to the
+teacher's rate and cut or padded to `data.max_seconds`, once, inside `Dataset.map`: the datasets
+cache keeps the result, so later runs and later epochs do no decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+from datasets import (Audio, ClassLabel, Dataset, DatasetDict, Features, Sequence, Value, load_dataset,
+                      load_dataset_builder, load_from_disk)
+from datasets.exceptions import DatasetGenerationError
+from torch.utils.data import DataLoader
+
+from kd.config import DataConfig
+from kd.errors import DataError
+
+log = logging.getLogger(__name__)
+
+LOCAL_BUILDERS = ("audiofolder", "imagefolder", "json", "csv", "parquet", "text", "arrow")
+WAVEFORM = "waveform"
+
+
+@dataclass
+class PreparedData:
+    splits: dict[str, Dataset]  # keys: train, eval, test (those configured)
+    label_names: list[str]
+    sampling_rate: int | None
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+def load_raw_splits(cfg: DataConfig) -> dict[str, Dataset]:
+    """Load the dataset and return {role: split} for train/eval/test, checking names and columns."""
+    dd = _load(cfg)
+    roles = {"train": cfg.train_split, "eval": cfg.eval_split, "test": cfg.test_split}
+    missing = [f"data.{role if role != 'eval' else 'eval'}_split={name!r}" for role, name in roles.items()
+               if name is not None and name not in dd]
+    if missing:
+        raise DataError(f"{cfg.dataset}: split not found ({', '.join(missing)}); the dataset has: "
+                        f"{', '.join(dd.keys()) or 'no splits'}")
+    splits = {role: dd[name] for role, name in roles.items() if name is not None}
+    for role, ds in splits.items():
+        needed = {"data.input_column": cfg.input_column, "data.label_column": cfg.label_column}
+        if cfg.weight_column:
+            needed["data.weight_column"] = cfg.weight_column
+        absent = [f"{key}={col!r}" for key, col in needed.items() if col not in ds.column_names]
+        if absent:
+            raise DataError(f"{cfg.dataset} split {roles[role]!r}: column not found ({', '.join(absent)}); "
+                            f"its columns are: {', '.join(ds.column_names)}")
+        if len(ds) == 0:
+            raise DataError(f"{cfg.dataset} split {roles[role]!r} is empty")
+    return splits
+
+
+def _load(cfg: DataConfig) -> DatasetDict:
+    name = cfg.dataset
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            loaded = load_from_disk(str(path))
+            return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+        if name in LOCAL_BUILDERS:
+            if cfg.data_dir is None and cfg.data_files is None:
+                raise DataError(f"data.dataset={name!r} is a local builder: set data.data_dir or data.data_files")
+            if cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().is_dir():
+                raise DataError(f"data.data_dir: {cfg.data_dir} is not a folder")
+            if name == "audiofolder":
+                return _load_audiofolder(cfg)
+            return load_dataset(name, data_dir=cfg.data_dir, data_files=cfg.data_files)
+        if path.exists():
+            raise DataError(f"data.dataset: {name} is a folder but not a save_to_disk dataset (no dataset_dict.json "
+                            f"or state.json); for a folder of files use data.dataset: audiofolder / imagefolder "
+                            f"with data.data_dir: {name}")
+        return load_dataset(name, cfg.config_name, data_dir=cfg.data_dir, data_files=cfg.data_files)
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types (FileNotFound, ConnectionError, ValueError, ...)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"data.dataset: cannot load {name!r}"
+                        f"{f' (config {cfg.config_name!r})' if cfg.config_name else ''}: {reason}") from None
+
+
+class PathAudio(Audio):
+    """An Audio feature that stores file paths and bytes without importing torchcodec.
+
+    datasets 5 imports torchcodec (and so needs system FFmpeg) even to record a file's path. We decode
+    with soundfile in `decode_audio`, so storing the path is all that is needed.
+    """
+
+    def encode_example(self, value: Any) -> dict[str, Any]:
+        if isinstance(value, (str, Path)):
+            return {"bytes": None, "path": str(value)}
+        if isinstance(value, (bytes, bytearray)):
+            return {"bytes": bytes(value), "path": None}
+        if isinstance(value, dict) and "array" not in value:
+            return {"bytes": value.get("bytes"), "path": value.get("path")}
+        return super().encode_example(value)
+
+
+def _load_audiofolder(cfg: DataConfig) -> DatasetDict:
+    """The audiofolder builder, made to work where torchcodec/FFmpeg are missing.
+
+    The stock builder infers the features (labels from folder names or metadata columns) and then
+    fails at its first example if torchcodec cannot load; we then build again with those features and
+    the audio column stored by PathAudio. Where torchcodec works, the first attempt is the result.
+    """
+    kwargs = {"data_dir": cfg.data_dir, "data_files": cfg.data_files}
+    builder = load_dataset_builder("audiofolder", **kwargs)
+    try:
+        builder.download_and_prepare()
+        return builder.as_dataset()
+    except DatasetGenerationError as exc:
+        if not _missing_codec(exc) or builder.info.features is None:
+            raise
+    features = Features({k: PathAudio() if isinstance(v, Audio) else v for k, v in builder.info.features.items()})
+    return load_dataset("audiofolder", features=features, **kwargs)
+
+
+def _missing_codec(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if "torchcodec" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def resolve_labels(splits: dict[str, Dataset], column: str) -> tuple[dict[str, Dataset], list[str]]:
+    """Label names from the dataset features; string labels become a ClassLabel shared by all splits."""
+    feature = splits["train"].features[column]
+    if isinstance(feature, ClassLabel):
+        return splits, list(feature.names)
+    values = splits["train"].unique(column)
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        names = sorted(str(v) for v in values)
+        for role, ds in splits.items():
+            unknown = sorted(set(ds.unique(column)) - set(names))
+            if unknown:
+                raise DataError(f"split {role!r} has labels the training split lacks: {', '.join(unknown[:8])}")
+        label_feature = ClassLabel(names=names)
+        return {role: ds.cast_column(column, label_feature) for role, ds in splits.items()}, names
+    if isinstance(feature, Value) and feature.dtype.startswith(("int", "uint")):
+        n = max(int(v) for v in values) + 1
+        return splits, [str(i) for i in range(n)]
+    raise DataError(f"data.label_column={column!r} has type {feature}; expected class labels (ClassLabel, "
+                    "integers or strings)")
+
+
+def prepare_data(cfg: DataConfig, processor: Any = None, sampling_rate: int | None = None) -> PreparedData:
+    """Load, check, subsample, preprocess (cached) and describe the configured splits."""
+    splits = load_raw_splits(cfg)
+    splits, label_names = resolve_labels(splits, cfg.label_column)
+    limits = {"train": cfg.max_train_samples, "eval": cfg.max_eval_samples, "test": cfg.max_eval_samples}
+    splits = {r: (ds.select(range(min(limits[r], len(ds)))) if limits[r] else ds) for r, ds in splits.items()}
+    keep = [cfg.label_column] + ([cfg.weight_column] if cfg.weight_column else [])
+    if cfg.modality == "audio":
+        rate = sampling_rate or 16000
+        splits = {r: decode_audio(ds, cfg, rate, keep) for r, ds in splits.items()}
+        collate = AudioCollator(cfg.label_column, cfg.weight_column, processor, rate)
+        return PreparedData(splits, label_names, rate, collate)
+    if cfg.modality == "text":
+        if processor is None:
+            raise DataError("text data needs a tokenizer: set teacher.model (or student.config) to a model folder "
+                            "with tokenizer files")
+        splits = {r: tokenize(ds, cfg, processor, keep) for r, ds in splits.items()}
+        return PreparedData(splits, label_names, None, TextCollator(cfg.label_column, cfg.weight_column, processor))
+    if processor is None:
+        raise DataError("image data needs an image processor: set teacher.model (or student.config) to a model "
+                        "folder with preprocessor_config.json")
+    collate = ImageCollator(cfg.input_column, cfg.label_column, cfg.weight_column, processor)
+    return PreparedData(splits, label_names, None, collate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio
+
+
+def decode_audio(ds: Dataset, cfg: DataConfig, rate: int, keep: list[str]) -> Dataset:
+    num_samples = int(round(cfg.max_seconds * rate))
+    feature = ds.features[cfg.input_column]
+    if isinstance(feature, Audio):
+        ds = ds.cast_column(cfg.input_column, Audio(decode=False))  # raw bytes/paths: we decode with soundfile
+    elif feature != Value("string"):
+        raise DataError(f"data.input_column={cfg.input_column!r} holds {feature}; audio data needs an Audio "
+                        "column or a column of file paths")
+    features = Features({WAVEFORM: Sequence(Value("float32"), length=num_samples),
+                         **{c: ds.features[c] for c in keep}})
+    fn = functools.partial(_decode_batch, column=cfg.input_column, rate=rate, num_samples=num_samples)
+    out = ds.map(fn, batched=True, batch_size=64, features=features, num_proc=_num_proc(cfg, len(ds)),
+                 remove_columns=[c for c in ds.column_names if c not in keep], desc=f"Decoding audio at {rate} Hz")
+    return out.with_format("torch")
+
+
+def _decode_batch(batch: dict[str, list], column: str, rate: int, num_samples: int) -> dict[str, list]:
+    return {WAVEFORM: [load_waveform(item, rate, num_samples) for item in batch[column]]}
+
+
+def load_waveform(item: dict[str, Any] | str, rate: int, num_samples: int) -> np.ndarray:
+    """Decode one clip (path or bytes) to mono float32 at `rate`, cut or zero-padded to `num_samples`."""
+    if isinstance(item, str):
+        item = {"path": item, "bytes": None}
+    source = io.BytesIO(item["bytes"]) if item.get("bytes") else item.get("path")
+    try:
+        audio, orig_rate = soundfile.read(source, dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise DataError(f"cannot decode audio {item.get('path') or '<bytes>'}: {exc} (WAV, FLAC and OGG are "
+                        "read without FFmpeg; convert other formats to one of those)") from None
+    wave = torch.from_numpy(audio.mean(axis=1))
+    if orig_rate != rate:
+        wave = torchaudio.functional.resample(wave, orig_rate, rate)
+    if wave.numel() >= num_samples:
+        start = (wave.numel() - num_samples) // 2  # keep the middle, where a keyword usually is
+        wave = wave[start:start + num_samples]
+    else:
+        wave = torch.nn.functional.pad(wave, (0, num_samples - wave.numel()))
+    return wave.numpy()
+
+
+class AudioCollator:
+    """Stacks waveforms; adds the teacher's processed inputs when a feature extractor is given."""
+
+    def __init__(self, label_column: str, weight_column: str | None, processor: Any, rate: int):
+        self.label_column, self.weight_column = label_column, weight_column
+        self.processor, self.rate = processor, rate
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        waveform = torch.stack([r[WAVEFORM] for r in rows])
+        batch = _labels_and_weights(rows, self.label_column, self.weight_column)
+        batch[WAVEFORM] = waveform
+        if self.processor is not None:
+            processed = self.processor(list(waveform.numpy()), sampling_rate=self.rate, return_tensors="pt")
+            batch["inputs"] = dict(processed)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Text and images
+
+
+def tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, keep: list[str]) -> Dataset:
+    fn = functools.partial(_tokenize_batch, tokenizer=tokenizer, column=cfg.input_column, max_length=cfg.max_length)
+    return ds.map(fn, batched=True, num_proc=_num_proc(cfg, len(ds)),
+                  remove_columns=[c for c in ds.column_names if c not in keep], desc="Tokenizing")
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer: Any, column: str, max_length: int) -> dict[str, Any]:
+    return dict(tokenizer(batch[column], truncation=True, max_length=max_length))
+
+
+class TextCollator:
+    def __init__(self, label_column: str, weight_column: str | None, tokenizer: Any):
+        self.label_column, self.weight_column, self.tokenizer = label_column, weight_column, tokenizer
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = _labels_and_weights(rows, self.label_column, self.weight_column)
+        fields = [{k: v for k, v in r.items() if k not in (self.label_column, self.weight_column)} for r in rows]
+        batch["inputs"] = dict(self.tokenizer.pad(fields, return_tensors="pt"))  # pad to the longest in the batch
+        return batch
+
+
+class ImageCollator:
+    def __init__(self, image_column: str, label_column: str, weight_column: str | None, processor: Any):
+        self.image_column, self.label_column, self.weight_column = image_column, label_column, weight_column
+        self.processor = processor
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = _labels_and_weights(rows, self.label_column, self.weight_column)
+        images = [r[self.image_column].convert("RGB") for r in rows]
+        batch["inputs"] = dict(self.processor(images, return_tensors="pt"))
+        return batch
+
+
+def _labels_and_weights(rows: list[dict[str, Any]], label_column: str, weight_column: str | None) -> dict[str, Any]:
+    batch: dict[str, Any] = {"labels": torch.as_tensor([int(r[label_column]) for r in rows], dtype=torch.long)}
+    if weight_column:
+        batch["sample_weight"] = torch.as_tensor([float(r[weight_column]) for r in rows], dtype=torch.float32)
+    return batch
+
+
+def _num_proc(cfg: DataConfig, n_rows: int) -> int | None:
+    workers = min(cfg.preprocess_workers, max(1, n_rows // 256))
+    return workers if workers > 1 else None
+
+
+def make_loader(ds: Dataset, cfg: DataConfig, batch_size: int, collate: Callable, shuffle: bool,
+                pin_memory: bool) -> DataLoader:
+    """A DataLoader with the configured worker settings (pinned memory only where there is a GPU)."""
+    workers = cfg.num_workers
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=workers,
+        pin_memory=pin_memory and cfg.pin_memory,
+        persistent_workers=cfg.persistent_workers and workers > 0,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+    )

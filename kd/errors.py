@@ -1,0 +1,36 @@
+"""User-facing errors.
+
+Anything the user can fix (a config value, a path, a dataset column, a pickled checkpoint) raises a
+subclass of `KDError`. The entry point prints its message as one line and exits non-zero; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class KDError(Exception):
+    """An error the user can fix; its message says what is wrong and what would be valid."""
+
+
+class ConfigError(KDError):
+    """One or more config problems, all reported at once."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        where = f" in {source}" if source else ""
+        if len(self.problems) == 1:
+            message = f"config error{where}: {self.problems[0]}"
+        else:
+            listed = "\n".join(f"  - {p}" for p in self.problems)
+            message = f"{len(self.problems)} config errors{where}:\n{listed}"
+        super().__init__(message)
+
+
+class DataError(KDError):
+    """The dataset cannot be loaded or does not have what the config names."""
+
+
+class ModelLoadError(KDError):
+    """A teacher or student cannot be loaded safely (missing, pickled, corrupt, incompatible)."""
+
+
+class TrainingError(KDError):
+    """Training cannot go on (non-finite loss, empty batch, missing device)."""

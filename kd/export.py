@@ -1,0 +1,92 @@
+"""The final student as a self-contained folder: safetensors weights, config and label names.
+
+Folders are written atomically: everything goes to a temporary sibling first and is renamed into
+place at the end, so an interrupted export never leaves a half-written student behind, and the
+previous export stays intact until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
+from kd.errors import ModelLoadError
+from kd.students import LogMelCNN
+from kd.teachers import TASK_CLASSES, check_safetensors, resolve_model_source
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `target` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_student(model: torch.nn.Module, path: str | Path, label_names: list[str], processor: Any = None) -> Path:
+    """Write the student to `path` (atomically); `load_student(path)` gives it back."""
+    with atomic_folder(path) as tmp:
+        if isinstance(model, LogMelCNN):
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            config = dict(model.config, id2label={str(i): n for i, n in enumerate(label_names)})
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            model.save_pretrained(tmp)  # transformers writes model.safetensors + config.json (with id2label)
+            if processor is not None:
+                processor.save_pretrained(tmp)
+    return Path(path)
+
+
+def load_student(path: str | Path, modality: str | None = None) -> tuple[torch.nn.Module, list[str]]:
+    """Load an exported student for inference: (model in eval mode, label names)."""
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} is not an exported student (no {CONFIG_NAME})")
+    raw = json.loads(config_file.read_text())
+    if raw.get("kind") == LogMelCNN.kind:
+        weights = path / WEIGHTS_NAME
+        check_safetensors(weights, "student")
+        model = LogMelCNN(raw["num_labels"], raw["sample_rate"], raw["n_mels"], raw["channels"], raw["dropout"])
+        model.load_state_dict(load_file(str(weights)))
+        labels = [raw["id2label"][str(i)] for i in range(raw["num_labels"])]
+        return model.eval(), labels
+    source, _ = resolve_model_source(str(path), "student")
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    modality = modality or modality_of(config)
+    model = TASK_CLASSES[modality].from_pretrained(source, use_safetensors=True, trust_remote_code=False)
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    return model.eval(), labels
+
+
+def modality_of(config: Any) -> str:
+    """Which task head a transformers config belongs to (audio, text or image classification)."""
+    for modality, auto_cls in TASK_CLASSES.items():
+        if type(config) in auto_cls._model_mapping:
+            return modality
+    raise ModelLoadError(f"{config.model_type} has no audio, text or image classification head in transformers")

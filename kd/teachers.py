@@ -1,0 +1,188 @@
+"""Safe teacher loading, freezing, placement and the no-grad forward.
+
+Weights are read from safetensors only. Pickle-based checkpoints (.bin, .pt, .pth, .ckpt) can run
+arbitrary code when loaded, so they are refused with a message saying how to convert them.
+`trust_remote_code` is never enabled: the model class must ship with transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoImageProcessor,
+    AutoModelForAudioClassification,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from kd.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TASK_CLASSES = {
+    "audio": AutoModelForAudioClassification,
+    "text": AutoModelForSequenceClassification,
+    "image": AutoModelForImageClassification,
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HOW_TO_CONVERT = (
+    "convert it once in a trusted environment: model = AutoModelFor...from_pretrained(path); "
+    "model.save_pretrained(new_folder)  # writes model.safetensors"
+)
+
+
+def resolve_model_source(spec: str, what: str = "teacher.model") -> tuple[str, Path | None]:
+    """Check a model reference and return (source for from_pretrained, local weights file or None).
+
+    Local references must exist and hold safetensors weights; anything else is taken as a Hub id.
+    """
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(
+            f"{what}: {spec} is a pickle checkpoint, which can execute code when loaded; only safetensors "
+            f"weights are accepted ({HOW_TO_CONVERT})"
+        )
+    looks_local = path.exists() or spec.startswith((".", "/", "~")) or path.suffix == ".safetensors"
+    if not looks_local:
+        return spec, None  # a Hub id such as "MIT/ast-finetuned-speech-commands-v2"
+    if not path.exists():
+        raise ModelLoadError(f"{what}: {spec} does not exist (expected a model folder, a .safetensors file or a Hub id)")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelLoadError(f"{what}: {spec} is not a .safetensors file or a model folder")
+        if not (path.parent / "config.json").is_file():
+            raise ModelLoadError(f"{what}: {spec} needs a config.json beside it describing the architecture")
+        check_safetensors(path, what)
+        return str(path.parent), path
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{what}: {spec} is not a model folder (no config.json in it)")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelLoadError(
+                f"{what}: {spec} holds only pickle weights ({', '.join(pickles)}), which can execute code "
+                f"when loaded; only safetensors are accepted ({HOW_TO_CONVERT})"
+            )
+        raise ModelLoadError(f"{what}: {spec} has a config.json but no *.safetensors weights")
+    for w in weights:
+        check_safetensors(w, what)
+    return str(path), None
+
+
+def check_safetensors(path: Path, what: str) -> None:
+    """Open the header and touch every tensor's extent, so truncation is caught before training."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            if keys:
+                f.get_slice(keys[-1])
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"{what}: {path} is not a readable safetensors file ({reason}); "
+                             "it may be truncated or corrupt, download or export it again") from None
+
+
+def load_model_config(spec: str, what: str, revision: str | None = None) -> PretrainedConfig:
+    source, _ = resolve_model_source(spec, what)
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{what}: cannot read the model config of {spec} ({_first_line(exc)})") from None
+
+
+def load_teacher(spec: str, modality: str, revision: str | None = None, dtype: str = "fp32") -> PreTrainedModel:
+    """Load a classification teacher from safetensors, frozen and in eval mode (on the CPU)."""
+    source, single_file = resolve_model_source(spec, "teacher.model")
+    cls = TASK_CLASSES[modality]
+    try:
+        if single_file is not None and single_file.name != "model.safetensors":
+            # A lone weights file with its config.json beside it: build the architecture, then load.
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+            model = cls.from_config(config, dtype=DTYPES[dtype])
+            missing, unexpected = model.load_state_dict(load_file(str(single_file)), strict=False)
+            if missing:
+                raise ModelLoadError(f"teacher.model: {single_file} lacks {len(missing)} weights of the "
+                                     f"architecture in config.json, e.g. {missing[0]}")
+        else:
+            model = cls.from_pretrained(source, revision=revision, use_safetensors=True, trust_remote_code=False,
+                                        dtype=DTYPES[dtype])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"teacher.model: cannot load {spec} as a {modality} classifier with safetensors weights "
+            f"({_first_line(exc)}); if it ships pickle weights only, {HOW_TO_CONVERT}"
+        ) from None
+    return freeze(model)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode (dropout off, norm statistics fixed) and no gradients: the teacher never trains."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def teacher_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Teacher forward under no-grad, inputs cast to the teacher's dtype and device.
+
+    no_grad rather than inference_mode: inference tensors cannot be saved for the student's
+    backward, and the KL term needs the teacher's probabilities there.
+    """
+    param = next(model.parameters())
+    moved = {k: (v.to(param.device, param.dtype, non_blocking=True) if v.is_floating_point()
+                 else v.to(param.device, non_blocking=True)) for k, v in inputs.items()}
+    return model(**moved).logits
+
+
+def load_processor(spec: str, modality: str, revision: str | None = None) -> Any:
+    """The teacher's preprocessing: feature extractor (audio), tokenizer (text) or image processor."""
+    source, _ = resolve_model_source(spec, "processor")
+    loader = {"audio": AutoFeatureExtractor, "text": AutoTokenizer, "image": AutoImageProcessor}[modality]
+    try:
+        return loader.from_pretrained(source, revision=revision, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the {modality} preprocessor of {spec} ({_first_line(exc)}); "
+                             "the model folder needs its preprocessor_config.json / tokenizer files") from None
+
+
+def check_label_space(config: PretrainedConfig, label_names: list[str], who: str) -> None:
+    """The model must predict exactly the dataset's classes, in the same order."""
+    n = getattr(config, "num_labels", None)
+    if n != len(label_names):
+        raise ModelLoadError(
+            f"{who} predicts {n} labels but the dataset has {len(label_names)} ({', '.join(label_names[:8])}"
+            f"{', ...' if len(label_names) > 8 else ''}); the teacher and student must share one label space"
+        )
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    names = [id2label.get(i, f"LABEL_{i}") for i in range(n)]
+    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        return  # the model carries no names; only the count can be checked
+    if [s.lower() for s in names] != [s.lower() for s in label_names]:
+        diffs = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(names, label_names)) if a.lower() != b.lower()]
+        raise ModelLoadError(
+            f"{who} label names differ from the dataset's at index {', '.join(diffs[:5])}"
+            f"{' ...' if len(diffs) > 5 else ''}; map the dataset labels to the model's order"
+        )
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+

@@ -1,0 +1,326 @@
+"""The fit loop: accumulate, step, log, evaluate, checkpoint, export.
+
+One optimizer step ("step" everywhere: telemetry, checkpoints, eval_every) is `train.grad_accum`
+micro-batches, counted by `accelerator.accumulate`. Loss values stay on the device and are read
+back to the host only every `telemetry.log_every` steps, so the hot loop does not synchronise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from kd.build import Run
+from kd.config import save_config
+from kd.data import make_loader
+from kd.errors import KDError, TrainingError
+from kd.export import save_student
+from kd.losses import LOSS_PARTS, alpha_at, distillation_loss, per_sample_losses, raise_if_not_finite
+from kd.memory import cuda_memory, cuda_peaks
+from kd.metrics import split_metrics
+from kd.students import student_logits
+from kd.teachers import teacher_logits
+from kd.telemetry import TelemetryWriter
+
+CHECKPOINT_DIR = "checkpoints"
+STUDENT_DIR = "student"
+LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint so --resume continues on the next batch."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already trained on (this process)
+    samples: int = 0  # all processes together
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+class Window:
+    """Loss sums and timings between two log lines, kept on the device until they are read."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.sums = torch.zeros(len(LOSS_PARTS), device=self.device)
+        self.micro_batches = 0
+        self.steps = 0
+        self.samples = 0
+        self.data_s = 0.0
+        self.started = now
+
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        self.sums += torch.stack([parts[name].detach().float() for name in LOSS_PARTS])
+        self.micro_batches += 1
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    folder = output_dir / CHECKPOINT_DIR
+    found = sorted(p for p in folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return found[-1] if found else None
+
+
+class Trainer:
+    def __init__(self, run: Run):
+        self.run = run
+        self.cfg = run.cfg
+        self.acc = run.accelerator
+        self.state = TrainState()
+        self.output_dir = self.cfg.output_dir
+        self.telemetry = TelemetryWriter(self.output_dir, enabled=self.acc.is_main_process)
+        self.teacher = run.teacher
+        data, dcfg = run.data, self.cfg.data
+        pin = self.acc.device.type == "cuda"
+        self.num_classes = len(data.label_names)
+        train_dl = make_loader(data.splits["train"], dcfg, self.cfg.train.batch_size, data.collate, True, pin)
+        eval_dls = {role: make_loader(data.splits[role], dcfg, self.cfg.train.batch_size, data.collate, False, pin)
+                    for role in ("eval", "test") if role in data.splits}
+        self.optimizer = torch.optim.AdamW(run.student.parameters(), lr=self.cfg.train.lr,
+                                           weight_decay=self.cfg.train.weight_decay)
+        self.student, self.optimizer, self.train_dl = self.acc.prepare(run.student, self.optimizer, train_dl)
+        self.eval_dls = {role: self.acc.prepare(dl) for role, dl in eval_dls.items()}
+        self.steps_per_epoch = math.ceil(len(self.train_dl) / self.cfg.train.grad_accum)
+        tcfg = self.cfg.train
+        self.total_steps = tcfg.max_steps or tcfg.epochs * self.steps_per_epoch
+        # Stepped by hand once per optimizer step (not via accelerator.prepare, which would step it
+        # once per process and so run the schedule num_processes times too fast).
+        self.scheduler = get_scheduler(LR_SCHEDULES[tcfg.lr_schedule], self.optimizer.optimizer,
+                                       num_warmup_steps=int(tcfg.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        self.acc.register_for_checkpointing(self.scheduler, self.state)
+        self.metrics: dict[str, dict[str, Any]] = {}
+
+    # -----------------------------------------------------------------------------------------
+    def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
+        started = time.time()
+        if resume_from is not None:
+            self.acc.load_state(str(resume_from))
+            self.acc.print(f"Resumed from {resume_from} at step {self.state.step}, epoch {self.state.epoch}")
+        self._start(resume_from)
+        status, error = "failed", None
+        try:
+            self._train()
+            self._finish()
+            status = "completed"
+            return self.metrics
+        except KeyboardInterrupt:
+            status, error = "interrupted", "interrupted by the user (Ctrl-C)"
+            raise
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, KDError) else f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.telemetry.emit("run_end", self.state.step, status=status, duration_s=time.time() - started,
+                                metrics=self.metrics, peak=cuda_peaks(self.acc.device), error=error)
+            self.telemetry.close()
+            self.acc.end_training()
+
+    def _start(self, resume_from: Path | None) -> None:
+        cfg, run = self.cfg, self.run
+        effective = cfg.train.batch_size * cfg.train.grad_accum * self.acc.num_processes
+        plan = {"total_steps": self.total_steps, "micro_batch": cfg.train.batch_size,
+                "grad_accum": cfg.train.grad_accum, "effective_batch": effective,
+                "vram_budget_bytes": int(cfg.memory.vram_budget_gb * 1e9), "steps_per_epoch": self.steps_per_epoch}
+        if self.acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+        self.telemetry.emit("run_start", self.state.step, config=cfg.to_dict(), env=run.env, params=run.params,
+                            plan=plan, estimate=None, labels=run.data.label_names,
+                            resumed_from=str(resume_from) if resume_from else None)
+        if cfg.telemetry.report_to:
+            self.acc.init_trackers(cfg.run.name, config=_flat(cfg.to_dict()))
+        self.acc.print(f"Training {self.total_steps} steps ({self.steps_per_epoch} per epoch), micro-batch "
+                       f"{cfg.train.batch_size} x accumulation {cfg.train.grad_accum} x {self.acc.num_processes} "
+                       f"process(es) = effective batch {effective}; telemetry: {self.telemetry.path}")
+
+    # -----------------------------------------------------------------------------------------
+    def _train(self) -> None:
+        cfg, state, acc = self.cfg, self.state, self.acc
+        self.student.train()
+        window = Window(acc.device)
+        bar = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
+                   disable=not acc.is_local_main_process, dynamic_ncols=True)
+        while state.step < self.total_steps:
+            self.train_dl.set_epoch(state.epoch)
+            loader = self.train_dl
+            if state.batches_in_epoch:
+                loader = acc.skip_first_batches(self.train_dl, state.batches_in_epoch)
+            waited = time.perf_counter()
+            for batch in loader:
+                window.data_s += time.perf_counter() - waited
+                with acc.accumulate(self.student):
+                    parts, grad_norm = self._micro_step(batch)
+                window.add(parts)
+                state.batches_in_epoch += 1
+                batch_samples = batch["labels"].shape[0] * acc.num_processes
+                state.samples += batch_samples
+                window.samples += batch_samples
+                if acc.sync_gradients:
+                    state.step += 1
+                    window.steps += 1
+                    self.scheduler.step()
+                    bar.update(1)
+                    self._after_step(window, grad_norm, bar)
+                    if state.step >= self.total_steps:
+                        break
+                waited = time.perf_counter()
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+        bar.close()
+
+    def _micro_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        labels = batch["labels"]
+        if labels.numel() == 0:
+            raise TrainingError("empty batch: the data loader produced a batch with no samples")
+        alpha = self.alpha()
+        with self.acc.autocast():
+            t_logits = teacher_logits(self.teacher, batch["inputs"]) if self.teacher is not None else None
+            s_logits = student_logits(self.student, batch, self.run.input_key)
+        loss, parts = distillation_loss(s_logits, t_logits, labels, alpha, self.cfg.distillation.temperature,
+                                        batch.get("sample_weight"))
+        del s_logits, t_logits  # drop our references: only what backward needs stays alive
+        self.acc.backward(loss)
+        grad_norm = None
+        if self.acc.sync_gradients and self.cfg.train.max_grad_norm:
+            grad_norm = self.acc.clip_grad_norm_(self.student.parameters(), self.cfg.train.max_grad_norm)
+        self.optimizer.step()  # a no-op on accumulation steps (the prepared optimizer knows)
+        self.optimizer.zero_grad(set_to_none=True)
+        return parts, grad_norm
+
+    def alpha(self) -> float:
+        return alpha_at(self.cfg.distillation, self.state.step / max(1, self.total_steps))
+
+    def _after_step(self, window: Window, grad_norm: torch.Tensor | None, bar: tqdm) -> None:
+        cfg, step = self.cfg, self.state.step
+        if step % cfg.telemetry.log_every == 0 or step == self.total_steps:
+            self._log_step(window, grad_norm, bar)
+        paused = False
+        if step % cfg.train.eval_every == 0 and step < self.total_steps and "eval" in self.eval_dls:
+            self.evaluate("eval")
+            paused = True
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            self.save_checkpoint()
+            paused = True
+        if paused:  # evaluation and checkpoint time stay out of the throughput figures
+            window.reset(time.perf_counter())
+
+    def _log_step(self, window: Window, grad_norm: torch.Tensor | None, bar: tqdm) -> None:
+        now = time.perf_counter()
+        values = dict(zip(LOSS_PARTS, (window.sums / max(1, window.micro_batches)).tolist()))  # one host sync
+        raise_if_not_finite(values, self.state.step, {"kd": "the teacher's logits or the student's are not finite"})
+        elapsed = now - window.started
+        warm = self.state.step > self.cfg.telemetry.warmup_steps  # the first steps include start-up costs
+        rate = None
+        if warm and window.steps and elapsed > 0:
+            rate = {"samples_per_s": window.samples / elapsed, "steps_per_s": window.steps / elapsed}
+        step_time = {"step_s": elapsed / max(1, window.steps), "data_s": window.data_s / max(1, window.steps)}
+        lr = self.scheduler.get_last_lr()[0]
+        gn = float(grad_norm) if grad_norm is not None else None
+        alpha = self.alpha() if self.teacher is not None else 0.0
+        self.telemetry.emit("step", self.state.step, epoch=self.state.step / self.steps_per_epoch,
+                            samples=self.state.samples, loss=values, alpha=alpha,
+                            temperature=self.cfg.distillation.temperature, lr=lr, grad_norm=gn, rate=rate,
+                            time=step_time, mem=cuda_memory(self.acc.device), gpu=None)
+        if self.cfg.telemetry.report_to:
+            scalars = {f"train/{k}": v for k, v in values.items()}
+            scalars.update({"train/lr": lr, "train/alpha": alpha})
+            self.acc.log(scalars, step=self.state.step)
+        postfix = {"loss": f"{values['total']:.3f}"}
+        if rate:
+            postfix["samples/s"] = f"{rate['samples_per_s']:.0f}"
+        bar.set_postfix(postfix, refresh=False)
+        window.reset(now)
+
+    # -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, role: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        self.student.eval()
+        preds, labels, t_preds, losses = [], [], [], []
+        alpha, temperature = self.alpha(), self.cfg.distillation.temperature
+        for batch in self.eval_dls[role]:
+            with self.acc.autocast():
+                t_logits = teacher_logits(self.teacher, batch["inputs"]) if self.teacher is not None else None
+                s_logits = student_logits(self.student, batch, self.run.input_key)
+            loss = per_sample_losses(s_logits, t_logits, batch["labels"], alpha, temperature)["total"]
+            t_pred = t_logits.argmax(-1).to(s_logits.device) if t_logits is not None else torch.zeros_like(batch["labels"])
+            gathered = self.acc.gather_for_metrics((s_logits.argmax(-1), batch["labels"], t_pred, loss))
+            for bucket, value in zip((preds, labels, t_preds, losses), gathered):
+                bucket.append(value.cpu())
+        self.student.train()
+        metrics = split_metrics(torch.cat(preds), torch.cat(labels), self.num_classes,
+                                torch.cat(t_preds) if self.teacher is not None else None,
+                                float(torch.cat(losses).float().mean()))
+        split = self.cfg.data.eval_split if role == "eval" else self.cfg.data.test_split
+        self.telemetry.emit("eval", self.state.step, split=split, metrics=metrics,
+                            duration_s=time.perf_counter() - started)
+        if self.cfg.telemetry.report_to:
+            self.acc.log({f"{role}/{k}": v for k, v in metrics.items() if v is not None}, step=self.state.step)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
+        if self.acc.is_main_process:
+            tqdm.write(f"[step {self.state.step}] {split}: {shown}")
+        self.metrics[role] = metrics
+        return metrics
+
+    def save_checkpoint(self) -> Path:
+        """accelerator.save_state into a .tmp folder, renamed into place once every process is done."""
+        started = time.perf_counter()
+        folder = self.output_dir / CHECKPOINT_DIR
+        final = folder / f"step_{self.state.step:07d}"
+        tmp = final.with_name(final.name + ".tmp")
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            old = sorted(p for p in folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for stale in old[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(stale, ignore_errors=True)
+            self.telemetry.emit("checkpoint", self.state.step, path=str(final), kind="periodic",
+                                duration_s=time.perf_counter() - started)
+        self.acc.wait_for_everyone()
+        return final
+
+    def _finish(self) -> None:
+        for role in self.eval_dls:
+            self.evaluate(role)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            started = time.perf_counter()
+            path = save_student(self.acc.unwrap_model(self.student), self.output_dir / STUDENT_DIR,
+                                self.run.data.label_names, self.run.processor if self.run.input_key == "inputs" else None)
+            self.telemetry.emit("checkpoint", self.state.step, path=str(path), kind="final",
+                                duration_s=time.perf_counter() - started)
+            self.acc.print(f"Saved the student to {path}")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out

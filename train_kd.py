@@ -1,0 +1,90 @@
+"""Distil a teacher's soft targets into a small, fast student.
+
+    # The flagship: a Speech Commands teacher into a tiny log-mel CNN, inside a 5.5 GB VRAM budget
+    accelerate launch train_kd.py --config configs/5gb.yaml
+
+    # Override any key after the config (validated like the file itself)
+    accelerate launch train_kd.py --config configs/demo.yaml train.batch_size=8 distillation.alpha=0.7
+
+    # Tiny run on a CPU, one process, no launcher (after `make demo` has built the demo data)
+    python train_kd.py --config configs/demo.yaml train.max_steps=20 run.name=demo-smoke
+
+    # Two CPU processes (gloo), e.g. to check sharding and metric gathering without GPUs
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        --mixed_precision no --dynamo_backend no train_kd.py --config configs/demo.yaml
+
+    # Continue from the newest checkpoint in the run folder (or pass a checkpoint folder)
+    accelerate launch train_kd.py --config configs/demo.yaml --resume
+
+Outputs go to run.output_dir (default runs/<run.name>): telemetry.jsonl (watch it with
+`python monitor_tui.py runs/<name>`), config.yaml (the resolved config), checkpoints/ and student/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue from a checkpoint folder, or from the newest one in the run folder")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Imports after argument parsing so --help is instant; validation still precedes any loading.
+    from kd.config import load_config
+    from kd.errors import KDError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        resume = resolve_resume(args.resume, cfg.output_dir)
+        from kd.build import build_run
+        from kd.trainer import Trainer
+
+        run = build_run(cfg)
+        metrics = Trainer(run).fit(resume_from=resume)
+        report(cfg, metrics)
+        return 0
+    except KDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run_end written with status 'interrupted'; resume with --resume", file=sys.stderr)
+        return 130
+
+
+def resolve_resume(arg: str | None, output_dir: Path) -> Path | None:
+    from kd.errors import KDError
+    from kd.trainer import latest_checkpoint
+
+    if arg is None:
+        return None
+    path = latest_checkpoint(output_dir) if arg == "latest" else Path(arg)
+    if path is None or not path.is_dir():
+        where = output_dir / "checkpoints" if arg == "latest" else arg
+        raise KDError(f"--resume: no checkpoint found at {where} (checkpoints are written every "
+                      "train.checkpoint_every steps)")
+    return path
+
+
+def report(cfg, metrics: dict) -> None:
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    for role, values in metrics.items():
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in values.items() if v is not None)
+        print(f"final {role}: {shown}")
+    print(f"student: {cfg.output_dir / 'student'}  telemetry: {cfg.output_dir / 'telemetry.jsonl'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
