@@ -170,9 +170,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     problems: list[str] = []
     for item in overrides:
         _apply_override(raw, item, problems)
+    try:
+        cfg = config_from_dict(raw, source)
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems, source) from None
     if problems:
         raise ConfigError(problems, source)
-    return config_from_dict(raw, source)
+    return cfg
 
 
 def config_from_dict(raw: dict[str, Any], source: str | None = None) -> Config:

@@ -296,11 +296,17 @@ def _num_proc(cfg: DataConfig, n_rows: int) -> int | None:
 
 
 def make_loader(ds: Dataset, cfg: DataConfig, batch_size: int, collate: Callable, shuffle: bool,
-                pin_memory: bool) -> DataLoader:
-    """A DataLoader with the configured worker settings (pinned memory only where there is a GPU)."""
+                pin_memory: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader with the configured worker settings (pinned memory only where there is a GPU).
+
+    It gets its own random generator: otherwise every new iterator draws the workers' base seed
+    from the global RNG, and a resumed run (which opens one extra iterator mid-epoch) would see
+    different dropout masks from the run it continues.
+    """
     workers = cfg.num_workers
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory and cfg.pin_memory,
         persistent_workers=cfg.persistent_workers and workers > 0,
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,

@@ -43,6 +43,11 @@ class LogMelCNN(nn.Module):
         self.melspec = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate, n_fft=1 << (win - 1).bit_length(), win_length=win,
             hop_length=int(round(0.010 * sample_rate)), n_mels=n_mels, power=2.0)
+        # The STFT window and mel filterbank follow from the config: keep them out of the state dict.
+        # (The periodic Hann window is also a view into a larger tensor, which safetensors refuses.)
+        for module in (self.melspec.spectrogram, self.melspec.mel_scale):
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                module.register_buffer(name, buffer.clone(), persistent=False)
         self.input_norm = nn.BatchNorm2d(1)  # learns the feature scale, so no dataset statistics are needed
         layers: list[nn.Module] = [nn.Conv2d(1, channels[0], 3, padding=1, bias=False),
                                    nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True)]

@@ -43,10 +43,11 @@ HOW_TO_CONVERT = (
 )
 
 
-def resolve_model_source(spec: str, what: str = "teacher.model") -> tuple[str, Path | None]:
+def resolve_model_source(spec: str, what: str = "teacher.model", need_weights: bool = True) -> tuple[str, Path | None]:
     """Check a model reference and return (source for from_pretrained, local weights file or None).
 
-    Local references must exist and hold safetensors weights; anything else is taken as a Hub id.
+    Local references must exist (and, with `need_weights`, hold safetensors weights and no pickle
+    in their place); anything else is taken as a Hub id.
     """
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -68,6 +69,8 @@ def resolve_model_source(spec: str, what: str = "teacher.model") -> tuple[str, P
         return str(path.parent), path
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{what}: {spec} is not a model folder (no config.json in it)")
+    if not need_weights:
+        return str(path), None
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -96,7 +99,7 @@ def check_safetensors(path: Path, what: str) -> None:
 
 
 def load_model_config(spec: str, what: str, revision: str | None = None) -> PretrainedConfig:
-    source, _ = resolve_model_source(spec, what)
+    source, _ = resolve_model_source(spec, what, need_weights=False)
     try:
         return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -149,7 +152,7 @@ def teacher_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> t
 
 def load_processor(spec: str, modality: str, revision: str | None = None) -> Any:
     """The teacher's preprocessing: feature extractor (audio), tokenizer (text) or image processor."""
-    source, _ = resolve_model_source(spec, "processor")
+    source, _ = resolve_model_source(spec, "processor", need_weights=False)
     loader = {"audio": AutoFeatureExtractor, "text": AutoTokenizer, "image": AutoImageProcessor}[modality]
     try:
         return loader.from_pretrained(source, revision=revision, trust_remote_code=False)

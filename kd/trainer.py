@@ -91,8 +91,9 @@ class Trainer:
         data, dcfg = run.data, self.cfg.data
         pin = self.acc.device.type == "cuda"
         self.num_classes = len(data.label_names)
-        train_dl = make_loader(data.splits["train"], dcfg, self.cfg.train.batch_size, data.collate, True, pin)
-        eval_dls = {role: make_loader(data.splits[role], dcfg, self.cfg.train.batch_size, data.collate, False, pin)
+        batch, seed = self.cfg.train.batch_size, self.cfg.run.seed
+        train_dl = make_loader(data.splits["train"], dcfg, batch, data.collate, True, pin, seed)
+        eval_dls = {role: make_loader(data.splits[role], dcfg, batch, data.collate, False, pin, seed)
                     for role in ("eval", "test") if role in data.splits}
         self.optimizer = torch.optim.AdamW(run.student.parameters(), lr=self.cfg.train.lr,
                                            weight_decay=self.cfg.train.weight_decay)
@@ -268,11 +269,12 @@ class Trainer:
             for bucket, value in zip((preds, labels, t_preds, losses), gathered):
                 bucket.append(value.cpu())
         self.student.train()
-        metrics = split_metrics(torch.cat(preds), torch.cat(labels), self.num_classes,
+        all_labels = torch.cat(labels)
+        metrics = split_metrics(torch.cat(preds), all_labels, self.num_classes,
                                 torch.cat(t_preds) if self.teacher is not None else None,
                                 float(torch.cat(losses).float().mean()))
         split = self.cfg.data.eval_split if role == "eval" else self.cfg.data.test_split
-        self.telemetry.emit("eval", self.state.step, split=split, metrics=metrics,
+        self.telemetry.emit("eval", self.state.step, split=split, metrics=metrics, samples=all_labels.numel(),
                             duration_s=time.perf_counter() - started)
         if self.cfg.telemetry.report_to:
             self.acc.log({f"{role}/{k}": v for k, v in metrics.items() if v is not None}, step=self.state.step)

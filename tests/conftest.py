@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import soundfile
 import yaml
 
+from kd.synthetic import TONE_LABELS, save_tiny_wav2vec2, write_tone_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
-TONE_LABELS = ["high", "low", "mid"]  # sorted: string labels become a ClassLabel in sorted order
-TONE_HZ = {"low": 300.0, "mid": 800.0, "high": 2000.0}
+__all__ = ["TONE_LABELS", "save_tiny_wav2vec2", "write_tone_dataset"]
 
 
 @pytest.fixture(autouse=True)
@@ -26,47 +24,6 @@ def _isolated_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-
-
-def write_tone_dataset(root: Path, per_class: dict[str, int], rate: int = 8000, seed: int = 0) -> Path:
-    """An audiofolder of 1 s sine tones (one frequency per class) with noise, string labels in metadata.csv."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(rate) / rate
-    for split, n in per_class.items():
-        folder = root / split
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for label, hz in TONE_HZ.items():
-            for i in range(n):
-                phase = rng.uniform(0, 2 * np.pi)
-                wave = 0.5 * np.sin(2 * np.pi * hz * rng.uniform(0.95, 1.05) * t + phase)
-                wave += 0.05 * rng.standard_normal(rate)
-                name = f"{label}_{i}.wav"
-                soundfile.write(folder / name, wave.astype(np.float32), rate)
-                rows.append({"file_name": name, "label": label, "weight": 1.0 + (i % 2)})
-        with open(folder / "metadata.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["file_name", "label", "weight"])
-            writer.writeheader()
-            writer.writerows(rows)
-    return root
-
-
-def save_tiny_wav2vec2(path: Path, labels: list[str], seed: int = 0, **overrides: Any) -> Path:
-    """A randomly initialised wav2vec2 classifier small enough to run in milliseconds on a CPU."""
-    import torch
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification
-
-    torch.manual_seed(seed)
-    settings = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                    conv_dim=(16, 16, 16), conv_kernel=(10, 4, 4), conv_stride=(10, 4, 4),
-                    num_feat_extract_layers=3, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-                    classifier_proj_size=16, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                    label2id={n: i for i, n in enumerate(labels)}, mask_time_prob=0.0)
-    settings.update(overrides)
-    model = Wav2Vec2ForSequenceClassification(Wav2Vec2Config(**settings))
-    model.save_pretrained(path)
-    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=False).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,151 @@
+"""Config: every shipped YAML validates, bad values give one clear line each, overrides, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd.config import Config, config_from_dict, load_config, save_config
+from kd.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+MINIMAL = {"data": {"dataset": "audiofolder", "data_dir": "x"}, "teacher": {"model": "t"}}
+
+
+def problems_of(raw: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    return info.value.problems
+
+
+def with_(section: str, **values) -> dict:
+    raw = {k: dict(v) for k, v in MINIMAL.items()}
+    raw.setdefault(section, {}).update(values)
+    return raw
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in SHIPPED}
+    assert {"demo.yaml", "demo_teacher.yaml", "demo_baseline.yaml", "5gb.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_key_is_commented(path):
+    """Each key line carries a comment saying what it does (and what it costs)."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.endswith(":"):
+            continue  # blank, comment, or a section header
+        assert "#" in line, f"{path.name}:{number} has no comment: {line!r}"
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "key", "fragment"),
+    [
+        ("distillation", {"alpha": 1.5}, "distillation.alpha", "must be in [0, 1]"),
+        ("distillation", {"alpha": -0.1}, "distillation.alpha", "must be in [0, 1]"),
+        ("distillation", {"temperature": 0}, "distillation.temperature", "must be > 0"),
+        ("train", {"batch_size": 0}, "train.batch_size", ">= 1"),
+        ("train", {"grad_accum": 0}, "train.grad_accum", ">= 1"),
+        ("train", {"mixed_precision": "fp8"}, "train.mixed_precision", "'no', 'fp16', 'bf16'"),
+        ("train", {"lr": "fast"}, "train.lr", "expected a number"),
+        ("train", {"batch_size": 2.5}, "train.batch_size", "expected an integer"),
+        ("train", {"batch_size": True}, "train.batch_size", "expected an integer"),
+        ("train", {"epochs": None, "max_steps": None}, "train.epochs", "max_steps"),
+        ("teacher", {"dtype": "int8"}, "teacher.dtype", "'fp32', 'fp16', 'bf16'"),
+        ("teacher", {"device": "tpu"}, "teacher.device", "'auto', 'cuda', 'cpu'"),
+        ("memory", {"vram_budget_gb": 0}, "memory.vram_budget_gb", "> 0"),
+        ("run", {"name": "a b/c"}, "run.name", "letters, digits"),
+        ("data", {"modality": "video"}, "data.modality", "'audio', 'text', 'image'"),
+        ("student", {"channels": [16, "x"]}, "student.channels", "a list of an integer"),
+        ("telemetry", {"report_to": ["slack"]}, "telemetry.report_to", "'tensorboard'"),
+    ],
+)
+def test_bad_value_names_key_value_and_what_is_allowed(section, values, key, fragment):
+    problems = problems_of(with_(section, **values))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{key}:")
+    assert fragment in problems[0]
+
+
+def test_missing_teacher_when_distilling():
+    problems = problems_of({"data": {"dataset": "x"}})
+    assert problems == [p for p in problems if p.startswith("teacher.model:")] and "required" in problems[0]
+
+
+def test_logmel_student_needs_audio():
+    problems = problems_of(with_("data", modality="text"))
+    assert any(p.startswith("student.type:") and "audio" in p for p in problems)
+
+
+def test_unknown_keys_suggest_the_closest_name():
+    problems = problems_of({**MINIMAL, "trian": {}, "distillation": {"temprature": 2}})
+    assert "trian: unknown key; did you mean train?" in problems
+    assert "distillation.temprature: unknown key; did you mean distillation.temperature?" in problems
+
+
+def test_every_problem_is_reported_at_once():
+    raw = with_("train", batch_size=0, lr="x")
+    raw["distillation"] = {"alpha": 2, "temperature": -1, "bogus": 1}
+    problems = problems_of(raw)
+    keys = {p.split(":")[0] for p in problems}
+    assert keys == {"train.batch_size", "train.lr", "distillation.alpha", "distillation.temperature",
+                    "distillation.bogus"}
+    message = str(ConfigError(problems))
+    assert message.startswith("5 config errors")
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    cfg = load_config(path, ["train.batch_size=8", "distillation.alpha=0.7", "student.channels=[8, 16]",
+                             "train.max_steps=3", "student.config_overrides.num_hidden_layers=2"])
+    assert cfg.train.batch_size == 8 and cfg.distillation.alpha == 0.7 and cfg.student.channels == [8, 16]
+    assert cfg.student.config_overrides == {"num_hidden_layers": 2}
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.batch_size=0", "train.bath_size=4", "nodot=1"])
+    problems = info.value.problems
+    assert any(p.startswith("override 'nodot=1'") and "e.g. train.batch_size=8" in p for p in problems)
+    assert any(p.startswith("train.batch_size:") for p in problems)
+    assert any(p.startswith("train.bath_size:") and "did you mean train.batch_size" in p for p in problems)
+
+
+def test_override_errors_after_file_errors_are_all_reported(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.batch_size=0", "train.bath_size=4"])
+    assert {p.split(":")[0] for p in info.value.problems} == {"train.batch_size", "train.bath_size"}
+
+
+def test_yaml_python_tags_are_refused(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("run: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "not valid YAML" in str(info.value)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(path)
+
+
+def test_output_dir_defaults_to_runs_name():
+    cfg = config_from_dict(with_("run", name="abc"))
+    assert cfg.output_dir == Path("runs/abc")

@@ -1,0 +1,126 @@
+"""Datasets by name: audiofolder without FFmpeg, resampling, cache reuse, clear split/column errors."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import soundfile
+import torch
+from datasets import Dataset, DatasetDict
+
+from conftest import TONE_LABELS, write_tone_dataset
+from kd.config import DataConfig
+from kd.data import AudioCollator, load_waveform, make_loader, prepare_data
+from kd.errors import DataError
+
+
+def audio_cfg(path, **kw) -> DataConfig:
+    return DataConfig(dataset="audiofolder", data_dir=str(path), test_split="test", num_workers=0, **kw)
+
+
+def test_audiofolder_is_decoded_resampled_and_fixed_length(tone_data):
+    data = prepare_data(audio_cfg(tone_data, max_seconds=0.5), sampling_rate=16000)
+    assert data.label_names == TONE_LABELS
+    row = data.splits["train"][0]
+    assert row["waveform"].shape == (8000,) and row["waveform"].dtype == torch.float32
+    assert set(data.splits) == {"train", "eval", "test"}
+    assert len(data.splits["train"]) == 24
+
+
+def test_resampling_keeps_the_tone_frequency(tmp_path):
+    import numpy as np
+
+    rate = 8000
+    t = np.arange(rate) / rate
+    soundfile.write(tmp_path / "a.wav", (0.5 * np.sin(2 * np.pi * 1000 * t)).astype("float32"), rate)
+    wave = torch.from_numpy(load_waveform({"path": str(tmp_path / "a.wav"), "bytes": None}, 16000, 16000))
+    spectrum = torch.fft.rfft(wave).abs()
+    assert int(spectrum.argmax()) == 1000  # 1 Hz bins for a 1 s clip
+
+
+def test_second_preparation_reuses_the_datasets_cache(tone_data):
+    cfg = audio_cfg(tone_data)
+    first = prepare_data(cfg, sampling_rate=16000).splits["train"]
+    second = prepare_data(cfg, sampling_rate=16000).splits["train"]
+    files = [f["filename"] for f in first.cache_files]
+    assert files and files == [f["filename"] for f in second.cache_files]
+    assert torch.equal(first[0]["waveform"], second[0]["waveform"])
+
+
+def test_missing_split_lists_what_the_dataset_has(tone_data):
+    with pytest.raises(DataError) as info:
+        prepare_data(audio_cfg(tone_data, eval_split="dev"), sampling_rate=16000)
+    text = str(info.value)
+    assert "data.eval_split='dev'" in text and "train, validation, test" in text
+
+
+def test_missing_column_lists_the_columns(tone_data):
+    with pytest.raises(DataError) as info:
+        prepare_data(audio_cfg(tone_data, label_column="keyword"), sampling_rate=16000)
+    text = str(info.value)
+    assert "data.label_column='keyword'" in text and "audio, label, weight" in text
+
+
+def test_missing_data_dir_and_unknown_name(tmp_path):
+    with pytest.raises(DataError, match="is not a folder"):
+        prepare_data(audio_cfg(tmp_path / "nope"))
+    with pytest.raises(DataError, match="cannot load 'no-such-org/no-such-dataset'"):
+        prepare_data(DataConfig(dataset="no-such-org/no-such-dataset"))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(DataError, match="not a save_to_disk dataset"):
+        prepare_data(DataConfig(dataset=str(plain)))
+
+
+def test_broken_audio_file_is_a_clear_error(tmp_path):
+    root = write_tone_dataset(tmp_path / "d", {"train": 1})
+    (root / "train" / "high_0.wav").write_bytes(b"not audio at all")
+    with pytest.raises(DataError, match="cannot decode audio .*high_0.wav"):
+        prepare_data(DataConfig(dataset="audiofolder", data_dir=str(root), eval_split=None), sampling_rate=16000)
+
+
+def test_save_to_disk_folder_with_path_column(tmp_path, tone_data):
+    paths = sorted(str(p) for p in (tone_data / "train").glob("*.wav"))
+    labels = [p.split("/")[-1].split("_")[0] for p in paths]
+    DatasetDict({"train": Dataset.from_dict({"file": paths, "kw": labels})}).save_to_disk(tmp_path / "saved")
+    cfg = DataConfig(dataset=str(tmp_path / "saved"), eval_split=None, input_column="file", label_column="kw")
+    data = prepare_data(cfg, sampling_rate=16000)
+    assert data.label_names == TONE_LABELS and data.splits["train"][0]["waveform"].shape == (16000,)
+
+
+def test_eval_labels_unknown_to_train_are_reported(tmp_path):
+    root = write_tone_dataset(tmp_path / "d", {"train": 1, "validation": 1})
+    meta = root / "validation" / "metadata.csv"
+    rows = list(csv.DictReader(open(meta)))
+    rows[0]["label"] = "ultrasonic"
+    with open(meta, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(DataError, match="labels the training split lacks: ultrasonic"):
+        prepare_data(DataConfig(dataset="audiofolder", data_dir=str(root)), sampling_rate=16000)
+
+
+def test_collator_adds_teacher_inputs_and_weights(tone_data, tiny_teacher):
+    from transformers import AutoFeatureExtractor
+
+    extractor = AutoFeatureExtractor.from_pretrained(tiny_teacher)
+    data = prepare_data(audio_cfg(tone_data, weight_column="weight"), extractor, 16000)
+    loader = make_loader(data.splits["train"], audio_cfg(tone_data), 5, data.collate, shuffle=False, pin_memory=False)
+    batch = next(iter(loader))
+    assert batch["waveform"].shape == (5, 16000) and batch["labels"].shape == (5,)
+    assert batch["inputs"]["input_values"].shape == (5, 16000)
+    assert batch["sample_weight"].tolist() == [1.0, 2.0, 1.0, 2.0, 1.0]
+    # do_normalize: zero mean and unit variance per clip
+    assert batch["inputs"]["input_values"].mean(-1).abs().max() < 1e-3
+
+
+def test_loader_worker_settings():
+    cfg = DataConfig(dataset="x", num_workers=2, persistent_workers=True, prefetch_factor=3, pin_memory=True)
+    ds = Dataset.from_dict({"waveform": [[0.0]], "label": [0]}).with_format("torch")
+    collate = AudioCollator("label", None, None, 16000)
+    loader = make_loader(ds, cfg, 1, collate, shuffle=True, pin_memory=True)
+    assert loader.num_workers == 2 and loader.persistent_workers and loader.prefetch_factor == 3 and loader.pin_memory
+    cpu_loader = make_loader(ds, DataConfig(dataset="x", num_workers=0), 1, collate, shuffle=False, pin_memory=False)
+    assert cpu_loader.prefetch_factor is None and not cpu_loader.persistent_workers and not cpu_loader.pin_memory

@@ -1,0 +1,43 @@
+"""The demo's offline speech synthesis and its voice-disjoint keyword dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile
+
+pytest.importorskip("espeakng_loader")
+
+from kd.demo.kws_data import KEYWORDS, build_kws_dataset  # noqa: E402
+from kd.demo.speech import ESpeak  # noqa: E402
+
+
+def test_espeak_speaks_offline():
+    engine = ESpeak()
+    wave = engine.synthesize("left", "en-us+f3", rate_wpm=150, pitch=60)
+    assert engine.sample_rate == 22050
+    assert wave.dtype == np.float32 and 0.2 * engine.sample_rate < wave.size < 2 * engine.sample_rate
+    assert 0.05 < np.abs(wave).max() <= 1.0
+    with pytest.raises(ValueError, match="no voice"):
+        engine.synthesize("left", "xx-nonexistent")
+
+
+def test_dataset_splits_by_voice_and_is_reproducible(tmp_path):
+    root = build_kws_dataset(tmp_path / "kws", variants_per_accent=1, takes=1, progress=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    voices = manifest["voices"]
+    assert sum(len(v) for v in voices.values()) == 8  # 8 accents x 1 variant
+    assert not set(voices["train"]) & set(voices["test"]) and not set(voices["train"]) & set(voices["validation"])
+    assert manifest["counts"]["train"] == len(voices["train"]) * len(KEYWORDS)
+    rows = (root / "test" / "metadata.csv").read_text().splitlines()
+    assert rows[0] == "file_name,label,voice,rate_wpm,pitch"
+    first = rows[1].split(",")[0]
+    audio, rate = soundfile.read(root / "test" / first)
+    assert rate == 16000 and audio.shape == (16000,)
+    stamp = (root / "manifest.json").stat().st_mtime_ns
+    build_kws_dataset(tmp_path / "kws", variants_per_accent=1, takes=1, progress=False)
+    assert (root / "manifest.json").stat().st_mtime_ns == stamp  # same settings: nothing rebuilt
+    again = build_kws_dataset(tmp_path / "again", variants_per_accent=1, takes=1, progress=False)
+    assert np.array_equal(soundfile.read(again / "test" / first)[0], audio)  # fixed seed

@@ -1,0 +1,174 @@
+"""Teacher loading (safetensors only, clear path errors), freezing, label checks, students, export."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import TONE_LABELS, save_tiny_wav2vec2
+from kd.config import StudentConfig
+from kd.errors import ModelLoadError
+from kd.export import load_student, save_student
+from kd.students import LogMelCNN, build_student, copy_teacher_layers, student_logits, use_channels_last
+from kd.teachers import check_label_space, load_teacher, resolve_model_source, teacher_logits
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt"])
+def test_pickle_files_are_refused_with_how_to_convert(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    torch.save({"w": torch.zeros(1)}, path)
+    with pytest.raises(ModelLoadError) as info:
+        load_teacher(str(path), "audio")
+    text = str(info.value)
+    assert "pickle" in text and "safetensors" in text and "save_pretrained" in text
+
+
+def test_folder_with_only_pickle_weights_is_refused(tmp_path, tiny_teacher):
+    folder = tmp_path / "legacy"
+    shutil.copytree(tiny_teacher, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"only pickle weights \(pytorch_model.bin\)"):
+        load_teacher(str(folder), "audio")
+
+
+def test_missing_and_wrong_paths_are_clear(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_model_source(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model_source(str(tmp_path / "empty"))
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ModelLoadError, match="not a .safetensors file"):
+        resolve_model_source(str(tmp_path / "notes.txt"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors_is_a_clear_error(tmp_path, tiny_teacher, damage):
+    folder = tmp_path / "bad"
+    shutil.copytree(tiny_teacher, folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64)
+    with pytest.raises(ModelLoadError) as info:
+        load_teacher(str(folder), "audio")
+    assert "not a readable safetensors file" in str(info.value) and "model.safetensors" in str(info.value)
+
+
+def test_single_safetensors_file_with_config_beside_it(tiny_teacher):
+    model = load_teacher(str(tiny_teacher / "model.safetensors"), "audio")
+    assert model.config.num_labels == len(TONE_LABELS)
+
+
+def test_teacher_is_frozen_and_unchanged_by_a_student_step(tiny_teacher):
+    teacher = load_teacher(str(tiny_teacher), "audio")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = LogMelCNN(len(TONE_LABELS), n_mels=16, channels=[8, 16])
+    optimizer = torch.optim.AdamW(student.parameters(), lr=0.1)
+    wave = torch.randn(2, 16000)
+    t_logits = teacher_logits(teacher, {"input_values": wave})
+    assert not t_logits.requires_grad
+    loss = torch.nn.functional.kl_div(student(wave).log_softmax(-1), t_logits.softmax(-1), reduction="batchmean")
+    loss.backward()
+    optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_teacher_dtype_is_applied(tiny_teacher):
+    teacher = load_teacher(str(tiny_teacher), "audio", dtype="bf16")
+    assert next(teacher.parameters()).dtype == torch.bfloat16
+    logits = teacher_logits(teacher, {"input_values": torch.randn(1, 16000)})
+    assert logits.dtype == torch.bfloat16
+
+
+def test_label_space_checks(tiny_teacher):
+    config = load_teacher(str(tiny_teacher), "audio").config
+    check_label_space(config, list(TONE_LABELS), "teacher")
+    with pytest.raises(ModelLoadError, match="predicts 3 labels but the dataset has 2"):
+        check_label_space(config, ["a", "b"], "teacher")
+    with pytest.raises(ModelLoadError, match="label names differ"):
+        check_label_space(config, ["low", "mid", "high"], "teacher")
+
+
+def test_logmel_student_shapes_and_single_sample():
+    model = LogMelCNN(10)
+    assert model(torch.randn(3, 16000)).shape == (3, 10)
+    model.eval()
+    assert model(torch.randn(1, 16000)).shape == (1, 10)
+    assert sum(p.numel() for p in model.parameters()) < 100_000
+
+
+def test_channels_last_keeps_outputs():
+    torch.manual_seed(0)
+    model = LogMelCNN(4, n_mels=16, channels=[8, 16]).eval()
+    wave = torch.randn(2, 8000)
+    before = model(wave)
+    assert use_channels_last(model)
+    assert torch.allclose(model(wave), before, atol=1e-5)
+
+
+def test_hf_student_from_teacher_layers_copies_weights(tiny_teacher):
+    teacher = load_teacher(str(tiny_teacher), "audio")
+    cfg = StudentConfig(type="hf", init_from_teacher=True, teacher_layers=[1, 3])
+    student = build_student(cfg, "audio", list(TONE_LABELS), 16000, teacher, str(tiny_teacher))
+    assert student.config.num_hidden_layers == 2
+    s, t = student.state_dict(), teacher.state_dict()
+    key = "wav2vec2.encoder.layers.{}.attention.k_proj.weight"
+    assert torch.equal(s[key.format(0)], t[key.format(1)]) and torch.equal(s[key.format(1)], t[key.format(3)])
+    conv = "wav2vec2.feature_extractor.conv_layers.1.conv.weight"
+    assert torch.equal(s[conv], t[conv])  # conv_layers is not mistaken for encoder layers
+
+
+def test_layer_copy_refuses_incompatible_shapes(tiny_teacher, tmp_path):
+    teacher = load_teacher(str(tiny_teacher), "audio")
+    wide = load_teacher(str(save_tiny_wav2vec2(tmp_path / "wide", TONE_LABELS, hidden_size=48,
+                                               intermediate_size=96)), "audio")
+    with pytest.raises(ModelLoadError, match="shapes differ"):
+        copy_teacher_layers(wide, teacher, [0, 1, 2, 3])
+
+
+def test_student_config_override_typo_is_caught(tiny_teacher):
+    cfg = StudentConfig(type="hf", config_overrides={"num_hiden_layers": 1})
+    with pytest.raises(ModelLoadError, match="did you mean num_hidden_layers"):
+        build_student(cfg, "audio", list(TONE_LABELS), 16000, None, str(tiny_teacher))
+
+
+def test_export_round_trip_logmel(tmp_path):
+    torch.manual_seed(0)
+    model = LogMelCNN(3, n_mels=16, channels=[8, 16]).eval()
+    save_student(model, tmp_path / "student", ["a", "b", "c"])
+    loaded, labels = load_student(tmp_path / "student")
+    wave = torch.randn(2, 16000)
+    assert labels == ["a", "b", "c"]
+    assert torch.allclose(loaded(wave), model(wave))
+    assert not list(tmp_path.glob(".student.tmp-*"))
+
+
+def test_export_round_trip_hf_and_replaces_atomically(tmp_path, tiny_teacher):
+    model = load_teacher(str(tiny_teacher), "audio")
+    target = tmp_path / "student"
+    target.mkdir()
+    (target / "stale.txt").write_text("old export")
+    save_student(model, target, list(TONE_LABELS))
+    assert not (target / "stale.txt").exists() and (target / "model.safetensors").is_file()
+    loaded, labels = load_student(target)
+    wave = {"input_values": torch.randn(1, 16000)}
+    assert labels == list(TONE_LABELS)
+    assert torch.allclose(student_logits(loaded, {"inputs": wave}, "inputs"), model(**wave).logits, atol=1e-6)
+
+
+def test_failed_export_keeps_the_previous_one(tmp_path):
+    target = tmp_path / "student"
+    save_student(LogMelCNN(2, n_mels=16, channels=[8]), target, ["a", "b"])
+
+    class Broken(LogMelCNN):
+        def state_dict(self, *args, **kwargs):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_student(Broken(2, n_mels=16, channels=[8]), target, ["a", "b"])
+    assert load_student(target)[1] == ["a", "b"]
+    assert not list(tmp_path.glob(".student.*"))

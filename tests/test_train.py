@@ -1,0 +1,186 @@
+"""End to end: real tiny runs through the CLI, with their telemetry read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TONE_LABELS, accelerate_launch, run_cli, tiny_config, write_config
+from kd.config import load_config
+from kd.export import load_student
+from kd.telemetry import COMMON_FIELDS, EVENT_FIELDS, read_events
+
+
+def strict_lines(path: Path) -> list[dict]:
+    """Parse every line as strict JSON (NaN/Infinity are not JSON and must have become null)."""
+    def refuse(token):
+        raise AssertionError(f"non-JSON constant {token} in telemetry")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def check_schema(events: list[dict]) -> None:
+    for i, event in enumerate(events):
+        for key in COMMON_FIELDS:
+            assert key in event, f"{event['type']} lacks {key}"
+        for key in EVENT_FIELDS[event["type"]]:
+            assert key in event, f"{event['type']} lacks {key}"
+        assert event["v"] == 1 and event["seq"] == i
+
+
+@pytest.fixture(scope="module")
+def launched_run(tmp_path_factory, tone_data, tiny_teacher):
+    """One distillation run under `accelerate launch`, shared by the assertions below."""
+    tmp = tmp_path_factory.mktemp("launched")
+    cfg = tiny_config(tone_data, tiny_teacher, tmp / "run", train={"max_steps": 6, "eval_every": 3,
+                                                                    "checkpoint_every": 3})
+    result = run_cli(["--config", str(write_config(tmp / "c.yaml", cfg))], launcher=accelerate_launch(1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "run", result
+
+
+def test_launch_writes_schema_v1_telemetry(launched_run):
+    run_dir, _ = launched_run
+    events = strict_lines(run_dir / "telemetry.jsonl")
+    check_schema(events)
+    types = [e["type"] for e in events]
+    assert types[0] == "run_start" and types[-1] == "run_end" and types.count("run_start") == 1
+    assert len({e["run_id"] for e in events}) == 1
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]
+    assert [e["samples"] for e in steps] == [4, 8, 12, 16, 20, 24]
+    for e in steps:
+        assert set(e["loss"]) == {"total", "ce", "kd"} and all(v is not None for v in e["loss"].values())
+        assert e["loss"]["total"] == pytest.approx(0.5 * e["loss"]["ce"] + 0.5 * e["loss"]["kd"], rel=1e-4)
+        assert e["alpha"] == 0.5 and e["temperature"] == 2.0 and e["mem"] is None
+    start = events[0]
+    assert start["params"]["teacher"] > start["params"]["student"] > 0
+    assert start["plan"] == {"total_steps": 6, "micro_batch": 4, "grad_accum": 1, "effective_batch": 4,
+                             "vram_budget_bytes": 5_500_000_000, "steps_per_epoch": 6}
+    assert start["env"]["world_size"] == 1 and start["env"]["torch"] == torch.__version__
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [(e["step"], e["split"]) for e in evals] == [(3, "validation"), (6, "validation"), (6, "test")]
+    assert all(e["samples"] == 12 for e in evals)
+    assert set(evals[0]["metrics"]) == {"student_acc", "student_f1", "teacher_acc", "agreement", "loss"}
+    kinds = [(e["kind"], e["step"]) for e in events if e["type"] == "checkpoint"]
+    assert kinds == [("periodic", 3), ("periodic", 6), ("final", 6)]
+    end = events[-1]
+    assert end["status"] == "completed" and end["error"] is None
+    assert end["metrics"]["test"]["student_acc"] == evals[-1]["metrics"]["student_acc"]
+
+
+def test_launch_outputs_resolved_config_checkpoints_and_student(launched_run, tone_data):
+    run_dir, result = launched_run
+    cfg = load_config(run_dir / "config.yaml")
+    assert cfg.train.max_steps == 6 and cfg.run.output_dir == str(run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
+    model, labels = load_student(run_dir / "student")
+    assert labels == TONE_LABELS
+    assert model(torch.randn(2, 16000)).shape == (2, 3)
+    assert "Parameters: teacher" in result.stdout and "student" in result.stdout
+
+
+def test_resume_continues_with_the_same_losses(tmp_path, tone_data, tiny_teacher):
+    """Checkpoint mid-epoch with accumulation and dropout; the resumed run logs the same losses."""
+    common = {"train": {"max_steps": 7, "grad_accum": 2, "checkpoint_every": 2, "keep_checkpoints": 5,
+                        "eval_every": 100},
+              "student": {"dropout": 0.3}}
+    full = tiny_config(tone_data, tiny_teacher, tmp_path / "full", **common)
+    result = run_cli(["--config", str(write_config(tmp_path / "full.yaml", full))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = tmp_path / "full" / "checkpoints"
+    assert (ckpt / "step_0000002").is_dir()
+    part = tiny_config(tone_data, tiny_teacher, tmp_path / "part", **common)
+    # Keep step 2 only: resume must pick it as the newest, then continue past the epoch boundary (step 3).
+    (tmp_path / "part" / "checkpoints").mkdir(parents=True)
+    (ckpt / "step_0000002").rename(tmp_path / "part" / "checkpoints" / "step_0000002")
+    result = run_cli(["--config", str(write_config(tmp_path / "part.yaml", part)), "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stdout
+
+    def losses(run: str) -> dict[int, float]:
+        return {e["step"]: e["loss"]["total"] for e in read_events(tmp_path / run) if e["type"] == "step"}
+
+    full_losses, resumed = losses("full"), losses("part")
+    assert sorted(resumed) == [3, 4, 5, 6, 7]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full_losses[step], rel=1e-5, abs=1e-6), step
+    samples = [e["samples"] for e in read_events(tmp_path / "part") if e["type"] == "step"]
+    assert samples == [24, 32, 40, 48, 56]  # 8 samples per step, counted on from the checkpoint
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tone_data, tiny_teacher):
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run")
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg)), "--resume"])
+    assert result.returncode == 2
+    assert "--resume: no checkpoint found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_cpu_processes_shard_data_and_write_telemetry_once(tmp_path, tone_data, tiny_teacher):
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", train={"max_steps": 3, "eval_every": 100})
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))],
+                     launcher=accelerate_launch(2), env={"ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = strict_lines(tmp_path / "run" / "telemetry.jsonl")
+    check_schema(events)
+    assert [e["type"] for e in events].count("run_start") == 1
+    assert events[0]["env"]["world_size"] == 2
+    assert events[0]["plan"]["effective_batch"] == 8 and events[0]["plan"]["steps_per_epoch"] == 3
+    assert [e["samples"] for e in events if e["type"] == "step"] == [8, 16, 24]
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["samples"] for e in evals] == [12, 12]  # gathered from both processes, no duplicates
+
+
+def test_supervised_hf_model_with_batch_of_one(tmp_path, tone_data, tiny_teacher):
+    """distillation.enabled: false trains a transformers model on labels (how the demo trains its teacher)."""
+    cfg = tiny_config(tone_data, None, tmp_path / "run", student={"type": "hf", "config": str(tiny_teacher)},
+                      train={"batch_size": 1, "max_steps": 3, "eval_every": 100}, data={"max_eval_samples": 2})
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(tmp_path / "run")
+    steps = [e for e in events if e["type"] == "step"]
+    assert len(steps) == 3 and all(e["loss"]["kd"] == 0.0 and e["alpha"] == 0.0 for e in steps)
+    assert events[0]["params"]["teacher"] is None
+    model, labels = load_student(tmp_path / "run" / "student")
+    assert labels == TONE_LABELS and (tmp_path / "run" / "student" / "preprocessor_config.json").is_file()
+
+
+def test_nan_teacher_is_detected_and_named(tmp_path, tone_data, tiny_teacher):
+    broken = tmp_path / "nan_teacher"
+    broken.mkdir()
+    for f in tiny_teacher.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["classifier.weight"] = torch.full_like(weights["classifier.weight"], float("nan"))
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    cfg = tiny_config(tone_data, broken, tmp_path / "run")
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert result.returncode == 2
+    assert "non-finite loss at step 1" in result.stderr and "kd=nan" in result.stderr and "ce=" not in result.stderr
+    assert "Traceback" not in result.stderr
+    end = read_events(tmp_path / "run")[-1]
+    assert end["type"] == "run_end" and end["status"] == "failed" and "kd=nan" in end["error"]
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"distillation": {"alpha": 2}}, "distillation.alpha: 2"),
+        ({"run": {"gpu_only": True}}, "run.gpu_only is true but no CUDA GPU"),
+        ({"train": {"mixed_precision": "fp16"}}, "'fp16' needs a CUDA GPU"),
+        ({"teacher": {"model": "/no/such/teacher"}}, "teacher.model: /no/such/teacher does not exist"),
+        ({"data": {"test_split": "holdout"}}, "data.test_split='holdout'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_clear_line(tmp_path, tone_data, tiny_teacher, change, fragment):
+    if torch.cuda.is_available() and "CUDA" in fragment:
+        pytest.skip("this machine has a GPU")
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", **change)
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert result.returncode == 2
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "telemetry.jsonl").exists()  # nothing started, nothing half-written
