@@ -56,3 +56,39 @@ def save_tiny_wav2vec2(path: Path, labels: list[str], seed: int = 0, **overrides
     model.save_pretrained(path)
     Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=False).save_pretrained(path)
     return path
+
+
+SENTIMENT_WORDS = {"pos": ["good", "great", "fine", "lovely"], "neg": ["bad", "awful", "poor", "dull"]}
+FILLER_WORDS = ["the", "movie", "film", "was", "a", "really", "plot", "acting"]
+
+
+def write_sentiment_csv(folder: Path, per_class: int = 12, seed: int = 0) -> Path:
+    """train.csv / validation.csv of short sentences whose label is decided by one sentiment word."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", per_class), ("validation", max(2, per_class // 3))):
+        with open(folder / f"{split}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            for label, words in SENTIMENT_WORDS.items():
+                for _ in range(n):
+                    filler = list(rng.choice(FILLER_WORDS, size=int(rng.integers(2, 6))))
+                    filler.insert(int(rng.integers(0, len(filler) + 1)), str(rng.choice(words)))
+                    writer.writerow([" ".join(filler), label])
+    return folder
+
+
+def save_tiny_bert(path: Path, labels: list[str], seed: int = 0) -> Path:
+    """A random-weight BERT classifier with a word-level vocabulary covering the sentiment data."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    torch.manual_seed(seed)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER_WORDS + sum(SENTIMENT_WORDS.values(), [])
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=len(labels),
+                        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -227,7 +227,10 @@ class Trainer:
 
     def _log_step(self, window: Window, grad_norm: torch.Tensor | None, bar: tqdm) -> None:
         now = time.perf_counter()
-        values = dict(zip(LOSS_PARTS, (window.sums / max(1, window.micro_batches)).tolist()))  # one host sync
+        # Mean over the window and over all processes (every process logs at the same steps), read
+        # back in one host sync; a NaN on any process therefore stops all of them.
+        means = self.acc.reduce(window.sums / max(1, window.micro_batches), reduction="mean")
+        values = dict(zip(LOSS_PARTS, means.tolist()))
         raise_if_not_finite(values, self.state.step, {"kd": "the teacher's logits or the student's are not finite"})
         elapsed = now - window.started
         warm = self.state.step > self.cfg.telemetry.warmup_steps  # the first steps include start-up costs

@@ -184,3 +184,52 @@ def test_bad_input_exits_2_with_one_clear_line(tmp_path, tone_data, tiny_teacher
     assert result.returncode == 2
     assert fragment in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "telemetry.jsonl").exists()  # nothing started, nothing half-written
+
+
+def test_text_classification_uses_the_same_code(tmp_path):
+    """csv data, a BERT teacher, and a 1-layer BERT student initialised from teacher layer 1."""
+    from kd.synthetic import save_tiny_bert, write_sentiment_csv
+
+    data = write_sentiment_csv(tmp_path / "sentiment")
+    teacher = save_tiny_bert(tmp_path / "bert", ["neg", "pos"])
+    cfg = {
+        "run": {"name": "text", "output_dir": str(tmp_path / "run")},
+        "data": {"dataset": "csv", "data_files": {"train": str(data / "train.csv"),
+                                                  "validation": str(data / "validation.csv")},
+                 "modality": "text", "input_column": "text", "num_workers": 0},
+        "teacher": {"model": str(teacher)},
+        "student": {"type": "hf", "init_from_teacher": True, "teacher_layers": [1]},
+        "train": {"batch_size": 4, "epochs": None, "max_steps": 3, "eval_every": 100},
+        "telemetry": {"log_every": 1},
+    }
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(tmp_path / "run")
+    start = events[0]
+    assert start["labels"] == ["neg", "pos"] and start["params"]["student"] < start["params"]["teacher"]
+    assert events[-1]["status"] == "completed" and events[-2]["kind"] == "final"
+    model, labels = load_student(tmp_path / "run" / "student")
+    assert model.config.num_hidden_layers == 1 and labels == ["neg", "pos"]
+    assert (tmp_path / "run" / "student" / "tokenizer.json").is_file()
+
+
+def test_ctrl_c_writes_run_end_interrupted(tmp_path, tone_data, tiny_teacher):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", train={"max_steps": 100000, "eval_every": 10**6})
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "train_kd.py"), "--config",
+                             str(write_config(tmp_path / "c.yaml", cfg))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    telemetry = tmp_path / "run" / "telemetry.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(e["type"] == "step" for e in read_events(telemetry)):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    end = read_events(telemetry)[-1]
+    assert end["type"] == "run_end" and end["status"] == "interrupted" and end["error"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbc
 SPLITS = (("train", 0.70), ("validation", 0.15), ("test", 0.15))
 
 
-def build_kws_dataset(root: str | Path, variants_per_accent: int = 10, takes: int = 2, sample_rate: int = 16000,
+def build_kws_dataset(root: str | Path, variants_per_accent: int = 20, takes: int = 2, sample_rate: int = 16000,
                       snr_db: tuple[float, float] = (5.0, 30.0), seed: int = 0, progress: bool = True) -> Path:
     """Write the dataset under `root` (skipped when a dataset with the same settings is there)."""
     root = Path(root)
@@ -33,6 +34,9 @@ def build_kws_dataset(root: str | Path, variants_per_accent: int = 10, takes: in
     manifest = root / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text()).get("settings") == json.loads(json.dumps(settings)):
         return root
+    for split, _ in SPLITS:  # settings changed (or a partial build): start from empty folders
+        shutil.rmtree(root / split, ignore_errors=True)
+    manifest.unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
     engine = ESpeak()
     variants = [v for v in engine.variants() if " " not in v]

@@ -1,0 +1,165 @@
+"""The monitor: its state rules on event sequences, the app driven with Pilot, --once, no torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd.tui.state import RunState, summary_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start(run_id: str = "r1", total: int = 100, **extra) -> dict:
+    return {"v": 1, "type": "run_start", "ts": 1000.0, "run_id": run_id, "seq": 0, "step": 0,
+            "config": {"run": {"name": "kws"}}, "env": {"device": "cuda:0", "gpu_name": "Tiny GPU"},
+            "params": {"teacher": 1000, "student": 10},
+            "plan": {"total_steps": total, "vram_budget_bytes": 5_500_000_000}, "estimate": None, **extra}
+
+
+def step(n: int, total: float = 1.0, **extra) -> dict:
+    event = {"v": 1, "type": "step", "ts": 1000.0 + n, "run_id": "r1", "seq": n, "step": n, "epoch": n / 10,
+             "samples": 8 * n, "loss": {"total": total, "ce": total * 2, "kd": total / 2}, "alpha": 0.5,
+             "temperature": 2.0, "lr": 0.001, "grad_norm": 0.3,
+             "rate": {"samples_per_s": 80.0, "steps_per_s": 10.0}, "time": {"step_s": 0.1, "data_s": 0.02},
+             "mem": {"allocated": 1e9, "reserved": 2e9, "peak_allocated": 1.5e9, "peak_reserved": 2e9},
+             "gpu": None}
+    event.update(extra)
+    return event
+
+
+def oom(recovered: bool = True) -> dict:
+    return {"v": 1, "type": "oom", "ts": 1003.0, "run_id": "r1", "seq": 9, "step": 3, "phase": "backward",
+            "micro_batch": 64, "grad_accum": 1, "mem": None, "action": "shrink", "new_micro_batch": 32,
+            "new_grad_accum": 2, "recovered": recovered, "message": "CUDA out of memory",
+            "advice": ["teacher.dtype: fp16 saves 0.2 GB", "train.batch_size: 32 with grad_accum: 2"]}
+
+
+def end(status: str = "completed", error: str | None = None) -> dict:
+    return {"v": 1, "type": "run_end", "ts": 1100.0, "run_id": "r1", "seq": 99, "step": 5, "status": status,
+            "duration_s": 100.0, "metrics": {}, "peak": None, "error": error}
+
+
+def feed(state: RunState, *events: dict) -> RunState:
+    for e in events:
+        state.apply(e, wall=2000.0)
+    return state
+
+
+def test_state_tracks_a_run():
+    s = feed(RunState(), start(), step(1, 2.0), step(2, 1.5),
+             {"type": "eval", "step": 2, "split": "validation", "metrics": {"student_acc": 0.5}})
+    assert s.name == "kws" and s.status == "running" and s.step == 2 and s.total_steps == 100
+    assert s.values("loss_total") == [2.0, 1.5] and s.values("loss_ce") == [4.0, 3.0]
+    assert s.latest("data_share") == pytest.approx(0.2)
+    assert s.eta() == pytest.approx(9.8)
+    assert s.evals[-1]["student_acc"] == 0.5
+
+
+def test_step_rewind_drops_stale_points():
+    s = feed(RunState(), start(), *[step(i) for i in range(1, 6)],
+             {"type": "eval", "step": 4, "split": "validation", "metrics": {}})
+    feed(s, step(3, 9.0))  # resumed from the step-2 checkpoint
+    assert [p[0] for p in s.series["loss_total"]] == [1, 2, 3] and s.latest("loss_total") == 9.0
+    assert not s.evals
+
+
+def test_second_run_start_begins_a_new_series():
+    s = feed(RunState(), start("a"), step(1), step(2), oom(), end())
+    feed(s, start("b", total=7))
+    assert s.run_id == "b" and s.values("loss_total") == [] and s.total_steps == 7 and not s.ooms
+    assert s.status == "running" and s.runs_seen == 2
+
+
+def test_unknown_fields_nulls_and_odd_shapes_are_tolerated():
+    s = feed(RunState(), start(), step(1, mem=None, rate=None, loss={"total": None, "ce": 1.0, "kd": None},
+                                     future_field={"x": 1}))
+    assert s.values("loss_total") == [] and s.values("loss_ce") == [1.0] and s.latest("mem_reserved") is None
+    feed(s, {"type": "step", "step": "not a number"})
+    assert s.malformed == 1
+
+
+def test_stall_and_end_statuses():
+    s = feed(RunState(stall_after_s=30), start(), step(1))
+    assert s.shown_status(now=2010.0) == "running" and s.shown_status(now=2031.0) == "stalled"
+    feed(s, end("failed", "non-finite loss at step 1"))
+    assert s.shown_status(now=9999.0) == "failed"
+
+
+def test_summary_text_has_everything_once_needs():
+    s = feed(RunState(), start(), step(1), oom(recovered=True),
+             {"type": "eval", "step": 1, "split": "validation",
+              "metrics": {"student_acc": 0.9, "student_f1": 0.8, "teacher_acc": 0.95, "agreement": 0.9}})
+    text = summary_text(s, now=2000.0)
+    assert "run kws [running] step 1/100" in text
+    assert "VRAM 2.00 GB of 5.50 GB (36% of budget)" in text
+    assert "80 samples/s" in text and "20% of step time waiting for data" in text
+    assert "student acc 0.9" in text and "OOM at step 3 in backward: recovered" in text
+    assert "advice: teacher.dtype: fp16 saves 0.2 GB" in text
+
+
+def write_lines(path: Path, *events: dict, partial: str = "") -> None:
+    with open(path, "a") as f:
+        for e in events:
+            f.write(json.dumps(e) + "\n")
+        f.write(partial)
+
+
+@pytest.mark.asyncio
+async def test_app_shows_progress_oom_banner_and_finish(tmp_path):
+    from textual.widgets import DataTable, Static
+
+    from kd.tui.app import MonitorApp
+
+    path = tmp_path / "telemetry.jsonl"
+    app = MonitorApp(path, poll_s=0.05)
+    async with app.run_test(size=(100, 36)) as pilot:
+        await pilot.pause(0.2)
+        assert "waiting for" in str(app.query_one("#title", Static).content)
+        write_lines(path, start(), step(1, 2.0), step(2, 1.0),
+                    {"type": "eval", "ts": 1002.5, "step": 2, "split": "validation",
+                     "metrics": {"student_acc": 0.75, "student_f1": 0.7, "teacher_acc": 0.9, "agreement": 0.8,
+                                 "loss": 0.5}}, partial='{"type": "step", "st')
+        await pilot.pause(0.4)
+        title = str(app.query_one("#title", Static).content)
+        assert "kws" in title and "running" in title and "step 2/100" in title
+        assert "2.00 GB / 5.50 GB" in str(app.query_one("#vram", Static).content)
+        table = app.query_one("#evals", DataTable)
+        assert table.row_count == 1 and table.get_row_at(0)[2] == "75.0%"
+        with open(path, "a") as f:
+            f.write('ep": 3}\n')  # the writer completes its line
+        write_lines(path, oom(recovered=True))
+        await pilot.pause(0.4)
+        assert app.state.step == 3
+        banner = app.query_one("#oom", Static)
+        assert banner.has_class("shown") and "OUT OF MEMORY" in str(banner.content)
+        assert "teacher.dtype: fp16 saves 0.2 GB" in str(banner.content) and "recovered" in str(banner.content)
+        await pilot.press("d")
+        assert not banner.has_class("shown")
+        write_lines(path, end("completed"))
+        await pilot.pause(0.4)
+        assert "finished" in str(app.query_one("#title", Static).content)
+        await pilot.press("p")
+        assert app.paused and "paused" in str(app.query_one("#title", Static).content)
+        await pilot.press("q")
+
+
+def test_once_prints_a_summary_and_skips_malformed(tmp_path):
+    path = tmp_path / "telemetry.jsonl"
+    write_lines(path, start(), step(1), oom(recovered=False))
+    with open(path, "a") as f:
+        f.write("garbage\n")
+    result = subprocess.run([sys.executable, str(ROOT / "monitor_tui.py"), str(tmp_path), "--once"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "run kws" in result.stdout and "NOT recovered" in result.stdout and "1 malformed" in result.stdout
+
+
+def test_monitor_never_imports_torch():
+    code = "import sys, monitor_tui, kd.tui.app, kd.tui.state; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.strip() == "False"
