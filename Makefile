@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_overhead.py
+	$(PY) bench/bench_monitor.py
 
 clean-demo:
 	rm -rf .demo runs/demo-teacher runs/demo-kd runs/demo-baseline

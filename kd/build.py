@@ -7,6 +7,7 @@ before either model is built, so a teacher/student/label mismatch stops the run 
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,11 @@ from kd.data import PreparedData, prepare_data
 from kd.errors import ConfigError, TrainingError
 from kd.students import build_student, student_input_key, use_channels_last
 from kd.teachers import check_label_space, count_parameters, load_processor, load_teacher
+
+
+# The Python package each Accelerate tracker needs (telemetry.report_to).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
 
 
 @dataclass
@@ -94,6 +100,10 @@ def check_device(cfg: Config) -> None:
         raise ConfigError(["train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on the CPU"])
     if cfg.teacher.device == "cuda" and not has_cuda:
         raise ConfigError(["teacher.device: 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'"])
+    missing = [name for name in cfg.telemetry.report_to if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None]
+    if missing:
+        raise ConfigError([f"telemetry.report_to: {name!r} is not installed (pip install {TRACKER_PACKAGES[name]}) "
+                           "or remove it from the list" for name in missing])
 
 
 def teacher_device(cfg: Config, accelerator: Accelerator) -> torch.device:

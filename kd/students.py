@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 class LogMelCNN(nn.Module):
     """Waveform (batch, samples) -> logits, via log-mel features and depthwise-separable convs.
 
-    About 70k parameters with the default channels: small enough for a microcontroller-class
-    wake-word model, and fast on a CPU.
+    About 18k parameters with the default channels and 10 classes: small enough for a
+    microcontroller-class wake-word model, and fast on a CPU.
     """
 
     kind = "logmel_cnn"

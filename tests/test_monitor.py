@@ -163,3 +163,35 @@ def test_monitor_never_imports_torch():
     code = "import sys, monitor_tui, kd.tui.app, kd.tui.state; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_history_is_bounded():
+    s = feed(RunState(history=50), start(), *[step(i) for i in range(1, 1001)])
+    assert all(len(points) <= 50 for points in s.series.values())
+    assert s.series["loss_total"][0][0] == 951 and s.step == 1000
+
+
+@pytest.mark.asyncio
+async def test_app_starts_over_when_the_file_is_replaced(tmp_path):
+    import os
+
+    from textual.widgets import DataTable, Static
+
+    from kd.tui.app import MonitorApp
+
+    path = tmp_path / "telemetry.jsonl"
+    write_lines(path, start("first"), step(1), step(2),
+                {"type": "eval", "ts": 1.0, "step": 2, "split": "validation", "metrics": {"student_acc": 0.5}})
+    app = MonitorApp(path, poll_s=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause(0.3)
+        assert app.query_one("#evals", DataTable).row_count == 1
+        other = tmp_path / "other.jsonl"
+        second = start("second", total=9)
+        second["config"] = {"run": {"name": "again"}}
+        write_lines(other, second, step(1))
+        os.replace(other, path)
+        await pilot.pause(0.4)
+        title = str(app.query_one("#title", Static).content)
+        assert "again" in title and "step 1/9" in title
+        assert app.query_one("#evals", DataTable).row_count == 0

@@ -174,6 +174,7 @@ def test_nan_teacher_is_detected_and_named(tmp_path, tone_data, tiny_teacher):
         ({"train": {"mixed_precision": "fp16"}}, "'fp16' needs a CUDA GPU"),
         ({"teacher": {"model": "/no/such/teacher"}}, "teacher.model: /no/such/teacher does not exist"),
         ({"data": {"test_split": "holdout"}}, "data.test_split='holdout'"),
+        ({"telemetry": {"report_to": ["aim"]}}, "telemetry.report_to: 'aim' is not installed"),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_line(tmp_path, tone_data, tiny_teacher, change, fragment):

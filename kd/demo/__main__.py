@@ -13,11 +13,15 @@ so the demo exercises exactly the user's path (and uses a GPU when there is one)
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from kd.config import load_config
 from kd.demo.kws_data import build_kws_dataset
@@ -41,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher_cfg = load_config(ROOT / STEPS[0][1])
     print("== 1/4 Synthesising the keyword dataset (eSpeak NG, offline)")
     data_dir = build_kws_dataset(ROOT / load_config(ROOT / STEPS[1][1]).data.data_dir)
-    print(f"   {data_dir} ({(data_dir / 'manifest.json').stat().st_size and 'ready'})")
+    counts = json.loads((data_dir / "manifest.json").read_text())["counts"]
+    print(f"   {data_dir}: " + ", ".join(f"{n} {split} clips" for split, n in counts.items()) + " (split by voice)")
     write_teacher_architecture(ROOT / teacher_cfg.student.config)
     for number, (title, config) in enumerate(STEPS, start=2):
         cfg = load_config(ROOT / config)
@@ -62,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch_command(config: str) -> list[str]:
     # Explicit launcher flags, so a personal `accelerate config` file cannot change the demo.
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "train_kd.py", "--config", config]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if not torch.cuda.is_available():
+        # Without a GPU, accelerate launch gives the process one CPU thread unless told otherwise.
+        command += ["--num_cpu_threads_per_process", str(len(os.sched_getaffinity(0)))]
+    return command + ["train_kd.py", "--config", config]
 
 
 def finished_with_same_config(run_dir: Path, cfg) -> bool:

@@ -71,6 +71,8 @@ class MonitorApp(App):
         self._shown_evals = 0
         self._shown_log = 0
         self._series_id: str | None = None
+        self._rendered_version = -1
+        self._shown: RunState | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(id="title")
@@ -90,7 +92,7 @@ class MonitorApp(App):
                 yield Static(id="gpu")
         with Grid(id="bottom"):
             yield DataTable(id="evals", show_cursor=False, zebra_stripes=True)
-            yield RichLog(id="events", wrap=True, markup=False, max_lines=500)
+            yield RichLog(id="events", wrap=True, markup=False, max_lines=500, min_width=20)
         yield Footer()
 
     def on_resize(self) -> None:
@@ -107,8 +109,11 @@ class MonitorApp(App):
                              ("gpu_panel", "GPU")):
             self.query_one(f"#{panel}").border_title = title
         self.follow()
-        self.set_interval(self.poll_s, self.render_state)
+        self._timer = self.set_interval(self.poll_s, self.render_state)
         self.render_state()
+
+    def on_unmount(self) -> None:
+        self._timer.stop()
 
     # ------------------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, name="telemetry-reader")
@@ -133,17 +138,26 @@ class MonitorApp(App):
 
     # ------------------------------------------------------------------------------------------
     def render_state(self) -> None:
-        with self.lock:
-            s = self.state
-            if s.run_id != self._series_id:  # a new run_start: new series in the tables too
-                self._series_id = s.run_id
-                self.query_one("#evals", DataTable).clear()
-                self.query_one("#events", RichLog).clear()
-                self._shown_evals = self._shown_log = 0
-            self._render_title(s)
-            self._render_oom(s)
-            self._render_panels(s)
-            self._render_tables(s)
+        if not self.query("#title"):  # shutting down: the widgets are already gone
+            return
+        with self.lock:  # hold the lock only to copy: the reader must not wait for the screen
+            changed = self.state.version != self._rendered_version
+            s = self.state.snapshot() if changed else self._shown
+            self._rendered_version = self.state.version
+        if s is None:
+            s = self._shown = self.state.snapshot()
+        self._render_title(s)  # elapsed, ETA and stall move with the clock
+        if not changed:
+            return
+        self._shown = s
+        if s.run_id != self._series_id:  # a new run_start: new series in the tables too
+            self._series_id = s.run_id
+            self.query_one("#evals", DataTable).clear()
+            self.query_one("#events", RichLog).clear()
+            self._shown_evals = self._shown_log = 0
+        self._render_oom(s)
+        self._render_panels(s)
+        self._render_tables(s)
 
     def _render_title(self, s: RunState) -> None:
         status = s.shown_status()

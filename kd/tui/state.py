@@ -10,6 +10,7 @@ snapshots; `--once` renders the same state as text. Reading rules implemented he
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class RunState:
     end: dict[str, Any] | None = None
     runs_seen: int = 0
     malformed: int = 0
+    version: int = 0  # bumped by every applied event, so a view knows when to redraw
 
     def __post_init__(self) -> None:
         self.series = {name: deque(maxlen=self.history) for name in SERIES}
@@ -53,6 +55,7 @@ class RunState:
     # ------------------------------------------------------------------------------------------
     def apply(self, event: dict[str, Any], wall: float | None = None) -> None:
         self.last_event_wall = wall if wall is not None else time.time()
+        self.version += 1
         handler = getattr(self, f"_on_{event.get('type')}", None)
         if handler is not None:
             try:
@@ -62,8 +65,9 @@ class RunState:
 
     def _on_run_start(self, e: dict[str, Any]) -> None:
         history, stall, seen, malformed = self.history, self.stall_after_s, self.runs_seen, self.malformed
+        version, wall = self.version, self.last_event_wall
         self.__init__(history=history, stall_after_s=stall)  # a new series: forget the previous run
-        self.runs_seen, self.malformed = seen + 1, malformed
+        self.runs_seen, self.malformed, self.version, self.last_event_wall = seen + 1, malformed, version, wall
         self.run_id = e.get("run_id")
         self.config = e.get("config") or {}
         self.name = (self.config.get("run") or {}).get("name") or "-"
@@ -127,6 +131,14 @@ class RunState:
 
     def _note(self, e: dict[str, Any], kind: str, text: str) -> None:
         self.log.append((e.get("ts"), kind, text))
+
+    def snapshot(self) -> "RunState":
+        """A copy whose containers the reader thread will not touch while a view renders it."""
+        snap = copy.copy(self)
+        snap.series = {name: deque(points, maxlen=points.maxlen) for name, points in self.series.items()}
+        snap.evals, snap.log = deque(self.evals, maxlen=self.evals.maxlen), deque(self.log, maxlen=self.log.maxlen)
+        snap.ooms = list(self.ooms)
+        return snap
 
     # ------------------------------------------------------------------------------------------
     def shown_status(self, now: float | None = None) -> str:
