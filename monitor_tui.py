@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kd.telemetry import FILE_NAME, TelemetryTailer
+from kd.telemetry import FILE_NAME, TelemetryTailer, load_history
 
 
 def resolve_path(arg: str | None, runs_dir: Path = Path("runs")) -> Path:
@@ -39,9 +39,8 @@ def print_once(path: Path, stall_after_s: float) -> int:
     state = RunState(stall_after_s=stall_after_s)
     tailer = TelemetryTailer(path)
     mtime = path.stat().st_mtime
-    while events := tailer.read_new(max_bytes=16 * 2**20):
-        for event in events:
-            state.apply(event, mtime)
+    for event in load_history(tailer, keep_steps=state.history):
+        state.apply(event, mtime)
     state.malformed = tailer.malformed
     print(summary_text(state))
     return 0

@@ -139,6 +139,39 @@ class TelemetryTailer:
             yield record
 
 
+STEP_MARKERS = (b'"type":"step"', b'"type": "step"')
+
+
+def load_history(tailer: TelemetryTailer, keep_steps: int) -> list[dict[str, Any]]:
+    """Catch a tailer up with an existing file in time that hardly grows with its size.
+
+    Every event other than `step` is parsed (run starts, evals, checkpoints, OOMs, the end), but of
+    the step lines only the last `keep_steps` are: a viewer keeping `keep_steps` points per series
+    would discard the others anyway. Lines are sorted out by byte search, without JSON parsing.
+    Afterwards the tailer reads on from the end of the last complete line.
+    """
+    try:
+        st = tailer.path.stat()
+        data = tailer.path.read_bytes()
+    except FileNotFoundError:
+        return []
+    end = data.rfind(b"\n")
+    if end < 0:
+        return []
+    lines = data[: end + 1].split(b"\n")
+    is_step = [any(marker in line for marker in STEP_MARKERS) for line in lines]
+    steps_seen, keep = 0, [False] * len(lines)
+    for i in range(len(lines) - 1, -1, -1):
+        if is_step[i]:
+            steps_seen += 1
+            keep[i] = steps_seen <= keep_steps
+        else:
+            keep[i] = True
+    events = list(tailer._parse(b"\n".join(line for line, k in zip(lines, keep) if k)))
+    tailer.offset, tailer._inode = end + 1, st.st_ino
+    return events
+
+
 def read_events(path: str | Path) -> list[dict[str, Any]]:
     """All complete, well-formed events of a telemetry file (or of a run folder holding one)."""
     p = Path(path)

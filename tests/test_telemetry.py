@@ -95,3 +95,28 @@ def test_telemetry_module_does_not_import_torch():
     code = "import sys, kd.telemetry; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_load_history_keeps_every_event_but_only_the_last_steps(tmp_path):
+    from kd.telemetry import load_history
+
+    writer = TelemetryWriter(tmp_path)
+    writer.emit("run_start", 0, config={}, env={}, params={}, plan={}, estimate=None)
+    for step in range(1, 101):
+        writer.emit("step", step, loss={"total": 1.0})
+        if step % 25 == 0:
+            writer.emit("eval", step, split="validation", metrics={}, duration_s=1.0)
+    writer.emit("oom", 7, phase="backward", recovered=True)
+    writer.close()
+    path = tmp_path / "telemetry.jsonl"
+    with open(path, "a") as f:
+        f.write('{"type": "step", "step": 101, "loss": {}}\nnot json\n{"type": "st')  # spaced JSON, junk, partial
+    tail = TelemetryTailer(path)
+    events = load_history(tail, keep_steps=5)
+    steps = [e["step"] for e in events if e["type"] == "step"]
+    assert steps == [97, 98, 99, 100, 101]
+    assert [e["type"] for e in events].count("eval") == 4 and events[0]["type"] == "run_start"
+    assert any(e["type"] == "oom" for e in events) and tail.malformed == 1
+    with open(path, "a") as f:
+        f.write('ep", "step": 102}\n')
+    assert [e["step"] for e in tail.read_new()] == [102]  # the tailer goes on from where history ended

@@ -1,8 +1,9 @@
 """The Textual monitor: follows a telemetry file and shows the run's state.
 
-A thread worker reads new complete lines (kd.telemetry.TelemetryTailer) and applies them to a
-RunState under a lock; the UI re-renders from that state on a timer. File reading and JSON parsing
-never run on the UI thread, so a 100 MB history loads in chunks while the screen stays responsive.
+A thread worker first catches up with the existing file (kd.telemetry.load_history parses only the
+lines the views can show), then reads new complete lines as they arrive and applies them to a
+RunState under a lock; the UI re-renders from a snapshot of that state on a timer. File reading and
+JSON parsing never run on the UI thread.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from textual.containers import Grid, Vertical
 from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
 from textual.worker import get_current_worker
 
-from kd.telemetry import TelemetryTailer
+from kd.telemetry import TelemetryTailer, load_history
 from kd.tui.state import RunState, fmt_bytes, fmt_duration, fmt_num
 
 CHUNK_BYTES = 4 * 2**20  # read at most this much per pass: history arrives in slices, the UI keeps up
@@ -120,6 +121,11 @@ class MonitorApp(App):
     def follow(self) -> None:
         tailer = TelemetryTailer(self.path)
         worker = get_current_worker()
+        history = load_history(tailer, keep_steps=self.state.history)  # bounded work, however big the file
+        with self.lock:
+            now = time.time()
+            for event in history:
+                self.state.apply(event, now)
         while not worker.is_cancelled:
             if self.paused:
                 time.sleep(self.poll_s)
