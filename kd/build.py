@@ -62,9 +62,11 @@ def build_run(cfg: Config) -> Run:
     else:
         say(f"Device: {accelerator.device}, precision {env['mixed_precision']}, processes {env['world_size']}")
 
-    processor_source = cfg.teacher.model if cfg.distillation.enabled else (
-        cfg.student.config if cfg.student.type == "hf" else None)
-    processor = load_processor(processor_source, cfg.data.modality, cfg.teacher.revision) if processor_source else None
+    source, key = processor_source(cfg)
+    processor = None
+    if source is not None:
+        revision = cfg.teacher.revision if key == "teacher.model" else None
+        processor = load_processor(source, cfg.data.modality, revision, key)
     rate = sampling_rate(cfg, processor)
     with accelerator.main_process_first():  # the first process fills the datasets cache, the others reuse it
         data = prepare_data(cfg.data, processor, rate)
@@ -88,6 +90,21 @@ def build_run(cfg: Config) -> Run:
               "student": count_parameters(student)}
     say(f"Parameters: teacher {_fmt_count(params['teacher'])}, student {_fmt_count(params['student'])}")
     return Run(cfg, accelerator, data, student, teacher, processor, student_input_key(student), env, params)
+
+
+def processor_source(cfg: Config) -> tuple[str | None, str | None]:
+    """Where the preprocessing comes from, and the config key that names it.
+
+    The teacher's when distilling; otherwise the transformers student's own folder (or the teacher
+    folder it is built from). The log-mel student without a teacher needs none: it takes waveforms.
+    """
+    if cfg.distillation.enabled:
+        return cfg.teacher.model, "teacher.model"
+    if cfg.student.type == "hf":
+        if cfg.student.config:
+            return cfg.student.config, "student.config"
+        return cfg.teacher.model, "teacher.model"
+    return None, None
 
 
 def check_device(cfg: Config) -> None:

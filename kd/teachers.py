@@ -150,14 +150,17 @@ def teacher_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> t
     return model(**moved).logits
 
 
-def load_processor(spec: str, modality: str, revision: str | None = None) -> Any:
-    """The teacher's preprocessing: feature extractor (audio), tokenizer (text) or image processor."""
-    source, _ = resolve_model_source(spec, "processor", need_weights=False)
+def load_processor(spec: str, modality: str, revision: str | None = None, what: str = "teacher.model") -> Any:
+    """The model's preprocessing: feature extractor (audio), tokenizer (text) or image processor.
+
+    `what` is the config key `spec` came from, so errors name what the user has to change.
+    """
+    source, _ = resolve_model_source(spec, what, need_weights=False)
     loader = {"audio": AutoFeatureExtractor, "text": AutoTokenizer, "image": AutoImageProcessor}[modality]
     try:
         return loader.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the {modality} preprocessor of {spec} ({_first_line(exc)}); "
+        raise ModelLoadError(f"{what}: cannot load the {modality} preprocessor of {spec} ({_first_line(exc)}); "
                              "the model folder needs its preprocessor_config.json / tokenizer files") from None
 
 

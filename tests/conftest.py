@@ -36,14 +36,14 @@ def tiny_teacher(tmp_path_factory) -> Path:
     return save_tiny_wav2vec2(tmp_path_factory.mktemp("teacher"), TONE_LABELS)
 
 
-def tiny_config(tone_data: Path, teacher: Path | None, output_dir: Path, **sections: dict[str, Any]) -> dict:
+def tiny_config(tone_data: Path, teacher_path: Path | None, output_dir: Path, **sections: dict[str, Any]) -> dict:
     """A complete config dict for a few-step CPU run on the tone data."""
     cfg = {
         "run": {"name": "tiny", "output_dir": str(output_dir), "seed": 0},
         "data": {"dataset": "audiofolder", "data_dir": str(tone_data), "test_split": "test", "num_workers": 0},
-        "teacher": {"model": str(teacher) if teacher else None},
+        "teacher": {"model": str(teacher_path) if teacher_path else None},
         "student": {"type": "logmel_cnn", "n_mels": 16, "channels": [8, 16]},
-        "distillation": {"enabled": teacher is not None, "alpha": 0.5, "temperature": 2.0},
+        "distillation": {"enabled": teacher_path is not None, "alpha": 0.5, "temperature": 2.0},
         "train": {"batch_size": 4, "epochs": None, "max_steps": 4, "lr": 0.01, "eval_every": 2},
         "telemetry": {"log_every": 1, "warmup_steps": 0},
     }
