@@ -110,12 +110,15 @@ class TrainConfig:
 @dataclass
 class MemoryConfig:
     vram_budget_gb: float = 5.5
+    on_oom: Literal["shrink", "fail"] = "shrink"
+    min_micro_batch: int = 1
 
 
 @dataclass
 class TelemetryConfig:
     log_every: int = 10
     warmup_steps: int = 2
+    gpu_sample_s: float = 1.0
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]] = field(
         default_factory=list
     )
@@ -369,8 +372,11 @@ def _check_values(cfg: Config) -> list[str]:
          "must be null (no clipping) or > 0")
 
     need(cfg.memory.vram_budget_gb > 0, "memory.vram_budget_gb", cfg.memory.vram_budget_gb, "must be > 0 (GB)")
+    need(cfg.memory.min_micro_batch >= 1, "memory.min_micro_batch", cfg.memory.min_micro_batch,
+         "must be an integer >= 1 (the smallest micro-batch an out-of-memory shrink may reach)")
     need(tel.log_every >= 1, "telemetry.log_every", tel.log_every, "must be an integer >= 1")
     need(tel.warmup_steps >= 0, "telemetry.warmup_steps", tel.warmup_steps, "must be >= 0")
+    need(tel.gpu_sample_s > 0, "telemetry.gpu_sample_s", tel.gpu_sample_s, "must be > 0 (seconds between NVML readings)")
     return problems
 
 

@@ -23,7 +23,8 @@ FILE_NAME = "telemetry.jsonl"
 COMMON_FIELDS = ("v", "type", "ts", "run_id", "seq", "step")
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "run_start": ("config", "env", "params", "plan", "estimate"),
-    "step": ("epoch", "samples", "loss", "alpha", "temperature", "lr", "grad_norm", "rate", "time", "mem", "gpu"),
+    "step": ("epoch", "samples", "loss", "alpha", "temperature", "lr", "grad_norm", "rate", "time", "mem", "gpu",
+             "memory"),
     "eval": ("split", "metrics", "duration_s"),
     "oom": ("phase", "micro_batch", "grad_accum", "mem", "action", "new_micro_batch", "new_grad_accum",
             "recovered", "message", "advice"),

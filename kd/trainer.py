@@ -7,6 +7,7 @@ back to the host only every `telemetry.log_every` steps, so the hot loop does no
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
@@ -25,7 +26,7 @@ from kd.data import make_loader
 from kd.errors import KDError, TrainingError
 from kd.export import save_student
 from kd.losses import LOSS_PARTS, alpha_at, distillation_loss, per_sample_losses, raise_if_not_finite
-from kd.memory import cuda_memory, cuda_peaks
+from kd.memory import GpuSampler, PhasePeaks, cuda_memory
 from kd.metrics import split_metrics
 from kd.students import student_logits
 from kd.teachers import teacher_logits
@@ -44,6 +45,8 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of the current epoch already trained on (this process)
     samples: int = 0  # all processes together
+    micro_batch: int = 0  # current sizes: an out-of-memory shrink changes them, a resume keeps them
+    grad_accum: int = 0
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -88,18 +91,21 @@ class Trainer:
         self.output_dir = self.cfg.output_dir
         self.telemetry = TelemetryWriter(self.output_dir, enabled=self.acc.is_main_process)
         self.teacher = run.teacher
-        data, dcfg = run.data, self.cfg.data
-        pin = self.acc.device.type == "cuda"
-        self.num_classes = len(data.label_names)
-        batch, seed = self.cfg.train.batch_size, self.cfg.run.seed
-        train_dl = make_loader(data.splits["train"], dcfg, batch, data.collate, True, pin, seed)
-        eval_dls = {role: make_loader(data.splits[role], dcfg, batch, data.collate, False, pin, seed)
-                    for role in ("eval", "test") if role in data.splits}
+        self.num_classes = len(run.data.label_names)
+        self.state.micro_batch, self.state.grad_accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
         self.optimizer = torch.optim.AdamW(run.student.parameters(), lr=self.cfg.train.lr,
                                            weight_decay=self.cfg.train.weight_decay)
-        self.student, self.optimizer, self.train_dl = self.acc.prepare(run.student, self.optimizer, train_dl)
-        self.eval_dls = {role: self.acc.prepare(dl) for role, dl in eval_dls.items()}
+        self.student, self.optimizer = self.acc.prepare(run.student, self.optimizer)
+        self.train_micro = self.state.micro_batch  # the micro-batch train_dl was built with
+        self.train_dl = self._loader("train", self.train_micro)
+        self.eval_dls = {role: self._loader(role, self.cfg.train.batch_size)
+                         for role in ("eval", "test") if role in run.data.splits}
         self.steps_per_epoch = math.ceil(len(self.train_dl) / self.cfg.train.grad_accum)
+        self.phase = "teacher_forward"  # where in the step we are, for out-of-memory reports
+        self.fault = OomFault.from_env()
+        self.peaks = PhasePeaks(self.acc.device)
+        self.gpu = GpuSampler(self.acc.device, self.cfg.telemetry.gpu_sample_s) if self.acc.is_main_process else None
+        self._step_start = (0, 0)  # (batches_in_epoch, samples) when the current optimizer step began
         tcfg = self.cfg.train
         self.total_steps = tcfg.max_steps or tcfg.epochs * self.steps_per_epoch
         # Stepped by hand once per optimizer step (not via accelerator.prepare, which would step it
@@ -110,11 +116,28 @@ class Trainer:
         self.acc.register_for_checkpointing(self.scheduler, self.state)
         self.metrics: dict[str, dict[str, Any]] = {}
 
+    def _loader(self, role: str, batch_size: int):
+        data = self.run.data
+        loader = make_loader(data.splits[role], self.cfg.data, batch_size, data.collate, shuffle=role == "train",
+                             pin_memory=self.acc.device.type == "cuda", seed=self.cfg.run.seed)
+        return self.acc.prepare(loader)
+
+    def _use_sizes(self, micro_batch: int, grad_accum: int) -> None:
+        """Train on with another micro-batch / accumulation (after a shrink, or resuming after one)."""
+        if micro_batch != self.train_micro:
+            self.train_micro = micro_batch
+            self.train_dl = self._loader("train", micro_batch)
+        self.state.micro_batch, self.state.grad_accum = micro_batch, grad_accum
+        self.acc.gradient_accumulation_steps = grad_accum
+        self.acc.step = 0  # the next micro-batch opens a new optimizer step
+
     # -----------------------------------------------------------------------------------------
     def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
         started = time.time()
         if resume_from is not None:
             self.acc.load_state(str(resume_from))
+            self._use_sizes(self.state.micro_batch, self.state.grad_accum)
+            self._step_start = (self.state.batches_in_epoch, self.state.samples)
             self.acc.print(f"Resumed from {resume_from} at step {self.state.step}, epoch {self.state.epoch}")
         self._start(resume_from)
         status, error = "failed", None
@@ -127,19 +150,22 @@ class Trainer:
             status, error = "interrupted", "interrupted by the user (Ctrl-C)"
             raise
         except Exception as exc:
+            status = "oom" if isinstance(exc, OutOfMemoryFailure) else "failed"
             error = str(exc) if isinstance(exc, KDError) else f"{type(exc).__name__}: {exc}"
             raise
         finally:
             self.telemetry.emit("run_end", self.state.step, status=status, duration_s=time.time() - started,
-                                metrics=self.metrics, peak=cuda_peaks(self.acc.device), error=error)
+                                metrics=self.metrics, peak=self.peaks.run_peak(), error=error)
             self.telemetry.close()
+            if self.gpu is not None:
+                self.gpu.close()
             self.acc.end_training()
 
     def _start(self, resume_from: Path | None) -> None:
         cfg, run = self.cfg, self.run
-        effective = cfg.train.batch_size * cfg.train.grad_accum * self.acc.num_processes
-        plan = {"total_steps": self.total_steps, "micro_batch": cfg.train.batch_size,
-                "grad_accum": cfg.train.grad_accum, "effective_batch": effective,
+        effective = self.state.micro_batch * self.state.grad_accum * self.acc.num_processes
+        plan = {"total_steps": self.total_steps, "micro_batch": self.state.micro_batch,
+                "grad_accum": self.state.grad_accum, "effective_batch": effective,
                 "vram_budget_bytes": int(cfg.memory.vram_budget_gb * 1e9), "steps_per_epoch": self.steps_per_epoch}
         if self.acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -150,44 +176,63 @@ class Trainer:
         if cfg.telemetry.report_to:
             self.acc.init_trackers(cfg.run.name, config=_flat(cfg.to_dict()))
         self.acc.print(f"Training {self.total_steps} steps ({self.steps_per_epoch} per epoch), micro-batch "
-                       f"{cfg.train.batch_size} x accumulation {cfg.train.grad_accum} x {self.acc.num_processes} "
+                       f"{self.state.micro_batch} x accumulation {self.state.grad_accum} x {self.acc.num_processes} "
                        f"process(es) = effective batch {effective}; telemetry: {self.telemetry.path}")
 
     # -----------------------------------------------------------------------------------------
     def _train(self) -> None:
-        cfg, state, acc = self.cfg, self.state, self.acc
+        state = self.state
         self.student.train()
-        window = Window(acc.device)
+        window = Window(self.acc.device)
         bar = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
-                   disable=not acc.is_local_main_process, dynamic_ncols=True)
+                   disable=not self.acc.is_local_main_process, dynamic_ncols=True)
         while state.step < self.total_steps:
-            self.train_dl.set_epoch(state.epoch)
-            loader = self.train_dl
-            if state.batches_in_epoch:
-                loader = acc.skip_first_batches(self.train_dl, state.batches_in_epoch)
-            waited = time.perf_counter()
-            for batch in loader:
-                window.data_s += time.perf_counter() - waited
-                with acc.accumulate(self.student):
-                    parts, grad_norm = self._micro_step(batch)
-                window.add(parts)
-                state.batches_in_epoch += 1
-                batch_samples = batch["labels"].shape[0] * acc.num_processes
-                state.samples += batch_samples
-                window.samples += batch_samples
-                if acc.sync_gradients:
-                    state.step += 1
-                    window.steps += 1
-                    self.scheduler.step()
-                    bar.update(1)
-                    self._after_step(window, grad_norm, bar)
-                    if state.step >= self.total_steps:
-                        break
-                waited = time.perf_counter()
-            else:
+            oom = None
+            try:
+                epoch_done = self._train_epoch(window, bar)
+            except torch.OutOfMemoryError as exc:
+                oom = str(exc).strip().splitlines()[0] if str(exc).strip() else "CUDA out of memory"
+            if oom is not None:
+                # Outside the except block: the traceback, and with it every tensor of the failed
+                # step, is gone by now, so emptying the cache below really frees memory.
+                self._recover_from_oom(oom, self.phase)
+                window.reset(time.perf_counter())  # recovery time stays out of throughput
+                continue
+            if epoch_done:
                 state.epoch += 1
                 state.batches_in_epoch = 0
+                self._step_start = (0, state.samples)
+                self.peaks.new_epoch()
         bar.close()
+
+    def _train_epoch(self, window: Window, bar: tqdm) -> bool:
+        """Train on the rest of the current epoch; False if training ended inside it."""
+        acc, state = self.acc, self.state
+        self.train_dl.set_epoch(state.epoch)
+        loader = self.train_dl
+        if state.batches_in_epoch:
+            loader = acc.skip_first_batches(self.train_dl, state.batches_in_epoch)
+        waited = time.perf_counter()
+        for batch in loader:
+            window.data_s += time.perf_counter() - waited
+            with acc.accumulate(self.student):
+                parts, grad_norm = self._micro_step(batch)
+            window.add(parts)
+            state.batches_in_epoch += 1
+            batch_samples = batch["labels"].shape[0] * acc.num_processes
+            state.samples += batch_samples
+            window.samples += batch_samples
+            if acc.sync_gradients:
+                state.step += 1
+                window.steps += 1
+                self.scheduler.step()
+                bar.update(1)
+                self._step_start = (state.batches_in_epoch, state.samples)
+                self._after_step(window, grad_norm, bar)
+                if state.step >= self.total_steps:
+                    return False
+            waited = time.perf_counter()
+        return True
 
     def _micro_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         labels = batch["labels"]
@@ -195,18 +240,64 @@ class Trainer:
             raise TrainingError("empty batch: the data loader produced a batch with no samples")
         alpha = self.alpha()
         with self.acc.autocast():
+            self._enter("teacher_forward")
             t_logits = teacher_logits(self.teacher, batch["inputs"]) if self.teacher is not None else None
+            self._enter("student_forward")
             s_logits = student_logits(self.student, batch, self.run.input_key)
         loss, parts = distillation_loss(s_logits, t_logits, labels, alpha, self.cfg.distillation.temperature,
                                         batch.get("sample_weight"))
         del s_logits, t_logits  # drop our references: only what backward needs stays alive
+        self._enter("backward")
         self.acc.backward(loss)
         grad_norm = None
+        self._enter("optimizer")
         if self.acc.sync_gradients and self.cfg.train.max_grad_norm:
             grad_norm = self.acc.clip_grad_norm_(self.student.parameters(), self.cfg.train.max_grad_norm)
         self.optimizer.step()  # a no-op on accumulation steps (the prepared optimizer knows)
         self.optimizer.zero_grad(set_to_none=True)
         return parts, grad_norm
+
+    def _enter(self, phase: str) -> None:
+        self.phase = phase
+        self.peaks.enter(phase)
+        if self.acc.sync_gradients:  # injected faults hit the micro-batch that completes the step
+            self.fault.maybe_raise(self.state.step + 1, phase)
+
+    def _recover_from_oom(self, message: str, phase: str) -> None:
+        """Drop the failed step, then retry it smaller (shrink) or checkpoint and stop (fail)."""
+        state, mcfg = self.state, self.cfg.memory
+        mem = cuda_memory(self.acc.device)
+        self.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+        gc.collect()
+        if self.acc.device.type == "cuda":
+            torch.cuda.empty_cache()
+        state.batches_in_epoch, state.samples = self._step_start  # the step restarts from its first sample
+        old_micro, old_accum = state.micro_batch, state.grad_accum
+        new_micro = smaller_divisor(old_micro)
+        advice = oom_advice(self.cfg, phase, old_micro, old_accum, self.teacher is not None)
+        event = {"phase": phase, "micro_batch": old_micro, "grad_accum": old_accum, "mem": mem,
+                 "message": message, "advice": advice}
+        if mcfg.on_oom == "fail" or new_micro < mcfg.min_micro_batch:
+            why = ("memory.on_oom is 'fail'" if mcfg.on_oom == "fail"
+                   else f"the micro-batch cannot shrink below memory.min_micro_batch={mcfg.min_micro_batch}")
+            path = self.save_checkpoint()
+            self.telemetry.emit("oom", state.step, action="fail", new_micro_batch=None, new_grad_accum=None,
+                                recovered=False, **event)
+            raise OutOfMemoryFailure(
+                f"out of memory in {phase} at step {state.step + 1} with micro-batch {old_micro} ({why}); "
+                f"the state after step {state.step} is saved in {path} (continue with --resume); "
+                f"to fit: {'; '.join(advice[:3])}")
+        factor = old_micro // new_micro  # exact: new_micro divides old_micro
+        new_accum = old_accum * factor  # the same effective batch
+        state.batches_in_epoch *= factor  # the same sample position, counted in the smaller batches
+        self._step_start = (state.batches_in_epoch, state.samples)
+        self._use_sizes(new_micro, new_accum)
+        self.telemetry.emit("oom", state.step, action="shrink", new_micro_batch=new_micro, new_grad_accum=new_accum,
+                            recovered=True, **event)
+        self.acc.print(f"Out of memory in {phase} at step {state.step + 1}: retrying the step with micro-batch "
+                       f"{new_micro} x accumulation {new_accum} (was {old_micro} x {old_accum}); effective batch "
+                       f"unchanged. To avoid the retry next time: train.batch_size={new_micro} "
+                       f"train.grad_accum={new_accum}")
 
     def alpha(self) -> float:
         return alpha_at(self.cfg.distillation, self.state.step / max(1, self.total_steps))
@@ -244,7 +335,8 @@ class Trainer:
         self.telemetry.emit("step", self.state.step, epoch=self.state.step / self.steps_per_epoch,
                             samples=self.state.samples, loss=values, alpha=alpha,
                             temperature=self.cfg.distillation.temperature, lr=lr, grad_norm=gn, rate=rate,
-                            time=step_time, mem=cuda_memory(self.acc.device), gpu=None)
+                            time=step_time, mem=self.peaks.snapshot(), gpu=self.gpu.read() if self.gpu else None,
+                            memory=self.peaks.epoch_peaks())
         if self.cfg.telemetry.report_to:
             scalars = {f"train/{k}": v for k, v in values.items()}
             scalars.update({"train/lr": lr, "train/alpha": alpha})
@@ -260,6 +352,7 @@ class Trainer:
     def evaluate(self, role: str) -> dict[str, Any]:
         started = time.perf_counter()
         self.student.eval()
+        self.peaks.enter("eval")
         preds, labels, t_preds, losses = [], [], [], []
         alpha, temperature = self.alpha(), self.cfg.distillation.temperature
         for batch in self.eval_dls[role]:
@@ -319,6 +412,57 @@ class Trainer:
             self.telemetry.emit("checkpoint", self.state.step, path=str(path), kind="final",
                                 duration_s=time.perf_counter() - started)
             self.acc.print(f"Saved the student to {path}")
+
+
+class OutOfMemoryFailure(TrainingError):
+    """Out of memory with no way left to shrink (or memory.on_oom: fail): the run stops, checkpointed."""
+
+
+def smaller_divisor(n: int) -> int:
+    """The largest divisor of n that is at most n / 2 (n // 2 for even n): positions stay exact."""
+    return next((d for d in range(n // 2, 0, -1) if n % d == 0), 0)
+
+
+def oom_advice(cfg: Any, phase: str, micro: int, accum: int, has_teacher: bool) -> list[str]:
+    """Concrete config changes that reduce memory, the most relevant to `phase` first."""
+    half = max(1, micro // 2)
+    advice = [f"train.batch_size={half} train.grad_accum={accum * (micro // half)} keeps the effective batch "
+              "with half the activation memory"]
+    if has_teacher:
+        teacher = []
+        if cfg.teacher.dtype == "fp32":
+            teacher.append("teacher.dtype=bf16 (or fp16) halves the teacher's weights and activations")
+        if cfg.teacher.device != "cpu":
+            teacher.append("teacher.device=cpu keeps the teacher out of VRAM (slower teacher forward)")
+        advice = teacher + advice if phase == "teacher_forward" else advice + teacher
+    if cfg.train.mixed_precision == "no":
+        advice.append("train.mixed_precision=bf16 (or fp16) halves activation memory")
+    if cfg.data.modality == "audio":
+        advice.append(f"data.max_seconds below {cfg.data.max_seconds} shortens every input")
+    return advice
+
+
+class OomFault:
+    """Fault injection: KD_FAULT_OOM_AT_STEP=N raises one out-of-memory error in optimizer step N.
+
+    It hits the last micro-batch of that step (so with accumulation, a partly accumulated step has
+    to be thrown away), in the phase KD_FAULT_OOM_PHASE names (teacher_forward, student_forward,
+    backward, optimizer; default backward). Works on any device, so recovery can be tested and
+    shown without a GPU.
+    """
+
+    def __init__(self, step: int | None, phase: str):
+        self.step, self.phase, self.fired = step, phase, False
+
+    @classmethod
+    def from_env(cls) -> "OomFault":
+        raw = os.environ.get("KD_FAULT_OOM_AT_STEP")
+        return cls(int(raw) if raw and raw.strip().isdigit() else None, os.environ.get("KD_FAULT_OOM_PHASE", "backward"))
+
+    def maybe_raise(self, step: int, phase: str) -> None:
+        if self.step == step and phase == self.phase and not self.fired:
+            self.fired = True
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by KD_FAULT_OOM_AT_STEP={step})")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
