@@ -16,6 +16,9 @@
     # Continue from the newest checkpoint in the run folder (or pass a checkpoint folder)
     accelerate launch train_kd.py --config configs/demo.yaml --resume
 
+    # Will it fit? Memory estimate and advice, no training (works without a GPU)
+    python train_kd.py --config configs/5gb.yaml --preflight
+
 Outputs go to run.output_dir (default runs/<run.name>): telemetry.jsonl (watch it with
 `python monitor_tui.py runs/<name>`), config.yaml (the resolved config), checkpoints/ and student/.
 """
@@ -33,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="continue from a checkpoint folder, or from the newest one in the run folder")
+    parser.add_argument("--preflight", action="store_true",
+                        help="print the memory estimate and advice, then exit without training (no GPU needed)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser.parse_args(argv)
 
@@ -49,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from kd.build import build_run
         from kd.trainer import Trainer
 
-        run = build_run(cfg)
+        run = build_run(cfg)  # prints the pre-flight memory estimate
+        if args.preflight:
+            print("Pre-flight only: nothing was trained or written (drop --preflight to train).")
+            return 0
         metrics = Trainer(run).fit(resume_from=resume)
         report(cfg, metrics)
         return 0

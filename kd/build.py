@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import accelerate
@@ -21,6 +21,8 @@ from accelerate.utils import set_seed
 from kd.config import Config
 from kd.data import PreparedData, prepare_data
 from kd.errors import ConfigError, TrainingError
+from kd.preflight import (Estimate, advice, choose_teacher_device, estimate_memory, fmt, format_estimate,
+                          largest_fitting_micro_batch)
 from kd.students import build_student, student_input_key, use_channels_last
 from kd.teachers import check_label_space, count_parameters, load_processor, load_teacher
 
@@ -41,6 +43,8 @@ class Run:
     input_key: str  # "waveform" (log-mel student) or "inputs" (transformers student)
     env: dict[str, Any]
     params: dict[str, int | None]
+    estimate: Estimate | None = None
+    advice: list[tuple[str, int]] = field(default_factory=list)
 
 
 def build_run(cfg: Config) -> Run:
@@ -76,9 +80,9 @@ def build_run(cfg: Config) -> Run:
     if cfg.distillation.enabled:
         teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
         check_label_space(teacher.config, data.label_names, f"teacher {cfg.teacher.model}")
-        teacher.to(teacher_device(cfg, accelerator))
     student = build_student(cfg.student, cfg.data.modality, data.label_names, data.sampling_rate,
                             teacher, cfg.teacher.model)
+    estimate, advice = plan_memory(cfg, accelerator, data, teacher, student, student_input_key(student))
     if accelerator.device.type == "cuda":
         if cfg.student.channels_last and use_channels_last(student):
             say("Using channels_last memory format")
@@ -89,7 +93,8 @@ def build_run(cfg: Config) -> Run:
     params = {"teacher": count_parameters(teacher) if teacher is not None else None,
               "student": count_parameters(student)}
     say(f"Parameters: teacher {_fmt_count(params['teacher'])}, student {_fmt_count(params['student'])}")
-    return Run(cfg, accelerator, data, student, teacher, processor, student_input_key(student), env, params)
+    return Run(cfg, accelerator, data, student, teacher, processor, student_input_key(student), env, params,
+               estimate, advice)
 
 
 def processor_source(cfg: Config) -> tuple[str | None, str | None]:
@@ -105,6 +110,29 @@ def processor_source(cfg: Config) -> tuple[str | None, str | None]:
             return cfg.student.config, "student.config"
         return cfg.teacher.model, "teacher.model"
     return None, None
+
+
+def choose_batch_size(cfg: Config, probe, budget: int, say) -> None:
+    """memory.auto_batch_size: the largest micro-batch that fits, same effective batch (sets cfg.train)."""
+    effective = cfg.train.batch_size * cfg.train.grad_accum
+
+    def fits(micro: int) -> bool:
+        try:
+            return probe(micro).total <= budget
+        except torch.OutOfMemoryError:  # a real probe step that did not fit
+            return False
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    micro = largest_fitting_micro_batch(effective, fits)
+    if micro == 0:
+        say(f"Auto batch size: not even a micro-batch of 1 fits the {budget / 1e9:.2f} GB budget; "
+            f"keeping {cfg.train.batch_size} x {cfg.train.grad_accum} (see the advice below)")
+        return
+    cfg.train.batch_size, cfg.train.grad_accum = micro, effective // micro
+    say(f"Auto batch size: micro-batch {micro} x accumulation {effective // micro} (effective batch {effective}), "
+        f"the largest that fits the {budget / 1e9:.2f} GB budget")
 
 
 def check_device(cfg: Config) -> None:
@@ -123,10 +151,47 @@ def check_device(cfg: Config) -> None:
                            "or remove it from the list" for name in missing])
 
 
-def teacher_device(cfg: Config, accelerator: Accelerator) -> torch.device:
-    if cfg.teacher.device == "cpu":
-        return torch.device("cpu")
-    return accelerator.device  # "auto" and "cuda": next to the student, so logits never cross the bus
+def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teacher: torch.nn.Module | None,
+                student: torch.nn.Module, input_key: str) -> tuple[Estimate, list[tuple[str, int]]]:
+    """Cap the process to the budget, estimate memory, place the teacher, and say what would help."""
+    say, device = accelerator.print, accelerator.device
+    budget = int(cfg.memory.vram_budget_gb * 1e9)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        fraction = min(1.0, budget / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+        say(f"Memory capped to the {budget / 1e9:.2f} GB budget ({100 * fraction:.0f}% of {total / 1e9:.1f} GB)")
+        student.to(device)
+    # Teacher next to the student unless told otherwise: logits then never cross the bus.
+    on_gpu = teacher is not None and cfg.teacher.device != "cpu"
+    if on_gpu and device.type == "cuda":
+        teacher.to(device)
+    train = data.splits["train"]
+
+    def probe(micro: int) -> Estimate:
+        # A full micro-batch on the GPU (measured); two samples on the CPU, scaled (analytic).
+        rows = micro if device.type == "cuda" else min(2, micro)
+        batch = data.collate([train[i % len(train)] for i in range(rows)])
+        return estimate_memory(teacher, student, batch, input_key, micro, cfg.train.mixed_precision, on_gpu, device)
+
+    if cfg.memory.auto_batch_size:
+        choose_batch_size(cfg, probe, budget, say)
+    estimate = probe(cfg.train.batch_size)
+    if on_gpu and cfg.teacher.device == "auto" and device.type == "cuda":
+        where, why = choose_teacher_device(estimate, budget)
+        if where == "cpu":
+            teacher.to("cpu")
+            on_gpu = False
+            estimate = probe(cfg.train.batch_size)
+        say(f"Teacher on the {where.upper()}: {why}")
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    say(format_estimate(estimate, budget, free))
+    helps = advice(estimate, cfg, budget, student) if estimate.total > budget else []
+    if helps:
+        say("Over the budget. What would help, largest estimated saving first:")
+        for text, saving in helps:
+            say(f"  - {text}  (~{fmt(saving)})")
+    return estimate, helps
 
 
 def sampling_rate(cfg: Config, processor: Any) -> int | None:

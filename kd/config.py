@@ -112,6 +112,7 @@ class MemoryConfig:
     vram_budget_gb: float = 5.5
     on_oom: Literal["shrink", "fail"] = "shrink"
     min_micro_batch: int = 1
+    auto_batch_size: bool = False
 
 
 @dataclass

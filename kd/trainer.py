@@ -171,8 +171,13 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
         self.telemetry.emit("run_start", self.state.step, config=cfg.to_dict(), env=run.env, params=run.params,
-                            plan=plan, estimate=None, labels=run.data.label_names,
+                            plan=plan, estimate=run.estimate.as_telemetry() if run.estimate else None,
+                            labels=run.data.label_names,
                             resumed_from=str(resume_from) if resume_from else None)
+        if run.advice:
+            self.telemetry.emit("warning", self.state.step, code="over_budget",
+                                message=f"estimated {run.estimate.total / 1e9:.2f} GB is over the "
+                                        f"{cfg.memory.vram_budget_gb} GB budget; " + "; ".join(t for t, _ in run.advice[:3]))
         if cfg.telemetry.report_to:
             self.acc.init_trackers(cfg.run.name, config=_flat(cfg.to_dict()))
         self.acc.print(f"Training {self.total_steps} steps ({self.steps_per_epoch} per epoch), micro-batch "

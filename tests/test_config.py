@@ -37,7 +37,7 @@ def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
 
 def test_shipped_configs_exist():
     names = {p.name for p in SHIPPED}
-    assert {"demo.yaml", "demo_teacher.yaml", "demo_baseline.yaml", "5gb.yaml"} <= names
+    assert {"demo.yaml", "demo_teacher.yaml", "demo_baseline.yaml", "5gb.yaml", "4gb_teacher_cpu.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])

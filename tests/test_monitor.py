@@ -27,7 +27,8 @@ def step(n: int, total: float = 1.0, **extra) -> dict:
              "temperature": 2.0, "lr": 0.001, "grad_norm": 0.3,
              "rate": {"samples_per_s": 80.0, "steps_per_s": 10.0}, "time": {"step_s": 0.1, "data_s": 0.02},
              "mem": {"allocated": 1e9, "reserved": 2e9, "peak_allocated": 1.5e9, "peak_reserved": 2e9},
-             "gpu": None}
+             "gpu": None, "memory": {"teacher_forward": {"allocated": 1e9, "reserved": 2e9},
+                                     "backward": {"allocated": 1.5e9, "reserved": 2e9}}}
     event.update(extra)
     return event
 
@@ -128,6 +129,7 @@ async def test_app_shows_progress_oom_banner_and_finish(tmp_path):
         title = str(app.query_one("#title", Static).content)
         assert "kws" in title and "running" in title and "step 2/100" in title
         assert "2.00 GB / 5.50 GB" in str(app.query_one("#vram", Static).content)
+        assert "peaks: teacher 1.00 GB  backward 1.50 GB" in str(app.query_one("#vram", Static).content)
         table = app.query_one("#evals", DataTable)
         assert table.row_count == 1 and table.get_row_at(0)[2] == "75.0%"
         with open(path, "a") as f:

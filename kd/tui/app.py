@@ -200,6 +200,12 @@ class MonitorApp(App):
                              f"{fmt_bytes(s.latest('mem_reserved'))}  peak {fmt_bytes(s.latest('mem_peak'))}")
         if s.estimate and s.estimate.get("total"):
             vram.append(f"\nestimate {fmt_bytes(s.estimate['total'])} vs peak {fmt_bytes(s.latest('mem_peak'))}")
+        phases = s.last.get("memory") or {}
+        if phases:
+            short = {"teacher_forward": "teacher", "student_forward": "student", "backward": "backward",
+                     "optimizer": "optim", "eval": "eval"}
+            vram.append("\npeaks: " + "  ".join(f"{short.get(p, p)} {fmt_bytes(v.get('allocated'))}"
+                                               for p, v in phases.items() if isinstance(v, dict)))
         self.query_one("#vram", Static).update(vram)
         self._spark("#vram_spark", s.values("gpu_used") or s.values("mem_reserved"))
         share = s.latest("data_share")

@@ -1,0 +1,208 @@
+"""Pre-flight memory estimate: will this run fit the VRAM budget, and if not, what to change.
+
+Weights, gradients and optimizer state follow from parameter counts and dtypes. Activations are
+measured: on a GPU, as the peak of a probe step (teacher forward, student forward and backward) on
+one micro-batch; on the CPU, analytically, by counting the bytes autograd saves for backward in a
+small probe step (`saved_tensors_hooks`) plus the teacher's largest intermediate tensors, scaled to
+the micro-batch. The CUDA context (0.3-0.7 GB, not visible to PyTorch's allocator) is added as a
+constant, since the budget is for the whole device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kd.students import student_logits
+from kd.teachers import teacher_logits
+
+CUDA_CONTEXT_BYTES = int(0.5e9)
+ADAMW_STATE_PER_PARAM = 8  # exp_avg + exp_avg_sq in float32
+GB = 1e9
+
+
+@dataclass
+class Estimate:
+    teacher_weights: int
+    student_weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    cuda_context: int
+    total: int
+    teacher_activations: int  # the part of `activations` that the teacher's forward needs
+    method: str  # "measured" (GPU probe) or "analytic" (CPU)
+
+    def as_telemetry(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def param_bytes(model: nn.Module | None) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
+
+
+def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[str, Any], input_key: str,
+                    micro_batch: int, mixed_precision: str, teacher_on_gpu: bool, device: torch.device) -> Estimate:
+    """Estimate the GPU memory of training with this micro-batch (`batch` may be smaller: it is scaled)."""
+    n_student = sum(p.numel() for p in student.parameters())
+    # The probe must leave no trace: its random draws (dropout) come from a forked RNG, and the
+    # running statistics its train-mode forward updates (BatchNorm) are put back afterwards.
+    buffers = {name: b.detach().clone() for name, b in student.named_buffers()}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            student_act, teacher_act = _measured_activations(teacher, student, batch, input_key, device)
+            method = "measured"
+        else:
+            student_act, teacher_act = _analytic_activations(teacher, student, batch, input_key)
+            if mixed_precision != "no":
+                student_act //= 2  # autocast keeps most saved activations in 16 bits
+            method = "analytic"
+    with torch.no_grad():
+        for name, b in student.named_buffers():
+            b.copy_(buffers[name])
+    scale = micro_batch / max(1, int(batch["labels"].shape[0]))
+    student_act, teacher_act = int(student_act * scale), int(teacher_act * scale)
+    if not teacher_on_gpu:
+        teacher_act = 0
+    parts = {
+        "teacher_weights": param_bytes(teacher) if teacher_on_gpu else 0,
+        "student_weights": n_student * 4,
+        "grads": n_student * 4,
+        "optimizer": n_student * ADAMW_STATE_PER_PARAM,
+        "activations": student_act + teacher_act,
+        "cuda_context": CUDA_CONTEXT_BYTES,
+    }
+    return Estimate(**parts, total=sum(parts.values()), teacher_activations=teacher_act, method=method)
+
+
+def _analytic_activations(teacher, student, batch, input_key) -> tuple[int, int]:
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    was_training = student.training
+    student.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = student_logits(student, batch, input_key)
+    logits.float().sum().backward()
+    student.zero_grad(set_to_none=True)
+    student.train(was_training)
+    teacher_act = 0
+    if teacher is not None:
+        largest: list[int] = []
+
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if isinstance(out, torch.Tensor):
+                largest.append(out.numel() * out.element_size())
+
+        handles = [m.register_forward_hook(hook) for m in teacher.modules() if not list(m.children())]
+        try:
+            teacher_logits(teacher, batch["inputs"])
+        finally:
+            for h in handles:
+                h.remove()
+        # Under no_grad a layer's input and output (and a workspace) are alive at once, not the whole graph.
+        teacher_act = 3 * max(largest, default=0)
+    return sum(saved.values()), teacher_act
+
+
+def _measured_activations(teacher, student, batch, input_key, device) -> tuple[int, int]:
+    def peak_of(fn) -> int:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+
+    on_device = _to(batch, device)
+    teacher_act = 0
+    if teacher is not None and next(teacher.parameters()).is_cuda:
+        teacher_act = peak_of(lambda: teacher_logits(teacher, on_device["inputs"]))
+
+    def student_step():
+        student_logits(student, on_device, input_key).float().sum().backward()
+
+    student_act = peak_of(student_step)
+    student.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return student_act, teacher_act
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def largest_fitting_micro_batch(effective: int, fits: Callable[[int], bool]) -> int:
+    """The largest divisor of `effective` for which `fits` holds (0 if none), trying large to small.
+
+    Divisors only, so accumulation (effective / micro) keeps the effective batch exact.
+    """
+    for micro in sorted((d for d in range(1, effective + 1) if effective % d == 0), reverse=True):
+        if fits(micro):
+            return micro
+    return 0
+
+
+def advice(est: Estimate, cfg: Any, budget: int, student: nn.Module) -> list[tuple[str, int]]:
+    """Concrete changes with their estimated saving in bytes, largest first."""
+    options: list[tuple[str, int]] = []
+    if est.teacher_weights and cfg.teacher.dtype == "fp32":
+        options.append(("teacher.dtype: bf16 (or fp16) halves teacher weights and activations",
+                        (est.teacher_weights + est.teacher_activations) // 2))
+    if est.teacher_weights:
+        options.append(("teacher.device: cpu keeps the teacher out of VRAM (slower teacher forward)",
+                        est.teacher_weights + est.teacher_activations))
+    micro, accum = cfg.train.batch_size, cfg.train.grad_accum
+    if micro > 1:
+        options.append((f"train.batch_size: {micro // 2} with train.grad_accum: {accum * 2} (same effective batch)",
+                        est.activations // 2))
+    if getattr(student, "supports_gradient_checkpointing", False):
+        options.append(("gradient checkpointing on the student (student.config_overrides) recomputes activations "
+                        "in backward", int((est.activations - est.teacher_activations) * 0.6)))
+    if cfg.train.mixed_precision == "no":
+        options.append(("train.mixed_precision: bf16 (or fp16 on older GPUs) halves activations", est.activations // 2))
+    if cfg.data.modality == "audio":
+        options.append((f"data.max_seconds: {cfg.data.max_seconds / 2:g} (shorter clips)", est.activations // 2))
+    elif cfg.data.modality == "text":
+        options.append((f"data.max_length: {max(1, cfg.data.max_length // 2)} (shorter inputs)", est.activations // 2))
+    return sorted((o for o in options if o[1] > 0), key=lambda o: -o[1])
+
+
+def fmt(value: int) -> str:
+    return f"{value / GB:.2f} GB" if value >= 0.1 * GB else f"{value / 1e6:.1f} MB"
+
+
+def format_estimate(est: Estimate, budget: int, free: int | None = None) -> str:
+    rows = [("teacher weights", est.teacher_weights), ("student weights", est.student_weights),
+            ("gradients", est.grads), ("optimizer state (AdamW)", est.optimizer),
+            (f"activations ({est.method})", est.activations), ("CUDA context", est.cuda_context)]
+    lines = ["Pre-flight memory estimate (GPU)"]
+    lines += [f"  {name:<26} {fmt(value):>10}" for name, value in rows]
+    verdict = "fits" if est.total <= budget else "OVER BUDGET"
+    lines.append(f"  {'total':<26} {fmt(est.total):>10}  vs budget {fmt(budget)}: {verdict}")
+    if free is not None:
+        lines.append(f"  {'free on the device now':<26} {fmt(free):>10}")
+    return "\n".join(lines)
+
+
+def choose_teacher_device(est_on_gpu: Estimate, budget: int) -> tuple[str, str]:
+    """teacher.device: auto. GPU when the estimate fits the budget, else CPU if that makes it fit."""
+    if est_on_gpu.total <= budget:
+        return "gpu", f"the estimate {est_on_gpu.total / GB:.2f} GB fits the {budget / GB:.2f} GB budget"
+    without = est_on_gpu.total - est_on_gpu.teacher_weights - est_on_gpu.teacher_activations
+    if without <= budget:
+        return "cpu", (f"with the teacher on the GPU the estimate is {est_on_gpu.total / GB:.2f} GB, over the "
+                       f"{budget / GB:.2f} GB budget; on the CPU it is {without / GB:.2f} GB")
+    return "gpu", (f"the estimate is {est_on_gpu.total / GB:.2f} GB even with the teacher on the CPU "
+                   f"({without / GB:.2f} GB); see the advice")

@@ -1,0 +1,149 @@
+"""Pre-flight memory estimate: arithmetic, scaling, teacher placement, advice, --preflight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_config, write_config
+from kd.config import config_from_dict
+from kd.preflight import CUDA_CONTEXT_BYTES, Estimate, advice, choose_teacher_device, estimate_memory
+from kd.students import LogMelCNN
+from kd.teachers import load_teacher
+
+CPU = torch.device("cpu")
+
+
+def probe_batch(n: int = 2) -> dict:
+    return {"waveform": torch.randn(n, 16000), "inputs": {"input_values": torch.randn(n, 16000)},
+            "labels": torch.zeros(n, dtype=torch.long)}
+
+
+def test_estimate_arithmetic(tiny_teacher):
+    teacher = load_teacher(str(tiny_teacher), "audio")
+    student = LogMelCNN(3, n_mels=16, channels=[8, 16])
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    n_student = sum(p.numel() for p in student.parameters())
+    est = estimate_memory(teacher, student, probe_batch(), "waveform", 4, "no", True, CPU)
+    assert est.teacher_weights == 4 * n_teacher
+    assert (est.student_weights, est.grads, est.optimizer) == (4 * n_student, 4 * n_student, 8 * n_student)
+    assert est.cuda_context == CUDA_CONTEXT_BYTES and est.method == "analytic"
+    assert 0 < est.teacher_activations < est.activations
+    assert est.total == sum([est.teacher_weights, est.student_weights, est.grads, est.optimizer, est.activations,
+                             est.cuda_context])
+    half = load_teacher(str(tiny_teacher), "audio", dtype="bf16")
+    assert estimate_memory(half, student, probe_batch(), "waveform", 4, "no", True, CPU).teacher_weights == 2 * n_teacher
+    off = estimate_memory(teacher, student, probe_batch(), "waveform", 4, "no", False, CPU)
+    assert off.teacher_weights == 0 and off.teacher_activations == 0
+
+
+def test_activations_scale_with_the_micro_batch_and_precision():
+    student = LogMelCNN(3, n_mels=16, channels=[8, 16])
+    small = estimate_memory(None, student, probe_batch(), "waveform", 4, "no", False, CPU).activations
+    large = estimate_memory(None, student, probe_batch(), "waveform", 8, "no", False, CPU).activations
+    mixed = estimate_memory(None, student, probe_batch(), "waveform", 8, "bf16", False, CPU).activations
+    assert large == pytest.approx(2 * small, rel=0.01) and mixed == pytest.approx(large / 2, rel=0.01)
+
+
+def test_probe_leaves_no_trace():
+    torch.manual_seed(0)
+    student = LogMelCNN(3, n_mels=16, channels=[8, 16])
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    batch = probe_batch()
+    rng = torch.get_rng_state()
+    estimate_memory(None, student, batch, "waveform", 4, "no", False, CPU)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state()) and all(p.grad is None for p in student.parameters())
+
+
+def make_estimate(teacher_weights: int, teacher_act: int, rest: int) -> Estimate:
+    parts = dict(teacher_weights=teacher_weights, student_weights=rest, grads=0, optimizer=0,
+                 activations=teacher_act, cuda_context=0)
+    return Estimate(**parts, total=sum(parts.values()), teacher_activations=teacher_act, method="analytic")
+
+
+def test_teacher_placement():
+    assert choose_teacher_device(make_estimate(2, 1, 3), budget=10)[0] == "gpu"
+    where, why = choose_teacher_device(make_estimate(6, 2, 3), budget=10)
+    assert where == "cpu" and "over the" in why
+    assert choose_teacher_device(make_estimate(6, 2, 30), budget=10)[0] == "gpu"  # CPU would not fit either
+
+
+def test_advice_is_ranked_by_saving(tiny_teacher):
+    cfg = config_from_dict({"data": {"dataset": "x"}, "teacher": {"model": "t"}, "train": {"batch_size": 64}})
+    est = make_estimate(4_000_000_000, 1_000_000_000, 500_000_000)
+    items = advice(est, cfg, budget=1_000_000_000, student=LogMelCNN(3))
+    savings = [s for _, s in items]
+    assert savings == sorted(savings, reverse=True)
+    assert items[0][0].startswith("teacher.device: cpu") and items[0][1] == 5_000_000_000
+    texts = " | ".join(t for t, _ in items)
+    assert "teacher.dtype: bf16" in texts and "train.batch_size: 32 with train.grad_accum: 2" in texts
+    assert "data.max_seconds: 0.5" in texts
+
+
+def test_preflight_flag_prints_and_writes_nothing(tmp_path, tone_data, tiny_teacher):
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", memory={"vram_budget_gb": 0.1})
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg)), "--preflight"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "Pre-flight memory estimate" in out and "OVER BUDGET" in out and "vs budget 0.10 GB" in out
+    assert "Over the budget. What would help" in out and "Pre-flight only" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_flagship_architecture_fits_the_budget_analytically():
+    """configs/5gb.yaml's teacher (AST for Speech Commands v2) from its config, random weights."""
+    from transformers import ASTConfig, ASTForAudioClassification
+
+    teacher = ASTForAudioClassification(ASTConfig(max_length=128, num_mel_bins=128, num_labels=35))
+    teacher = teacher.to(torch.float16).eval().requires_grad_(False)
+    student = LogMelCNN(35, 16000, 40, [64, 128, 128, 256])
+    batch = {"waveform": torch.randn(2, 16000), "inputs": {"input_values": torch.randn(2, 128, 128)},
+             "labels": torch.zeros(2, dtype=torch.long)}
+    est = estimate_memory(teacher, student, batch, "waveform", 128, "fp16", True, CPU)
+    assert 80e6 < sum(p.numel() for p in teacher.parameters()) < 90e6
+    assert est.teacher_weights == pytest.approx(0.17e9, rel=0.05)
+    assert est.total < 5.5e9
+
+
+def test_largest_fitting_micro_batch_keeps_the_effective_batch():
+    from kd.preflight import largest_fitting_micro_batch
+
+    tried = []
+
+    def fits(micro):
+        tried.append(micro)
+        return micro <= 5
+
+    assert largest_fitting_micro_batch(12, fits) == 4 and tried == [12, 6, 4]  # divisors only, largest first
+    assert largest_fitting_micro_batch(8, lambda m: False) == 0
+
+
+def test_auto_batch_size_picks_what_fits_and_records_it(tmp_path, tone_data, tiny_teacher):
+    from kd.telemetry import read_events
+
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", memory={"auto_batch_size": True},
+                      train={"batch_size": 2, "grad_accum": 2, "max_steps": 2, "eval_every": 100})
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Auto batch size: micro-batch 4 x accumulation 1 (effective batch 4)" in result.stdout
+    plan = read_events(tmp_path / "run")[0]["plan"]
+    assert (plan["micro_batch"], plan["grad_accum"], plan["effective_batch"]) == (4, 1, 4)
+
+
+def test_choose_batch_size_shrinks_to_the_budget_and_treats_oom_as_no_fit():
+    from kd.build import choose_batch_size
+
+    cfg = config_from_dict({"data": {"dataset": "x"}, "teacher": {"model": "t"},
+                            "train": {"batch_size": 8, "grad_accum": 1}})
+
+    def probe(micro):
+        if micro == 8:
+            raise torch.OutOfMemoryError("probe step did not fit")
+        return make_estimate(0, 10 * micro, 100)
+
+    said = []
+    choose_batch_size(cfg, probe, budget=145, say=said.append)
+    assert (cfg.train.batch_size, cfg.train.grad_accum) == (4, 2) and "micro-batch 4 x accumulation 2" in said[0]
+    choose_batch_size(cfg, lambda m: make_estimate(0, 10 * m, 1000), budget=145, say=said.append)
+    assert (cfg.train.batch_size, cfg.train.grad_accum) == (4, 2) and "not even a micro-batch of 1" in said[1]
