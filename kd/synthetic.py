@@ -92,3 +92,33 @@ def save_tiny_bert(path: Path, labels: list[str], seed: int = 0) -> Path:
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_color_images(root: Path, per_class: int = 6, size: int = 32, seed: int = 0) -> Path:
+    """An imagefolder (train/validation, one folder per class) of noisy red and blue squares."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colors = {"blue": (40, 60, 200), "red": (200, 50, 40)}
+    for split, n in (("train", per_class), ("validation", max(2, per_class // 2))):
+        for label, rgb in colors.items():
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def save_tiny_vit(path: Path, labels: list[str], size: int = 32, seed: int = 0) -> Path:
+    """A random-weight ViT image classifier with its image processor."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=size, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                       label2id={n: i for i, n in enumerate(labels)})
+    ViTForImageClassification(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(path)
+    return path

@@ -234,3 +234,28 @@ def test_ctrl_c_writes_run_end_interrupted(tmp_path, tone_data, tiny_teacher):
     assert "interrupted" in stderr and "Traceback" not in stderr
     end = read_events(telemetry)[-1]
     assert end["type"] == "run_end" and end["status"] == "interrupted" and end["error"]
+
+
+def test_image_classification_uses_the_same_code(tmp_path):
+    """imagefolder data, a ViT teacher, and a 1-layer ViT student initialised from teacher layer 0."""
+    from kd.synthetic import save_tiny_vit, write_color_images
+
+    data = write_color_images(tmp_path / "images")
+    teacher = save_tiny_vit(tmp_path / "vit", ["blue", "red"])
+    cfg = {
+        "run": {"name": "image", "output_dir": str(tmp_path / "run")},
+        "data": {"dataset": "imagefolder", "data_dir": str(data), "modality": "image", "input_column": "image",
+                 "num_workers": 0},
+        "teacher": {"model": str(teacher)},
+        "student": {"type": "hf", "init_from_teacher": True, "teacher_layers": [0]},
+        "train": {"batch_size": 4, "epochs": None, "max_steps": 3, "eval_every": 100},
+        "telemetry": {"log_every": 1},
+    }
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(tmp_path / "run")
+    assert events[0]["labels"] == ["blue", "red"] and events[-1]["status"] == "completed"
+    evals = [e for e in events if e["type"] == "eval"]
+    assert evals and evals[-1]["samples"] == 6 and evals[-1]["metrics"]["teacher_acc"] is not None
+    model, labels = load_student(tmp_path / "run" / "student")
+    assert model.config.num_hidden_layers == 1 and labels == ["blue", "red"]

@@ -16,8 +16,8 @@ from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Vertical
-from textual.widgets import DataTable, Footer, RichLog, Sparkline, Static
+from textual.containers import Grid, Horizontal, Vertical
+from textual.widgets import DataTable, Footer, Label, RichLog, Sparkline, Static
 from textual.worker import get_current_worker
 
 from kd.telemetry import TelemetryTailer, load_history
@@ -29,6 +29,13 @@ STATUS_STYLE = {"running": "bold green", "finished": "bold cyan", "stalled": "bo
 HELP = ("q quit · p pause/resume following · d dismiss the OOM banner · ? this help\n"
         "VRAM bar: device use (NVML, else PyTorch reserved) against memory.vram_budget_gb; "
         "green < 80%, yellow < 95%, red above.")
+
+
+def labelled_sparkline(label: str, spark_id: str):
+    """A one-line row: a short name, then the sparkline filling the rest."""
+    with Horizontal(classes="sparkrow"):
+        yield Label(label, classes="sparklabel")
+        yield Sparkline([], id=spark_id)
 
 
 def usage_bar(used: float | None, budget: float | None, width: int = 28) -> Text:
@@ -49,7 +56,10 @@ class MonitorApp(App):
     #oom.shown { display: block; }
     #panels { grid-size: 2; grid-gutter: 0 1; height: auto; padding: 0 1; }
     .panel { height: auto; border: round $primary-darken-2; padding: 0 1; }
-    .panel Sparkline { height: 1; margin: 0; }
+    .sparkrow { height: 1; }
+    .sparklabel { width: 10; color: $text-muted; }
+    .panel Sparkline { height: 1; margin: 0; width: 1fr; }
+    Screen.tall .sparkrow { height: 3; }
     Screen.tall .panel Sparkline { height: 3; }
     #bottom { grid-size: 2; grid-columns: 2fr 1fr; grid-gutter: 0 1; height: 1fr; padding: 0 1; }
     #evals, #events { border: round $primary-darken-2; height: 1fr; }
@@ -81,14 +91,16 @@ class MonitorApp(App):
         with Grid(id="panels"):
             with Vertical(classes="panel", id="vram_panel"):
                 yield Static(id="vram")
-                yield Sparkline([], id="vram_spark")
+                yield from labelled_sparkline("in use", "vram_spark")
             with Vertical(classes="panel", id="rate_panel"):
                 yield Static(id="rate")
-                yield Sparkline([], id="rate_spark")
+                yield from labelled_sparkline("samples/s", "rate_spark")
+                yield from labelled_sparkline("steps/s", "steps_spark")
             with Vertical(classes="panel", id="loss_panel"):
                 yield Static(id="loss")
-                yield Sparkline([], id="loss_spark")
-                yield Sparkline([], id="kd_spark")
+                yield from labelled_sparkline("total", "loss_spark")
+                yield from labelled_sparkline("ce", "ce_spark")
+                yield from labelled_sparkline("kd", "kd_spark")
             with Vertical(classes="panel", id="gpu_panel"):
                 yield Static(id="gpu")
         with Grid(id="bottom"):
@@ -213,11 +225,13 @@ class MonitorApp(App):
             f"{fmt_num(s.latest('samples_per_s'), 4)} samples/s  {fmt_num(s.latest('steps_per_s'), 3)} steps/s\n"
             f"waiting for data: {'-' if share is None else f'{100 * share:.0f}%'} of step time")
         self._spark("#rate_spark", s.values("samples_per_s"))
+        self._spark("#steps_spark", s.values("steps_per_s"))
         self.query_one("#loss", Static).update(
             f"total {fmt_num(s.latest('loss_total'))}  ce {fmt_num(s.latest('loss_ce'))}  "
             f"kd {fmt_num(s.latest('loss_kd'))}\nalpha {fmt_num(s.latest('alpha'), 3)}  "
             f"lr {fmt_num(s.latest('lr'), 3)}  grad {fmt_num(s.latest('grad_norm'), 3)}")
         self._spark("#loss_spark", s.values("loss_total"))
+        self._spark("#ce_spark", s.values("loss_ce"))
         self._spark("#kd_spark", s.values("loss_kd") if any(s.values("loss_kd")) else [])
         gpu = s.last.get("gpu") or {}
         if gpu:
@@ -229,9 +243,9 @@ class MonitorApp(App):
         self.query_one("#gpu", Static).update(text)
 
     def _spark(self, selector: str, values: list[float]) -> None:
-        """A sparkline with no data (no GPU readings, KD off) is hidden rather than drawn flat."""
+        """A sparkline with no data (no GPU readings, KD off) is hidden with its label, not drawn flat."""
         spark = self.query_one(selector, Sparkline)
-        spark.display = bool(values)
+        spark.parent.display = bool(values)
         spark.data = values
 
     def _render_tables(self, s: RunState) -> None:
