@@ -93,6 +93,8 @@ class Trainer:
         self.teacher = run.teacher
         self.num_classes = len(run.data.label_names)
         self.state.micro_batch, self.state.grad_accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
+        # The sizes may differ from those the Accelerator was created with (memory.auto_batch_size).
+        self.acc.gradient_accumulation_steps = self.state.grad_accum
         self.optimizer = torch.optim.AdamW(run.student.parameters(), lr=self.cfg.train.lr,
                                            weight_decay=self.cfg.train.weight_decay)
         self.student, self.optimizer = self.acc.prepare(run.student, self.optimizer)

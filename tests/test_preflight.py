@@ -127,8 +127,10 @@ def test_auto_batch_size_picks_what_fits_and_records_it(tmp_path, tone_data, tin
     result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Auto batch size: micro-batch 4 x accumulation 1 (effective batch 4)" in result.stdout
-    plan = read_events(tmp_path / "run")[0]["plan"]
+    events = read_events(tmp_path / "run")
+    plan = events[0]["plan"]
     assert (plan["micro_batch"], plan["grad_accum"], plan["effective_batch"]) == (4, 1, 4)
+    assert [e["samples"] for e in events if e["type"] == "step"] == [4, 8]  # Accelerate accumulates 1, not 2
 
 
 def test_choose_batch_size_shrinks_to_the_budget_and_treats_oom_as_no_fit():
