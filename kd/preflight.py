@@ -10,9 +10,11 @@ constant, since the budget is for the whole device.
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,9 +50,11 @@ def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[s
                     micro_batch: int, mixed_precision: str, teacher_on_gpu: bool, device: torch.device) -> Estimate:
     """Estimate the GPU memory of training with this micro-batch (`batch` may be smaller: it is scaled)."""
     n_student = sum(p.numel() for p in student.parameters())
-    # The probe must leave no trace: its random draws (dropout) come from a forked RNG, and the
-    # running statistics its train-mode forward updates (BatchNorm) are put back afterwards.
+    # The probe must leave no trace: its random draws (dropout in torch, SpecAugment-style masks in
+    # NumPy, anything in `random`) come from saved and restored generators, and the running
+    # statistics its train-mode forward updates (BatchNorm) are put back afterwards.
     buffers = {name: b.detach().clone() for name, b in student.named_buffers()}
+    numpy_state, python_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if device.type == "cuda":
             student_act, teacher_act = _measured_activations(teacher, student, batch, input_key, device)
@@ -60,6 +64,8 @@ def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[s
             if mixed_precision != "no":
                 student_act //= 2  # autocast keeps most saved activations in 16 bits
             method = "analytic"
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
     with torch.no_grad():
         for name, b in student.named_buffers():
             b.copy_(buffers[name])

@@ -45,15 +45,28 @@ def test_activations_scale_with_the_micro_batch_and_precision():
     assert large == pytest.approx(2 * small, rel=0.01) and mixed == pytest.approx(large / 2, rel=0.01)
 
 
-def test_probe_leaves_no_trace():
+@pytest.mark.parametrize("model", ["logmel", "wav2vec2"])
+def test_probe_leaves_no_trace(tmp_path, model):
+    """No weights, buffers, gradients or random state change: training is the same with or without it."""
+    import random
+
+    import numpy as np
+
+    from kd.synthetic import TONE_LABELS, save_tiny_wav2vec2
+
     torch.manual_seed(0)
-    student = LogMelCNN(3, n_mels=16, channels=[8, 16])
+    if model == "logmel":
+        student, key = LogMelCNN(3, n_mels=16, channels=[8, 16]), "waveform"
+    else:  # wav2vec2 draws its time masks from NumPy's global generator
+        folder = save_tiny_wav2vec2(tmp_path / "w2v", TONE_LABELS, mask_time_prob=0.5, mask_time_length=2)
+        student, key = load_teacher(str(folder), "audio").requires_grad_(True), "inputs"
     before = {k: v.clone() for k, v in student.state_dict().items()}
     batch = probe_batch()
-    rng = torch.get_rng_state()
-    estimate_memory(None, student, batch, "waveform", 4, "no", False, CPU)
+    torch_rng, numpy_rng, python_rng = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    estimate_memory(None, student, batch, key, 4, "no", False, CPU)
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
-    assert torch.equal(rng, torch.get_rng_state()) and all(p.grad is None for p in student.parameters())
+    assert torch.equal(torch_rng, torch.get_rng_state()) and all(p.grad is None for p in student.parameters())
+    assert (np.random.get_state()[1] == numpy_rng).all() and random.getstate() == python_rng
 
 
 def make_estimate(teacher_weights: int, teacher_act: int, rest: int) -> Estimate:
