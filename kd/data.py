@@ -27,7 +27,7 @@ from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader
 
 from kd.config import DataConfig
-from kd.errors import DataError
+from kd.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,8 @@ def _load(cfg: DataConfig) -> DatasetDict:
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types (FileNotFound, ConnectionError, ValueError, ...)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"data.dataset: cannot load {name!r}"
-                        f"{f' (config {cfg.config_name!r})' if cfg.config_name else ''}: {reason}") from None
+                        f"{f' (config {cfg.config_name!r})' if cfg.config_name else ''}: {first_line(exc)}") from None
 
 
 class PathAudio(Audio):

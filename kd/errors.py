@@ -6,6 +6,12 @@ else is a bug and keeps its traceback.
 """
 
 
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message (or `default`, else its type name, when empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else (default or type(exc).__name__)
+
+
 class KDError(Exception):
     """An error the user can fix; its message says what is wrong and what would be valid."""
 

@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from kd.errors import ModelLoadError
+from kd.errors import ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ def check_safetensors(path: Path, what: str) -> None:
             if keys:
                 f.get_slice(keys[-1])
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"{what}: {path} is not a readable safetensors file ({reason}); "
+        raise ModelLoadError(f"{what}: {path} is not a readable safetensors file ({first_line(exc)}); "
                              "it may be truncated or corrupt, download or export it again") from None
 
 
@@ -103,7 +102,7 @@ def load_model_config(spec: str, what: str, revision: str | None = None) -> Pret
     try:
         return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{what}: cannot read the model config of {spec} ({_first_line(exc)})") from None
+        raise ModelLoadError(f"{what}: cannot read the model config of {spec} ({first_line(exc)})") from None
 
 
 def load_teacher(spec: str, modality: str, revision: str | None = None, dtype: str = "fp32") -> PreTrainedModel:
@@ -125,7 +124,7 @@ def load_teacher(spec: str, modality: str, revision: str | None = None, dtype: s
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"teacher.model: cannot load {spec} as a {modality} classifier with safetensors weights "
-            f"({_first_line(exc)}); if it ships pickle weights only, {HOW_TO_CONVERT}"
+            f"({first_line(exc)}); if it ships pickle weights only, {HOW_TO_CONVERT}"
         ) from None
     return freeze(model)
 
@@ -160,7 +159,7 @@ def load_processor(spec: str, modality: str, revision: str | None = None, what: 
     try:
         return loader.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{what}: cannot load the {modality} preprocessor of {spec} ({_first_line(exc)}); "
+        raise ModelLoadError(f"{what}: cannot load the {modality} preprocessor of {spec} ({first_line(exc)}); "
                              "the model folder needs its preprocessor_config.json / tokenizer files") from None
 
 
@@ -186,9 +185,3 @@ def check_label_space(config: PretrainedConfig, label_names: list[str], who: str
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-

@@ -23,7 +23,7 @@ from transformers import get_scheduler
 from kd.build import Run
 from kd.config import save_config
 from kd.data import make_loader
-from kd.errors import KDError, TrainingError
+from kd.errors import KDError, TrainingError, first_line
 from kd.export import save_student
 from kd.losses import LOSS_PARTS, alpha_at, distillation_loss, per_sample_losses, raise_if_not_finite
 from kd.memory import GpuSampler, PhasePeaks, cuda_memory
@@ -198,7 +198,7 @@ class Trainer:
             try:
                 epoch_done = self._train_epoch(window, bar)
             except torch.OutOfMemoryError as exc:
-                oom = str(exc).strip().splitlines()[0] if str(exc).strip() else "CUDA out of memory"
+                oom = first_line(exc, default="CUDA out of memory")
             if oom is not None:
                 # Outside the except block: the traceback, and with it every tensor of the failed
                 # step, is gone by now, so emptying the cache below really frees memory.
