@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 
 from kd.students import student_logits
@@ -127,7 +128,7 @@ def _measured_activations(teacher, student, batch, input_key, device) -> tuple[i
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
 
-    on_device = _to(batch, device)
+    on_device = send_to_device(batch, device)
     teacher_act = 0
     if teacher is not None and next(teacher.parameters()).is_cuda:
         teacher_act = peak_of(lambda: teacher_logits(teacher, on_device["inputs"]))
@@ -139,14 +140,6 @@ def _measured_activations(teacher, student, batch, input_key, device) -> tuple[i
     student.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     return student_act, teacher_act
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
 
 
 def largest_fitting_micro_batch(effective: int, fits: Callable[[int], bool]) -> int:

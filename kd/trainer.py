@@ -76,9 +76,14 @@ class Window:
         self.micro_batches += 1
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a `.tmp` folder is one still being written)."""
     folder = output_dir / CHECKPOINT_DIR
-    found = sorted(p for p in folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return sorted(p for p in folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
     return found[-1] if found else None
 
 
@@ -390,8 +395,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """accelerator.save_state into a .tmp folder, renamed into place once every process is done."""
         started = time.perf_counter()
-        folder = self.output_dir / CHECKPOINT_DIR
-        final = folder / f"step_{self.state.step:07d}"
+        final = self.output_dir / CHECKPOINT_DIR / f"step_{self.state.step:07d}"
         tmp = final.with_name(final.name + ".tmp")
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
@@ -400,8 +404,7 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            old = sorted(p for p in folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for stale in old[: -self.cfg.train.keep_checkpoints]:
+            for stale in list_checkpoints(self.output_dir)[: -self.cfg.train.keep_checkpoints]:
                 shutil.rmtree(stale, ignore_errors=True)
             self.telemetry.emit("checkpoint", self.state.step, path=str(final), kind="periodic",
                                 duration_s=time.perf_counter() - started)
