@@ -16,7 +16,7 @@ import accelerate
 import torch
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import TorchDynamoPlugin, set_seed
 
 from kd.config import Config
 from kd.data import PreparedData, prepare_data
@@ -58,6 +58,9 @@ def build_run(cfg: Config) -> Run:
         # Seedable sampler: the shuffle order of epoch e depends only on (seed, e), which is what lets
         # --resume continue on exactly the next batch. non_blocking: pinned batches copy asynchronously.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=cfg.data.pin_memory),
+        # train.compile: Accelerate wraps the student in torch.compile when it prepares it. Stated
+        # either way, so an `accelerate config` default does not silently decide it.
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if cfg.train.compile else "no"),
     )
     say = accelerator.print
     env = describe_environment(accelerator)
@@ -82,6 +85,9 @@ def build_run(cfg: Config) -> Run:
         check_label_space(teacher.config, data.label_names, f"teacher {cfg.teacher.model}")
     student = build_student(cfg.student, cfg.data.modality, data.label_names, data.sampling_rate,
                             teacher, cfg.teacher.model)
+    if data.features is not None:
+        data.features.to(accelerator.device)
+    describe_features(cfg, data, processor, accelerator)
     estimate, advice = plan_memory(cfg, accelerator, data, teacher, student, student_input_key(student))
     if accelerator.device.type == "cuda":
         if cfg.student.channels_last and use_channels_last(student):
@@ -95,6 +101,20 @@ def build_run(cfg: Config) -> Run:
     say(f"Parameters: teacher {_fmt_count(params['teacher'])}, student {_fmt_count(params['student'])}")
     return Run(cfg, accelerator, data, student, teacher, processor, student_input_key(student), env, params,
                estimate, advice)
+
+
+def describe_features(cfg: Config, data: PreparedData, processor: Any, accelerator: Accelerator) -> None:
+    """Say where the audio model's features are computed (data.features_on_device)."""
+    if cfg.data.modality != "audio" or processor is None:
+        return
+    name = type(processor).__name__
+    if data.features is not None:
+        accelerator.print(f"Features: {name} computed in batches on the {accelerator.device.type.upper()}")
+    elif cfg.data.features_on_device:
+        accelerator.print(f"Features: {name} has no on-device version in kd/features.py; it runs per clip "
+                          "in the DataLoader workers")
+    else:
+        accelerator.print(f"Features: {name} per clip in the DataLoader workers (data.features_on_device: false)")
 
 
 def processor_source(cfg: Config) -> tuple[str | None, str | None]:
@@ -172,6 +192,8 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
         # A full micro-batch on the GPU (measured); two samples on the CPU, scaled (analytic).
         rows = micro if device.type == "cuda" else min(2, micro)
         batch = data.collate([train[i % len(train)] for i in range(rows)])
+        if data.features is not None:
+            batch["inputs"] = data.features(batch["waveform"].to(device))
         return estimate_memory(teacher, student, batch, input_key, micro, cfg.train.mixed_precision, on_gpu, device)
 
     if cfg.memory.auto_batch_size:

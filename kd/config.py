@@ -56,6 +56,8 @@ class DataConfig:
     pin_memory: bool = True
     persistent_workers: bool = True
     prefetch_factor: int = 2
+    decode_cache: bool = True  # False: decode audio per sample on every access (the naive path)
+    features_on_device: bool = True  # False: the feature extractor runs per sample in the DataLoader
 
 
 @dataclass
@@ -102,6 +104,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     max_grad_norm: float | None = 1.0
     mixed_precision: Precision = "no"
+    compile: bool = False
     eval_every: int = 100
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2

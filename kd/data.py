@@ -5,7 +5,11 @@ json, csv, parquet, text) pointed at `data.data_dir` / `data.data_files`, or a `
 
 Audio is decoded with soundfile (WAV/FLAC/OGG without FFmpeg), mixed to mono, resampled to the
 teacher's rate and cut or padded to `data.max_seconds`, once, inside `Dataset.map`: the datasets
-cache keeps the result, so later runs and later epochs do no decoding.
+cache keeps the result (a memory-mapped Arrow file), so later runs and later epochs do no decoding.
+`data.decode_cache: false` decodes on every access instead (no disk cost, CPU work every epoch).
+
+The teacher's feature extractor runs batched on the device when kd.features has a version of it
+(`data.features_on_device`); otherwise per clip in the collate function, in the DataLoader workers.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from kd.config import DataConfig
 from kd.errors import DataError, first_line
+from kd.features import DeviceFeatures, device_features
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ class PreparedData:
     label_names: list[str]
     sampling_rate: int | None
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    features: DeviceFeatures | None = None  # computes batch["inputs"] from the waveform on the device
 
 
 def load_raw_splits(cfg: DataConfig) -> dict[str, Dataset]:
@@ -167,9 +173,11 @@ def prepare_data(cfg: DataConfig, processor: Any = None, sampling_rate: int | No
     keep = [cfg.label_column] + ([cfg.weight_column] if cfg.weight_column else [])
     if cfg.modality == "audio":
         rate = sampling_rate or 16000
-        splits = {r: decode_audio(ds, cfg, rate, keep) for r, ds in splits.items()}
-        collate = AudioCollator(cfg.label_column, cfg.weight_column, processor, rate)
-        return PreparedData(splits, label_names, rate, collate)
+        decode = decode_audio if cfg.decode_cache else decode_on_access
+        splits = {r: decode(ds, cfg, rate, keep) for r, ds in splits.items()}
+        features = device_features(processor) if cfg.features_on_device else None
+        collate = AudioCollator(cfg.label_column, cfg.weight_column, None if features else processor, rate)
+        return PreparedData(splits, label_names, rate, collate, features)
     if cfg.modality == "text":
         if processor is None:
             raise DataError("text data needs a tokenizer: set teacher.model (or student.config) to a model folder "
@@ -188,19 +196,38 @@ def prepare_data(cfg: DataConfig, processor: Any = None, sampling_rate: int | No
 
 
 def decode_audio(ds: Dataset, cfg: DataConfig, rate: int, keep: list[str]) -> Dataset:
+    """Decode every clip once into a fixed-length float32 column, kept in the datasets cache."""
     num_samples = int(round(cfg.max_seconds * rate))
-    feature = ds.features[cfg.input_column]
-    if isinstance(feature, Audio):
-        ds = ds.cast_column(cfg.input_column, Audio(decode=False))  # raw bytes/paths: we decode with soundfile
-    elif feature != Value("string"):
-        raise DataError(f"data.input_column={cfg.input_column!r} holds {feature}; audio data needs an Audio "
-                        "column or a column of file paths")
+    ds = _undecoded(ds, cfg.input_column)
     features = Features({WAVEFORM: Sequence(Value("float32"), length=num_samples),
                          **{c: ds.features[c] for c in keep}})
     fn = functools.partial(_decode_batch, column=cfg.input_column, rate=rate, num_samples=num_samples)
     out = ds.map(fn, batched=True, batch_size=64, features=features, num_proc=_num_proc(cfg, len(ds)),
                  remove_columns=[c for c in ds.column_names if c not in keep], desc=f"Decoding audio at {rate} Hz")
     return out.with_format("torch")
+
+
+def decode_on_access(ds: Dataset, cfg: DataConfig, rate: int, keep: list[str]) -> Dataset:
+    """Decode clips when they are read (in the DataLoader workers), every epoch: nothing cached."""
+    num_samples = int(round(cfg.max_seconds * rate))
+    ds = _undecoded(ds, cfg.input_column).select_columns([cfg.input_column, *keep])
+    return ds.with_transform(functools.partial(_decode_rows, column=cfg.input_column, rate=rate,
+                                               num_samples=num_samples, keep=keep))
+
+
+def _undecoded(ds: Dataset, column: str) -> Dataset:
+    feature = ds.features[column]
+    if isinstance(feature, Audio):
+        return ds.cast_column(column, Audio(decode=False))  # raw bytes/paths: we decode with soundfile
+    if feature != Value("string"):
+        raise DataError(f"data.input_column={column!r} holds {feature}; audio data needs an Audio "
+                        "column or a column of file paths")
+    return ds
+
+
+def _decode_rows(batch: dict[str, list], column: str, rate: int, num_samples: int, keep: list[str]) -> dict[str, list]:
+    waves = [torch.from_numpy(load_waveform(item, rate, num_samples)) for item in batch[column]]
+    return {WAVEFORM: waves, **{c: batch[c] for c in keep}}
 
 
 def _decode_batch(batch: dict[str, list], column: str, rate: int, num_samples: int) -> dict[str, list]:

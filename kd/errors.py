@@ -15,6 +15,16 @@ def first_line(exc: BaseException, default: str | None = None) -> str:
 class KDError(Exception):
     """An error the user can fix; its message says what is wrong and what would be valid."""
 
+    def __str__(self) -> str:
+        # Raised in a DataLoader worker (audio decoded on access), the error is re-raised in the
+        # main process with a message of "Caught DataError in DataLoader worker process 0" and the
+        # worker's traceback; the user's message is that traceback's last line.
+        text = super().__str__()
+        if text.startswith("Caught ") and "Original Traceback" in text:
+            last = text.strip().splitlines()[-1]
+            return last.split(": ", 1)[1] if last.startswith("kd.errors.") and ": " in last else last
+        return text
+
 
 class ConfigError(KDError):
     """One or more config problems, all reported at once."""

@@ -136,17 +136,19 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@torch.no_grad()
 def teacher_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Teacher forward under no-grad, inputs cast to the teacher's dtype and device.
+    """Teacher forward under inference mode, inputs cast to the teacher's dtype and device.
 
-    no_grad rather than inference_mode: inference tensors cannot be saved for the student's
-    backward, and the KL term needs the teacher's probabilities there.
+    Inference mode skips autograd's bookkeeping (version counters, views) for the whole forward.
+    Its tensors cannot be saved for the student's backward, which the KL term needs; so the
+    logits, a (batch, classes) tensor, are cloned out of it.
     """
     param = next(model.parameters())
-    moved = {k: (v.to(param.device, param.dtype, non_blocking=True) if v.is_floating_point()
-                 else v.to(param.device, non_blocking=True)) for k, v in inputs.items()}
-    return model(**moved).logits
+    with torch.inference_mode():
+        moved = {k: (v.to(param.device, param.dtype, non_blocking=True) if v.is_floating_point()
+                     else v.to(param.device, non_blocking=True)) for k, v in inputs.items()}
+        logits = model(**moved).logits
+    return logits.clone()
 
 
 def load_processor(spec: str, modality: str, revision: str | None = None, what: str = "teacher.model") -> Any:

@@ -96,6 +96,7 @@ class Trainer:
         self.output_dir = self.cfg.output_dir
         self.telemetry = TelemetryWriter(self.output_dir, enabled=self.acc.is_main_process)
         self.teacher = run.teacher
+        self.features = run.data.features
         self.num_classes = len(run.data.label_names)
         self.state.micro_batch, self.state.grad_accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
         # The sizes may differ from those the Accelerator was created with (memory.auto_batch_size).
@@ -196,26 +197,26 @@ class Trainer:
         state = self.state
         self.student.train()
         window = Window(self.acc.device)
-        bar = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
-                   disable=not self.acc.is_local_main_process, dynamic_ncols=True)
-        while state.step < self.total_steps:
-            oom = None
-            try:
-                epoch_done = self._train_epoch(window, bar)
-            except torch.OutOfMemoryError as exc:
-                oom = first_line(exc, default="CUDA out of memory")
-            if oom is not None:
-                # Outside the except block: the traceback, and with it every tensor of the failed
-                # step, is gone by now, so emptying the cache below really frees memory.
-                self._recover_from_oom(oom, self.phase)
-                window.reset(time.perf_counter())  # recovery time stays out of throughput
-                continue
-            if epoch_done:
-                state.epoch += 1
-                state.batches_in_epoch = 0
-                self._step_start = (0, state.samples)
-                self.peaks.new_epoch()
-        bar.close()
+        # A context manager, so the bar is closed (and its line ended) before any error is printed.
+        with tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
+                  disable=not self.acc.is_local_main_process, dynamic_ncols=True) as bar:
+            while state.step < self.total_steps:
+                oom = None
+                try:
+                    epoch_done = self._train_epoch(window, bar)
+                except torch.OutOfMemoryError as exc:
+                    oom = first_line(exc, default="CUDA out of memory")
+                if oom is not None:
+                    # Outside the except block: the traceback, and with it every tensor of the failed
+                    # step, is gone by now, so emptying the cache below really frees memory.
+                    self._recover_from_oom(oom, self.phase)
+                    window.reset(time.perf_counter())  # recovery time stays out of throughput
+                    continue
+                if epoch_done:
+                    state.epoch += 1
+                    state.batches_in_epoch = 0
+                    self._step_start = (0, state.samples)
+                    self.peaks.new_epoch()
 
     def _train_epoch(self, window: Window, bar: tqdm) -> bool:
         """Train on the rest of the current epoch; False if training ended inside it."""
@@ -252,7 +253,8 @@ class Trainer:
             raise TrainingError("empty batch: the data loader produced a batch with no samples")
         alpha = self.alpha()
         with self.acc.autocast():
-            self._enter("teacher_forward")
+            self._enter("teacher_forward")  # includes the on-device feature extraction
+            self._add_features(batch)
             t_logits = teacher_logits(self.teacher, batch["inputs"]) if self.teacher is not None else None
             self._enter("student_forward")
             s_logits = student_logits(self.student, batch, self.run.input_key)
@@ -268,6 +270,11 @@ class Trainer:
         self.optimizer.step()  # a no-op on accumulation steps (the prepared optimizer knows)
         self.optimizer.zero_grad(set_to_none=True)
         return parts, grad_norm
+
+    def _add_features(self, batch: dict[str, Any]) -> None:
+        """The model inputs from the waveform, batched on the device (data.features_on_device)."""
+        if self.features is not None:
+            batch["inputs"] = self.features(batch["waveform"])
 
     def _enter(self, phase: str) -> None:
         self.phase = phase
@@ -368,6 +375,7 @@ class Trainer:
         preds, labels, t_preds, losses = [], [], [], []
         alpha, temperature = self.alpha(), self.cfg.distillation.temperature
         for batch in self.eval_dls[role]:
+            self._add_features(batch)
             with self.acc.autocast():
                 t_logits = teacher_logits(self.teacher, batch["inputs"]) if self.teacher is not None else None
                 s_logits = student_logits(self.student, batch, self.run.input_key)
@@ -417,7 +425,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             started = time.perf_counter()
-            path = save_student(self.acc.unwrap_model(self.student), self.output_dir / STUDENT_DIR,
+            path = save_student(self.acc.unwrap_model(self.student, keep_torch_compile=False), self.output_dir / STUDENT_DIR,
                                 self.run.data.label_names, self.run.processor if self.run.input_key == "inputs" else None)
             self.telemetry.emit("checkpoint", self.state.step, path=str(path), kind="final",
                                 duration_s=time.perf_counter() - started)

@@ -106,7 +106,10 @@ def test_collator_adds_teacher_inputs_and_weights(tone_data, tiny_teacher):
     from transformers import AutoFeatureExtractor
 
     extractor = AutoFeatureExtractor.from_pretrained(tiny_teacher)
-    data = prepare_data(audio_cfg(tone_data, weight_column="weight"), extractor, 16000)
+    on_device = prepare_data(audio_cfg(tone_data, weight_column="weight"), extractor, 16000)
+    assert on_device.features is not None and "inputs" not in on_device.collate([on_device.splits["train"][0]])
+    data = prepare_data(audio_cfg(tone_data, weight_column="weight", features_on_device=False), extractor, 16000)
+    assert data.features is None
     loader = make_loader(data.splits["train"], audio_cfg(tone_data), 5, data.collate, shuffle=False, pin_memory=False)
     batch = next(iter(loader))
     assert batch["waveform"].shape == (5, 16000) and batch["labels"].shape == (5,)
