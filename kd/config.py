@@ -278,6 +278,8 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
     if tp is type(None):
         return value is None, value, "null"
     if origin is Literal:
+        if value is False and "no" in args:
+            value = "no"  # YAML 1.1 reads an unquoted `no` (e.g. train.mixed_precision=no) as false
         return value in args, value, "one of " + ", ".join(repr(a) for a in args)
     if tp is bool:
         return isinstance(value, bool), value, "true or false"

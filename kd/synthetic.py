@@ -122,3 +122,48 @@ def save_tiny_vit(path: Path, labels: list[str], size: int = 32, seed: int = 0) 
     ViTForImageClassification(config).save_pretrained(path)
     ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(path)
     return path
+
+
+def write_keyword_noise_dataset(root: Path, labels: list[str], per_class: int, rate: int = 16000,
+                                seconds: float = 1.0, seed: int = 0) -> Path:
+    """A one-split (train) audiofolder of noisy chirps, one pitch per label, as WAV files.
+
+    Only the shapes and the decoding work matter (benchmarks of the flagship architecture): the
+    files are 16-bit WAV at `rate`, decoded by the kit exactly as real recordings are.
+    """
+    rng = np.random.default_rng(seed)
+    n = int(rate * seconds)
+    t = np.arange(n) / rate
+    folder = root / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, label in enumerate(labels):
+        for i in range(per_class):
+            hz = 200.0 * 2 ** (k / 8)  # a distinct pitch per label
+            wave = 0.3 * np.sin(2 * np.pi * hz * t * rng.uniform(0.97, 1.03)) + 0.05 * rng.standard_normal(n)
+            name = f"{label}_{i}.wav"
+            soundfile.write(folder / name, wave.astype(np.float32), rate, subtype="PCM_16")
+            rows.append({"file_name": name, "label": label})
+    with open(folder / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file_name", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def save_random_ast(path: Path, labels: list[str], seed: int = 0) -> Path:
+    """configs/5gb.yaml's teacher architecture (AST for Speech Commands v2) with random weights.
+
+    The Hub model MIT/ast-finetuned-speech-commands-v2 uses 128 mel bins over 128 frames (1 s at
+    16 kHz, padded): 86M parameters, 146 tokens per clip. Same shapes and cost, no download.
+    """
+    import torch
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+
+    torch.manual_seed(seed)
+    config = ASTConfig(max_length=128, num_mel_bins=128, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                       label2id={n: i for i, n in enumerate(labels)})
+    ASTForAudioClassification(config).save_pretrained(path)
+    ASTFeatureExtractor(max_length=128, num_mel_bins=128, sampling_rate=16000, mean=-6.845978,
+                        std=5.5654526).save_pretrained(path)
+    return path

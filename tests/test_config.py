@@ -110,7 +110,9 @@ def test_overrides_are_typed_and_validated(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
     cfg = load_config(path, ["train.batch_size=8", "distillation.alpha=0.7", "student.channels=[8, 16]",
-                             "train.max_steps=3", "student.config_overrides.num_hidden_layers=2"])
+                             "train.max_steps=3", "student.config_overrides.num_hidden_layers=2",
+                             "train.mixed_precision=no"])  # YAML reads a bare `no` as false
+    assert cfg.train.mixed_precision == "no"
     assert cfg.train.batch_size == 8 and cfg.distillation.alpha == 0.7 and cfg.student.channels == [8, 16]
     assert cfg.student.config_overrides == {"num_hidden_layers": 2}
     with pytest.raises(ConfigError) as info:
