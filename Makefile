@@ -22,6 +22,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_overhead.py
 	$(PY) bench/bench_monitor.py
+	$(PY) bench/bench_throughput.py
 
 clean-demo:
 	rm -rf .demo runs/demo-teacher runs/demo-kd runs/demo-baseline

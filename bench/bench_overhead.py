@@ -93,7 +93,9 @@ def main() -> None:
         teacher = save_tiny_wav2vec2(tmp / "teacher", ["high", "low", "mid"])
         cfg = config_from_dict({
             "run": {"name": "bench", "output_dir": str(tmp / "run"), "seed": 0},
-            "data": {"dataset": "audiofolder", "data_dir": str(data_dir), "eval_split": None, "num_workers": 0},
+            # Teacher features from the collate function for both loops: the plain loop reads batch["inputs"].
+            "data": {"dataset": "audiofolder", "data_dir": str(data_dir), "eval_split": None, "num_workers": 0,
+                     "features_on_device": False},
             "teacher": {"model": str(teacher)},
             "student": {"type": "logmel_cnn"},
             "train": {"batch_size": args.batch_size, "epochs": None, "max_steps": args.steps, "lr": 0.003,
