@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_overhead.py
 	$(PY) bench/bench_monitor.py
 	$(PY) bench/bench_throughput.py
+	$(PY) bench/bench_memory.py
 
 clean-demo:
 	rm -rf .demo runs/demo-teacher runs/demo-kd runs/demo-baseline

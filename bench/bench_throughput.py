@@ -30,23 +30,19 @@ fp16 and bf16 predicts what it predicts in fp32 on the demo test set.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from workloads import (ROOT, Workload, demo_workload, environment, flagship_workload, isolate_caches, kit_run,
+                       print_environment)
 
 NAIVE = ["teacher.device=cpu", "teacher.dtype=fp32", "data.pin_memory=false", "data.persistent_workers=false",
          "student.channels_last=false", "data.decode_cache=false", "data.features_on_device=false",
          "telemetry.log_every=1", "train.compile=false"]
-FLAGSHIP_LABELS = [f"kw{i:02d}" for i in range(35)]
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workloads", nargs="+", choices=["demo", "flagship"], default=["demo", "flagship"])
     parser.add_argument("--epochs", type=int, default=None, help="epochs per path (default: 3 on a GPU, 2 on a CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each component (default 20 GPU, 3 CPU)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="naive/optimised pairs, alternating order; the median ratio is reported (default: 1 on a "
+                             "GPU, 3 on a CPU)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--work-dir", type=Path, default=None, help="where runs and synthetic data go (default: a temp dir)")
     return parser.parse_args()
@@ -62,33 +61,41 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kd-bench-"))
-    # A cold datasets cache, so the optimised path's one-off decode pass is measured, not reused.
-    os.environ["HF_DATASETS_CACHE"] = str(work / "datasets-cache")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    isolate_caches(work)
     import torch
 
     cuda = torch.cuda.is_available()
     epochs = args.epochs or (3 if cuda else 2)
     repeats = args.repeats or (20 if cuda else 3)
+    args.rounds = args.rounds or (1 if cuda else 3)
     env = environment()
-    print(f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
-          f"accelerate {env['accelerate']}, datasets {env['datasets']}; {env['date']}")
+    print_environment(env)
     results = {"env": env, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "workloads": {}}
     for name in args.workloads:
-        config, overrides, notes = (demo_workload if name == "demo" else flagship_workload)(work, cuda, epochs)
-        print(f"\n== {name}: {config} {' '.join(overrides)}")
-        for note in notes:
+        workload = (demo_workload if name == "demo" else flagship_workload)(work, cuda, epochs)
+        print(f"\n== {name}: {workload.config} {' '.join(workload.overrides)}")
+        for note in workload.notes:
             print(f"   note: {note}")
-        row: dict = {"config": config, "overrides": overrides, "notes": notes}
-        for path, extra in (("naive", NAIVE), ("optimised", [])):
-            row[path] = run_path(config, overrides + extra + [f"run.output_dir={work / name / path}"],
-                                 repeats if path == "optimised" else 0)
-            show_path(path, row[path])
-        row["ratio"] = row["optimised"]["samples_per_s"] / row["naive"]["samples_per_s"]
-        print(f"   optimised / naive: {row['ratio']:.2f}x samples/s")
+        row: dict = {"config": workload.config, "overrides": workload.overrides, "notes": workload.notes}
+        rounds: dict[str, list[dict]] = {"naive": [], "optimised": []}
+        for r in range(args.rounds):
+            # Alternate which path goes first, so drift in machine speed (or a warmer page cache)
+            # does not always favour the same one.
+            order = [("naive", NAIVE), ("optimised", [])][:: 1 if r % 2 == 0 else -1]
+            for path, extra in order:
+                timed = repeats if path == "optimised" and not rounds["optimised"] else 0
+                rounds[path].append(run_path(workload, extra, work / name / f"{path}-{r}", timed))
+                show_path(path, rounds[path][-1])
+        ratios = sorted(o["samples_per_s"] / n["samples_per_s"] for n, o in zip(rounds["naive"], rounds["optimised"]))
+        for path, runs in rounds.items():  # the median round of each path stands for it
+            row[path] = sorted(runs, key=lambda x: x["samples_per_s"])[len(runs) // 2]
+            row[path]["components"] = runs[0].get("components")
+            row[path]["rounds_samples_per_s"] = [x["samples_per_s"] for x in runs]
+        row["ratio"], row["ratio_range"] = statistics.median(ratios), [ratios[0], ratios[-1]]
+        print(f"   optimised / naive: {row['ratio']:.2f}x samples/s (median of {args.rounds} rounds, "
+              f"range {ratios[0]:.2f}-{ratios[-1]:.2f})")
         if name == "demo":
-            row["half_teacher_agreement"] = half_teacher_agreement(config, overrides)
+            row["half_teacher_agreement"] = half_teacher_agreement(workload)
         results["workloads"][name] = row
     print_table(results)
     if args.out:
@@ -98,101 +105,13 @@ def main() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Workloads: the config, the overrides common to both paths, and what differs from the shipped file
-
-
-def demo_workload(work: Path, cuda: bool, epochs: int) -> tuple[str, list[str], list[str]]:
-    from kd.config import load_config
-    from kd.demo.kws_data import build_kws_dataset
-
-    config = "configs/demo.yaml"
-    cfg = load_config(ROOT / config)
-    build_kws_dataset(ROOT / cfg.data.data_dir)
-    notes = []
-    teacher = ROOT / cfg.teacher.model
-    if not (teacher / "model.safetensors").is_file():
-        teacher = random_demo_teacher(work / "demo-teacher", cfg)
-        notes.append("no trained demo teacher (run `make demo`): random weights of its architecture; no agreement check")
-    samples = None if cuda else 640  # a 2-core CPU: 10 steps of 64 per epoch
-    steps_per_epoch = (samples or 2240) // cfg.train.batch_size
-    overrides = [f"data.data_dir={ROOT / cfg.data.data_dir}", f"teacher.model={teacher}", "data.eval_split=null",
-                 "data.test_split=null", f"data.max_train_samples={samples or 'null'}", "train.epochs=null",
-                 f"train.max_steps={epochs * steps_per_epoch}", "train.checkpoint_every=null",
-                 "telemetry.warmup_steps=2"]
-    return config, overrides, notes
-
-
-def flagship_workload(work: Path, cuda: bool, epochs: int) -> tuple[str, list[str], list[str]]:
-    from kd.synthetic import save_random_ast, write_keyword_noise_dataset
-
-    config = "configs/5gb.yaml"
-    teacher = work / "ast-teacher"
-    if not (teacher / "model.safetensors").is_file():
-        save_random_ast(teacher, FLAGSHIP_LABELS)
-    # GPU: the shipped micro-batch 128 x accumulation 2, 4 optimizer steps per epoch. CPU: the AST
-    # forward alone takes ~0.2 s per clip on 2 cores, so micro-batches of 8, 4 steps per epoch.
-    micro, accum = (128, 2) if cuda else (8, 1)
-    steps_per_epoch = 4
-    n = steps_per_epoch * micro * accum
-    data = write_keyword_noise_dataset(work / "flagship-data", FLAGSHIP_LABELS, -(-n // len(FLAGSHIP_LABELS)))
-    overrides = ["data.dataset=audiofolder", f"data.data_dir={data}", "data.config_name=null", "data.eval_split=null",
-                 f"data.max_train_samples={n}",
-                 "data.test_split=null", f"teacher.model={teacher}", "run.gpu_only=false", "train.epochs=null",
-                 f"train.batch_size={micro}", f"train.grad_accum={accum}", f"train.max_steps={epochs * steps_per_epoch}",
-                 "train.checkpoint_every=null", "telemetry.warmup_steps=1", "telemetry.log_every=2"]
-    notes = [f"synthetic data: {n} clips of 1 s at 16 kHz (16-bit WAV), {len(FLAGSHIP_LABELS)} labels; "
-             "random-weight AST of the Hub model's shape"]
-    if not cuda:
-        overrides += ["train.mixed_precision=no", "teacher.dtype=fp32", "data.num_workers=1"]
-        notes.append("CPU: fp32 throughout (fp16 mixed precision needs a GPU; a half-precision AST forward "
-                     "measured 6x slower than fp32 on this CPU) and 1 worker for 2 cores")
-    return config, overrides, notes
-
-
-def random_demo_teacher(folder: Path, cfg) -> Path:
-    import torch
-    from transformers import AutoConfig, Wav2Vec2ForSequenceClassification
-
-    from kd.demo.kws_data import KEYWORDS
-    from kd.demo.teacher_arch import write_teacher_architecture
-
-    write_teacher_architecture(folder, cfg.data.sampling_rate)
-    config = AutoConfig.from_pretrained(folder)
-    labels = sorted(KEYWORDS)
-    config.num_labels, config.id2label = len(labels), dict(enumerate(labels))
-    config.label2id = {n: i for i, n in enumerate(labels)}
-    torch.manual_seed(0)
-    Wav2Vec2ForSequenceClassification(config).save_pretrained(folder)
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------
 # One path: a real kit run, then its figures read back from telemetry
 
 
-def run_path(config: str, overrides: list[str], repeats: int) -> dict:
-    import torch
-    from accelerate.state import AcceleratorState
-
-    from kd.build import build_run
-    from kd.config import load_config
-    from kd.telemetry import read_events
-    from kd.trainer import Trainer
-
-    # Accelerate keeps one process-wide state; each path creates its own Accelerator (its own
-    # precision), so the previous one is cleared first.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    cfg = load_config(ROOT / config, overrides)
-    started = time.perf_counter()
-    run = build_run(cfg)
-    setup_s = time.perf_counter() - started
-    trainer = Trainer(run)
-    trainer.fit()
-    events = list(read_events(cfg.output_dir / "telemetry.jsonl"))
-    out = {"setup_s": setup_s, **throughput(events, cfg.telemetry.warmup_steps)}
+def run_path(workload: Workload, extra: list[str], output_dir: Path, repeats: int) -> dict:
+    done = kit_run(workload.config, workload.overrides + extra, output_dir)
+    run, events = done.run, done.events
+    out = {"setup_s": done.setup_s, **throughput(events, run.cfg.telemetry.warmup_steps)}
     end = next(e for e in events if e["type"] == "run_end")
     out["peak_allocated_bytes"] = (end.get("peak") or {}).get("allocated")
     out["peak_reserved_bytes"] = (end.get("peak") or {}).get("reserved")
@@ -202,7 +121,7 @@ def run_path(config: str, overrides: list[str], repeats: int) -> dict:
     out["teacher_device"] = str(next(run.teacher.parameters()).device) if run.teacher is not None else None
     out["teacher_dtype"] = str(next(run.teacher.parameters()).dtype) if run.teacher is not None else None
     if repeats:
-        out["components"] = time_components(trainer, repeats)
+        out["components"] = time_components(done.trainer, repeats)
     return out
 
 
@@ -265,7 +184,7 @@ def time_components(trainer, repeats: int) -> dict:
             "kd_step_s": kd_s, "kd_over_sum": kd_s / (teacher_s + student_s)}
 
 
-def half_teacher_agreement(config: str, overrides: list[str]) -> dict | None:
+def half_teacher_agreement(workload: Workload) -> dict | None:
     """Share of demo test clips on which the teacher in fp16 / bf16 predicts its fp32 class."""
     import torch
     from torch.utils.data import DataLoader
@@ -274,8 +193,9 @@ def half_teacher_agreement(config: str, overrides: list[str]) -> dict | None:
     from kd.data import prepare_data
     from kd.teachers import DTYPES, load_processor, load_teacher, teacher_logits
 
-    cfg = load_config(ROOT / config, overrides)
-    if not Path(cfg.teacher.model).joinpath("model.safetensors").is_file() or "demo-teacher" not in cfg.teacher.model:
+    cfg = load_config(ROOT / workload.config, workload.overrides)
+    if workload.notes:  # a random-weight teacher: agreement would say nothing about a trained one
+        print("   half-precision agreement: skipped, it needs the teacher `make demo` trains")
         return None
     cfg.data.test_split, cfg.data.max_eval_samples = "test", None
     processor = load_processor(cfg.teacher.model, "audio")
@@ -305,21 +225,8 @@ def half_teacher_agreement(config: str, overrides: list[str]) -> dict | None:
 # Reporting
 
 
-def environment() -> dict:
-    import accelerate
-    import datasets
-    import torch
-    import transformers
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    return {"device": gpu or f"CPU ({cpu})", "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-            "datasets": datasets.__version__, "date": datetime.date.today().isoformat()}
-
-
 def show_path(path: str, r: dict) -> None:
-    peak = f", peak VRAM {r['peak_allocated_bytes'] / 2**30:.2f} GiB" if r["peak_allocated_bytes"] else ""
+    peak = f", peak VRAM {r['peak_allocated_bytes'] / 1e9:.2f} GB" if r["peak_allocated_bytes"] else ""
     util = f", GPU util {r['gpu_util_pct']:.0f}%" if r["gpu_util_pct"] is not None else ""
     print(f"   {path:9s} {r['samples_per_s']:8.1f} samples/s over {r['measured_steps']} steps "
           f"(data wait {100 * (r['data_wait_share'] or 0):.0f}%{peak}{util}; setup {r['setup_s']:.1f} s, "
@@ -332,16 +239,18 @@ def show_path(path: str, r: dict) -> None:
 
 
 def print_table(results: dict) -> None:
-    print("\n| workload | naive samples/s | optimised samples/s | ratio | peak VRAM naive / optimised | "
-          "KD / (teacher + student) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| workload | naive samples/s | optimised samples/s | ratio (range) | peak VRAM naive / optimised | "
+          "GPU util optimised | KD / (teacher + student) |")
+    print("|---|---|---|---|---|---|---|")
     for name, row in results["workloads"].items():
         naive, opt = row["naive"], row["optimised"]
-        peaks = " / ".join(f"{r['peak_allocated_bytes'] / 2**30:.2f} GiB" if r["peak_allocated_bytes"] else "n/a"
+        peaks = " / ".join(f"{r['peak_allocated_bytes'] / 1e9:.2f} GB" if r["peak_allocated_bytes"] else "n/a"
                            for r in (naive, opt))
-        ratio = opt.get("components", {}).get("kd_over_sum")
-        print(f"| {name} | {naive['samples_per_s']:.1f} | {opt['samples_per_s']:.1f} | {row['ratio']:.2f}x | {peaks} | "
-              f"{f'{ratio:.2f}' if ratio else 'n/a'} |")
+        util = f"{opt['gpu_util_pct']:.0f}%" if opt["gpu_util_pct"] is not None else "n/a"
+        kd = (opt.get("components") or {}).get("kd_over_sum")
+        low, high = row["ratio_range"]
+        print(f"| {name} | {naive['samples_per_s']:.1f} | {opt['samples_per_s']:.1f} | {row['ratio']:.2f}x "
+              f"({low:.2f}-{high:.2f}) | {peaks} | {util} | {f'{kd:.2f}' if kd else 'n/a'} |")
 
 
 if __name__ == "__main__":
