@@ -144,9 +144,12 @@ def teacher_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> t
     logits, a (batch, classes) tensor, are cloned out of it.
     """
     param = next(model.parameters())
+    # Asynchronous only towards a GPU: a non-blocking GPU -> CPU copy (teacher on the CPU, batch on
+    # the GPU) may be read before it has landed.
+    non_blocking = param.device.type == "cuda"
     with torch.inference_mode():
-        moved = {k: (v.to(param.device, param.dtype, non_blocking=True) if v.is_floating_point()
-                     else v.to(param.device, non_blocking=True)) for k, v in inputs.items()}
+        moved = {k: (v.to(param.device, param.dtype, non_blocking=non_blocking) if v.is_floating_point()
+                     else v.to(param.device, non_blocking=non_blocking)) for k, v in inputs.items()}
         logits = model(**moved).logits
     return logits.clone()
 
