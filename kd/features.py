@@ -12,15 +12,12 @@ kit then keeps the extractor in the collate function (data.features_on_device: f
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 from transformers import ASTFeatureExtractor, Wav2Vec2FeatureExtractor
-
-log = logging.getLogger(__name__)
 
 
 class DeviceFeatures(nn.Module):
@@ -30,7 +27,7 @@ class DeviceFeatures(nn.Module):
         with torch.no_grad(), torch.autocast(device_type=waveform.device.type, enabled=False):
             return self.compute(waveform.float())
 
-    def compute(self, waveform: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compute(self, waveform: torch.Tensor) -> dict[str, torch.Tensor]:  # each extractor's arithmetic
         raise NotImplementedError
 
 
