@@ -4,7 +4,7 @@ A transformers audio model comes with a feature extractor that works on one NumP
 (the AST filterbank is a Kaldi fbank call per clip). In the DataLoader workers that is CPU time on
 every sample of every epoch, and for AST it is the data path's bottleneck. The modules here do the
 same arithmetic on a whole (batch, samples) tensor wherever the consuming model lives, and give the
-same numbers as the extractor they replace (tests/test_features.py compares them).
+same numbers as the extractor they replace (tests/test_fast_path.py compares them).
 
 `device_features(processor)` returns the module for a supported extractor and None otherwise; the
 kit then keeps the extractor in the collate function (data.features_on_device: false does that too).
@@ -77,8 +77,7 @@ class ASTInputs(DeviceFeatures):
                                        100.0, -500.0, 1.0)
         # Kaldi's banks cover n_fft/2 bins; the Nyquist bin gets weight 0, as in kaldi.fbank.
         self.register_buffer("mel_banks", nn.functional.pad(banks, (0, 1)).T.contiguous(), persistent=False)
-        self.register_buffer("window", torch.hann_window(self.frame, periodic=False, dtype=torch.float64).float(),
-                             persistent=False)
+        self.register_buffer("window", torch.hann_window(self.frame, periodic=False), persistent=False)
 
     def compute(self, waveform: torch.Tensor) -> dict[str, torch.Tensor]:
         frames = waveform.unfold(-1, self.frame, self.shift)  # (batch, n_frames, frame)
