@@ -187,25 +187,30 @@ def test_bad_input_exits_2_with_one_clear_line(tmp_path, tone_data, tiny_teacher
     assert not (tmp_path / "run" / "telemetry.jsonl").exists()  # nothing started, nothing half-written
 
 
+def train_hf_student(tmp_path: Path, data: dict, teacher: Path, layer: int) -> list[dict]:
+    """Three steps of a one-layer transformers student initialised from teacher layer `layer`."""
+    cfg = {
+        "run": {"name": data["modality"], "output_dir": str(tmp_path / "run")},
+        "data": {**data, "num_workers": 0},
+        "teacher": {"model": str(teacher)},
+        "student": {"type": "hf", "init_from_teacher": True, "teacher_layers": [layer]},
+        "train": {"batch_size": 4, "epochs": None, "max_steps": 3, "eval_every": 100},
+        "telemetry": {"log_every": 1},
+    }
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_events(tmp_path / "run")
+
+
 def test_text_classification_uses_the_same_code(tmp_path):
     """csv data, a BERT teacher, and a 1-layer BERT student initialised from teacher layer 1."""
     from kd.synthetic import save_tiny_bert, write_sentiment_csv
 
     data = write_sentiment_csv(tmp_path / "sentiment")
     teacher = save_tiny_bert(tmp_path / "bert", ["neg", "pos"])
-    cfg = {
-        "run": {"name": "text", "output_dir": str(tmp_path / "run")},
-        "data": {"dataset": "csv", "data_files": {"train": str(data / "train.csv"),
-                                                  "validation": str(data / "validation.csv")},
-                 "modality": "text", "input_column": "text", "num_workers": 0},
-        "teacher": {"model": str(teacher)},
-        "student": {"type": "hf", "init_from_teacher": True, "teacher_layers": [1]},
-        "train": {"batch_size": 4, "epochs": None, "max_steps": 3, "eval_every": 100},
-        "telemetry": {"log_every": 1},
-    }
-    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
-    assert result.returncode == 0, result.stderr[-3000:]
-    events = read_events(tmp_path / "run")
+    events = train_hf_student(tmp_path, {"dataset": "csv", "data_files": {"train": str(data / "train.csv"),
+                                                                          "validation": str(data / "validation.csv")},
+                                         "modality": "text", "input_column": "text"}, teacher, layer=1)
     start = events[0]
     assert start["labels"] == ["neg", "pos"] and start["params"]["student"] < start["params"]["teacher"]
     assert events[-1]["status"] == "completed" and events[-2]["kind"] == "final"
@@ -242,18 +247,8 @@ def test_image_classification_uses_the_same_code(tmp_path):
 
     data = write_color_images(tmp_path / "images")
     teacher = save_tiny_vit(tmp_path / "vit", ["blue", "red"])
-    cfg = {
-        "run": {"name": "image", "output_dir": str(tmp_path / "run")},
-        "data": {"dataset": "imagefolder", "data_dir": str(data), "modality": "image", "input_column": "image",
-                 "num_workers": 0},
-        "teacher": {"model": str(teacher)},
-        "student": {"type": "hf", "init_from_teacher": True, "teacher_layers": [0]},
-        "train": {"batch_size": 4, "epochs": None, "max_steps": 3, "eval_every": 100},
-        "telemetry": {"log_every": 1},
-    }
-    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
-    assert result.returncode == 0, result.stderr[-3000:]
-    events = read_events(tmp_path / "run")
+    events = train_hf_student(tmp_path, {"dataset": "imagefolder", "data_dir": str(data), "modality": "image",
+                                         "input_column": "image"}, teacher, layer=0)
     assert events[0]["labels"] == ["blue", "red"] and events[-1]["status"] == "completed"
     evals = [e for e in events if e["type"] == "eval"]
     assert evals and evals[-1]["samples"] == 6 and evals[-1]["metrics"]["teacher_acc"] is not None
