@@ -240,7 +240,7 @@ def half_teacher_agreement(workload: Workload) -> dict | None:
     from kd.teachers import DTYPES, load_processor, load_teacher, teacher_logits
 
     cfg = load_config(ROOT / workload.config, workload.overrides)
-    if workload.notes:  # a random-weight teacher: agreement would say nothing about a trained one
+    if workload.random_teacher:  # agreement would say nothing about a trained teacher
         print("   half-precision agreement: skipped, it needs the teacher `make demo` trains")
         return None
     cfg.data.test_split, cfg.data.max_eval_samples = "test", None

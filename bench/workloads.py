@@ -28,6 +28,7 @@ class Workload:
     config: str           # a shipped config, relative to the repository root
     overrides: list[str]  # applied to both paths of a comparison
     notes: list[str]      # what differs from the shipped file, and why
+    random_teacher: bool  # the teacher has random weights (its predictions mean nothing)
 
 
 def isolate_caches(work: Path) -> None:
@@ -47,7 +48,8 @@ def demo_workload(work: Path, cuda: bool, epochs: int) -> Workload:
     build_kws_dataset(ROOT / cfg.data.data_dir)
     notes = []
     teacher = ROOT / cfg.teacher.model
-    if not (teacher / "model.safetensors").is_file():
+    random_teacher = not (teacher / "model.safetensors").is_file()
+    if random_teacher:
         teacher = random_demo_teacher(work / "demo-teacher", cfg.data.sampling_rate)
         notes.append("no trained demo teacher (run `make demo`): random weights of its architecture")
     samples = None if cuda else 640  # a 2-core CPU: 10 steps of 64 per epoch
@@ -56,7 +58,7 @@ def demo_workload(work: Path, cuda: bool, epochs: int) -> Workload:
                  "data.test_split=null", f"data.max_train_samples={samples or 'null'}", "train.epochs=null",
                  f"train.max_steps={epochs * steps_per_epoch}", "train.checkpoint_every=null",
                  "telemetry.warmup_steps=2"]
-    return Workload(config, overrides, notes)
+    return Workload(config, overrides, notes, random_teacher)
 
 
 def flagship_workload(work: Path, cuda: bool, epochs: int, micro: int | None = None, accum: int | None = None,
@@ -88,7 +90,7 @@ def flagship_workload(work: Path, cuda: bool, epochs: int, micro: int | None = N
         overrides += ["train.mixed_precision=no", "teacher.dtype=fp32", "data.num_workers=1"]
         notes.append("CPU: fp32 throughout (fp16 mixed precision needs a GPU; a half-precision AST forward "
                      "measured 6x slower than fp32 on this CPU) and 1 worker for 2 cores")
-    return Workload(config, overrides, notes)
+    return Workload(config, overrides, notes, random_teacher=True)
 
 
 def random_demo_teacher(folder: Path, sampling_rate: int) -> Path:
