@@ -114,7 +114,8 @@ def _analytic_activations(teacher, student, batch, input_key) -> tuple[int, int]
         finally:
             for h in handles:
                 h.remove()
-        # Under no_grad a layer's input and output (and a workspace) are alive at once, not the whole graph.
+        # Without autograd (inference mode) a layer's input and output (and a workspace) are alive at once,
+        # not the whole graph.
         teacher_act = 3 * max(largest, default=0)
     return sum(saved.values()), teacher_act
 
