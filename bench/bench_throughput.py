@@ -14,8 +14,9 @@ and samples; only config switches differ:
   optimised  the shipped config, as it is
 
 Workloads:
-  demo      configs/demo.yaml: its wav2vec2 teacher (the one `make demo` trained, else random weights of
-            its architecture) and the log-mel CNN on the demo's keyword clips (16 kHz WAV -> 8 kHz)
+  demo      configs/demo.yaml: its wide log-mel CNN teacher (the one `make demo` trained, else random
+            weights of its architecture) and the tiny log-mel CNN on the demo's keyword clips
+            (16 kHz WAV -> 8 kHz)
   flagship  configs/5gb.yaml: the AST teacher built from its config with random weights (86M params), the
             72k-parameter conv student, synthetic one-second 16 kHz WAV clips with 35 labels
 
@@ -155,7 +156,7 @@ def time_components(trainer, repeats: int) -> dict:
 
     def teacher_forward():
         trainer._add_features(batch)
-        teacher_logits(trainer.teacher, batch["inputs"])
+        teacher_logits(trainer.teacher, batch)
 
     def student_step():
         with acc.accumulate(trainer.student):
@@ -233,18 +234,19 @@ def data_path_rates(work: Path, cuda: bool, epochs: int) -> dict:
 def half_teacher_agreement(workload: Workload) -> dict | None:
     """Share of demo test clips on which the teacher in fp16 / bf16 predicts its fp32 class."""
     import torch
+    from accelerate.utils import send_to_device
     from torch.utils.data import DataLoader
 
     from kd.config import load_config
     from kd.data import prepare_data
-    from kd.teachers import DTYPES, load_processor, load_teacher, teacher_logits
+    from kd.teachers import DTYPES, is_kit_model, load_processor, load_teacher, teacher_logits
 
     cfg = load_config(ROOT / workload.config, workload.overrides)
     if workload.random_teacher:  # agreement would say nothing about a trained teacher
         print("   half-precision agreement: skipped, it needs the teacher `make demo` trains")
         return None
     cfg.data.test_split, cfg.data.max_eval_samples = "test", None
-    processor = load_processor(cfg.teacher.model, "audio")
+    processor = None if is_kit_model(cfg.teacher.model) else load_processor(cfg.teacher.model, "audio")
     data = prepare_data(cfg.data, processor, cfg.data.sampling_rate)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = DataLoader(data.splits["test"], batch_size=64, collate_fn=data.collate)
@@ -254,8 +256,10 @@ def half_teacher_agreement(workload: Workload) -> dict | None:
         teacher = load_teacher(cfg.teacher.model, "audio", dtype=dtype).to(device)
         out = []
         for batch in loader:
-            inputs = features(batch["waveform"].to(device)) if features is not None else batch["inputs"]
-            out.append(teacher_logits(teacher, inputs).float().argmax(-1).cpu())
+            batch = send_to_device(batch, device)
+            if features is not None:
+                batch["inputs"] = features(batch["waveform"])
+            out.append(teacher_logits(teacher, batch).float().argmax(-1).cpu())
         preds[dtype] = torch.cat(out)
         assert DTYPES[dtype] == next(teacher.parameters()).dtype
     n = len(preds["fp32"])

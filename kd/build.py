@@ -23,13 +23,15 @@ from kd.data import PreparedData, prepare_data
 from kd.errors import ConfigError, TrainingError
 from kd.preflight import (Estimate, advice, choose_teacher_device, estimate_memory, fmt, format_estimate,
                           largest_fitting_micro_batch)
-from kd.students import build_student, student_input_key, use_channels_last
-from kd.teachers import check_label_space, count_parameters, load_processor, load_teacher
+from kd.logmel_cnn import read_config as read_kit_config
+from kd.students import build_student, model_input_key, use_channels_last
+from kd.teachers import check_label_space, count_parameters, is_kit_model, load_processor, load_teacher
 
 
 # The Python package each Accelerate tracker needs (telemetry.report_to).
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
                     "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+
 
 
 @dataclass
@@ -47,11 +49,18 @@ class Run:
     advice: list[tuple[str, int]] = field(default_factory=list)
 
 
-def build_run(cfg: Config) -> Run:
-    check_device(cfg)
+def build_run(cfg: Config, plan_only: bool = False) -> Run:
+    """`plan_only` (--preflight): a config that targets a GPU may be planned on a machine without one."""
+    cuda = torch.cuda.is_available()
+    planning_elsewhere = plan_only and not cuda
+    check_device(cfg, gpu_settings=not planning_elsewhere)
     set_seed(cfg.run.seed)
+    if planning_elsewhere and cfg.uses_gpu_only_settings():
+        print(f"Planning for a CUDA GPU on a machine without one ({', '.join(cfg.uses_gpu_only_settings())}): the "
+              "activations are counted analytically, not measured; the GPU settings are checked when training")
     accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        # fp16 autocast exists on CUDA only; a plan made elsewhere still counts 16-bit activations.
+        mixed_precision="no" if planning_elsewhere and cfg.train.mixed_precision == "fp16" else cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=cfg.telemetry.report_to or None,
         project_dir=str(cfg.output_dir),
@@ -82,13 +91,20 @@ def build_run(cfg: Config) -> Run:
     teacher = None
     if cfg.distillation.enabled:
         teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
-        check_label_space(teacher.config, data.label_names, f"teacher {cfg.teacher.model}")
+        check_label_space(teacher, data.label_names, f"teacher {cfg.teacher.model}")
     student = build_student(cfg.student, cfg.data.modality, data.label_names, data.sampling_rate,
                             teacher, cfg.teacher.model)
     if data.features is not None:
         data.features.to(accelerator.device)
     describe_features(cfg, data, processor, accelerator)
-    estimate, advice = plan_memory(cfg, accelerator, data, teacher, student, student_input_key(student))
+    if cfg.augment.enabled and processor is not None and data.features is None:
+        # The collate function would compute the model inputs from the clean clip, while the student
+        # sees the augmented one: the soft targets would describe another input.
+        why = ("data.features_on_device is false" if not cfg.data.features_on_device
+               else f"{type(processor).__name__} has no on-device version in kd/features.py")
+        raise ConfigError([f"augment.enabled: the model inputs must be computed from the augmented waveform on "
+                           f"the device, but {why}; set data.features_on_device: true or augment.enabled: false"])
+    estimate, advice = plan_memory(cfg, accelerator, data, teacher, student, model_input_key(student))
     if teacher is not None and next(teacher.parameters()).device.type == "cpu" and cfg.teacher.dtype != "fp32":
         say(f"Note: the teacher runs on the CPU in {cfg.teacher.dtype}; CPUs rarely have fast half-precision "
             "kernels (an AST forward measured 6x slower than in fp32), so teacher.dtype: fp32 is faster there")
@@ -102,7 +118,7 @@ def build_run(cfg: Config) -> Run:
     params = {"teacher": count_parameters(teacher) if teacher is not None else None,
               "student": count_parameters(student)}
     say(f"Parameters: teacher {_fmt_count(params['teacher'])}, student {_fmt_count(params['student'])}")
-    return Run(cfg, accelerator, data, student, teacher, processor, student_input_key(student), env, params,
+    return Run(cfg, accelerator, data, student, teacher, processor, model_input_key(student), env, params,
                estimate, advice)
 
 
@@ -124,9 +140,11 @@ def processor_source(cfg: Config) -> tuple[str | None, str | None]:
     """Where the preprocessing comes from, and the config key that names it.
 
     The teacher's when distilling; otherwise the transformers student's own folder (or the teacher
-    folder it is built from). The log-mel student without a teacher needs none: it takes waveforms.
+    folder it is built from). The kit's log-mel CNN, teacher or student, needs none: it takes waveforms.
     """
     if cfg.distillation.enabled:
+        if is_kit_model(cfg.teacher.model):
+            return None, None
         return cfg.teacher.model, "teacher.model"
     if cfg.student.type == "hf":
         if cfg.student.config:
@@ -158,9 +176,10 @@ def choose_batch_size(cfg: Config, probe, budget: int, say) -> None:
         f"the largest that fits the {budget / 1e9:.2f} GB budget")
 
 
-def check_device(cfg: Config) -> None:
-    """Fail at start, before any loading, when the config asks for a GPU that is not there."""
-    has_cuda = torch.cuda.is_available()
+def check_device(cfg: Config, gpu_settings: bool = True) -> None:
+    """Fail at start, before any loading, when the config asks for a GPU that is not there
+    (`gpu_settings=False`: planning only, those are checked where the run trains)."""
+    has_cuda = torch.cuda.is_available() or not gpu_settings
     if cfg.run.gpu_only and not has_cuda:
         raise TrainingError("run.gpu_only is true but no CUDA GPU is visible to PyTorch (check nvidia-smi and "
                             "CUDA_VISIBLE_DEVICES); set run.gpu_only: false to allow training on the CPU")
@@ -182,7 +201,9 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         fraction = min(1.0, budget / total)
-        torch.cuda.set_per_process_memory_fraction(fraction, device)
+        # This call, unlike the other torch.cuda ones, needs an index: Accelerate's device is plain "cuda".
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(fraction, index)
         say(f"Memory capped to the {budget / 1e9:.2f} GB budget ({100 * fraction:.0f}% of {total / 1e9:.1f} GB)")
         student.to(device)
     # Teacher next to the student unless told otherwise: logits then never cross the bus.
@@ -192,12 +213,23 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
     train = data.splits["train"]
 
     def probe(micro: int) -> Estimate:
-        # A full micro-batch on the GPU (measured); two samples on the CPU, scaled (analytic).
+        # A full micro-batch on the GPU (measured); two samples on the CPU, scaled (analytic). A
+        # micro-batch too big for the cap is measured at half, a quarter, ... and scaled: the
+        # estimate then says it does not fit, where the probe itself would have crashed the start.
         rows = micro if device.type == "cuda" else min(2, micro)
-        batch = data.collate([train[i % len(train)] for i in range(rows)])
-        if data.features is not None:
-            batch["inputs"] = data.features(batch["waveform"].to(device))
-        return estimate_memory(teacher, student, batch, input_key, micro, cfg.train.mixed_precision, on_gpu, device)
+        while True:
+            batch = data.collate([train[i % len(train)] for i in range(rows)])
+            try:
+                if data.features is not None:
+                    batch["inputs"] = data.features(batch["waveform"].to(device))
+                return estimate_memory(teacher, student, batch, input_key, micro, cfg.train.mixed_precision, on_gpu,
+                                       device)
+            except torch.OutOfMemoryError:
+                if device.type != "cuda" or rows == 1:
+                    raise
+                batch = None
+                torch.cuda.empty_cache()
+                rows //= 2
 
     if cfg.memory.auto_batch_size:
         choose_batch_size(cfg, probe, budget, say)
@@ -209,6 +241,14 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
             on_gpu = False
             estimate = probe(cfg.train.batch_size)
         say(f"Teacher on the {where.upper()}: {why}")
+    if device.type == "cuda":
+        # The budget is for the whole process: PyTorch's allocator gets it less what lives outside
+        # the allocator (CUDA context, library workspaces: 0.8 GB on an H100, bench/RESULTS.md), so
+        # a run that fits the cap also fits a card of the budget's size.
+        allocator = max(budget - estimate.cuda_context, budget // 4)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, allocator / total), index)
+        say(f"PyTorch's allocator capped to {allocator / 1e9:.2f} GB: the budget less "
+            f"{estimate.cuda_context / 1e9:.2f} GB of CUDA context")
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     say(format_estimate(estimate, budget, free))
     helps = advice(estimate, cfg, budget, student) if estimate.total > budget else []
@@ -220,13 +260,18 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
 
 
 def sampling_rate(cfg: Config, processor: Any) -> int | None:
-    """The audio rate: the teacher's feature extractor decides; data.sampling_rate must agree with it."""
+    """The audio rate: the teacher decides (its feature extractor, or the rate a kit-exported teacher
+    was trained at); data.sampling_rate must agree with it."""
     if cfg.data.modality != "audio":
         return None
     expected = getattr(processor, "sampling_rate", None)
+    source = "teacher's feature extractor expects"
+    if cfg.distillation.enabled and is_kit_model(cfg.teacher.model):
+        expected = read_kit_config(cfg.teacher.model, "teacher.model")["sample_rate"]
+        source = f"teacher {cfg.teacher.model} was trained at"
     if expected and cfg.data.sampling_rate and cfg.data.sampling_rate != expected:
         raise ConfigError([f"data.sampling_rate: {cfg.data.sampling_rate} differs from the {expected} Hz the "
-                           "teacher's feature extractor expects; remove it or set it to that rate"])
+                           f"{source}; remove it or set it to that rate"])
     return cfg.data.sampling_rate or expected or 16000
 
 

@@ -79,6 +79,25 @@ class StudentConfig:
     init_from_teacher: bool = False
     teacher_layers: list[int] | None = None
     channels_last: bool = True
+    normalize: Literal["utterance", "batch"] = "utterance"  # logmel_cnn front end (kd/logmel_cnn.py)
+    pool: Literal["time_max", "avg"] = "time_max"  # logmel_cnn pooling of the last feature map
+
+
+@dataclass
+class AugmentConfig:
+    """On-device waveform augmentation of training batches (kd/augment.py); off unless enabled."""
+
+    enabled: bool = False
+    speed: float = 0.1  # play speed drawn from [1 - speed, 1 + speed] (tempo and pitch)
+    shift_s: float = 0.1  # delay or advance each clip by up to this many seconds
+    gain_db: float = 6.0  # level change drawn from [-gain_db, +gain_db]
+    noise_prob: float = 0.5  # share of clips that get white noise
+    noise_snr_db: list[float] = field(default_factory=lambda: [10.0, 30.0])  # its SNR range
+    time_masks: int = 1  # silenced segments per clip
+    time_mask_s: float = 0.1  # the longest one
+    freq_masks: int = 1  # removed frequency bands per clip
+    freq_mask_hz: float = 400.0  # the widest one
+    mixup_alpha: float = 0.0  # > 0: mix clip pairs with Beta(alpha, alpha) weights (labels mixed alike)
 
 
 @dataclass
@@ -135,6 +154,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -142,6 +162,17 @@ class Config:
     @property
     def output_dir(self) -> Path:
         return Path(self.run.output_dir or Path("runs") / self.run.name)
+
+    def uses_gpu_only_settings(self) -> list[str]:
+        """The settings that only a CUDA GPU can honour, as `key: value` (empty when none)."""
+        found = []
+        if self.run.gpu_only:
+            found.append("run.gpu_only: true")
+        if self.train.mixed_precision == "fp16":
+            found.append("train.mixed_precision: fp16")
+        if self.teacher.device == "cuda":
+            found.append("teacher.device: cuda")
+        return found
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -376,6 +407,19 @@ def _check_values(cfg: Config) -> list[str]:
     need(0.0 <= train.warmup_ratio < 1.0, "train.warmup_ratio", train.warmup_ratio, "must be in [0, 1)")
     need(train.max_grad_norm is None or train.max_grad_norm > 0, "train.max_grad_norm", train.max_grad_norm,
          "must be null (no clipping) or > 0")
+
+    aug = cfg.augment
+    if aug.enabled:
+        need(data.modality == "audio", "augment.enabled", True,
+             f"waveform augmentation needs audio data, but data.modality is {data.modality!r}")
+    need(0.0 <= aug.speed < 1.0, "augment.speed", aug.speed, "must be in [0, 1): speeds 1 +- speed")
+    for key in ("shift_s", "gain_db", "time_mask_s", "freq_mask_hz", "mixup_alpha"):
+        need(getattr(aug, key) >= 0, f"augment.{key}", getattr(aug, key), "must be >= 0 (0 turns it off)")
+    for key in ("time_masks", "freq_masks"):
+        need(getattr(aug, key) >= 0, f"augment.{key}", getattr(aug, key), "must be an integer >= 0")
+    need(0.0 <= aug.noise_prob <= 1.0, "augment.noise_prob", aug.noise_prob, "must be in [0, 1]")
+    need(len(aug.noise_snr_db) == 2 and aug.noise_snr_db[0] <= aug.noise_snr_db[1], "augment.noise_snr_db",
+         aug.noise_snr_db, "must be [low, high] in dB with low <= high")
 
     need(cfg.memory.vram_budget_gb > 0, "memory.vram_budget_gb", cfg.memory.vram_budget_gb, "must be > 0 (GB)")
     need(cfg.memory.min_micro_batch >= 1, "memory.min_micro_batch", cfg.memory.min_micro_batch,

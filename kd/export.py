@@ -16,15 +16,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from kd.errors import ModelLoadError
-from kd.students import LogMelCNN
-from kd.teachers import TASK_CLASSES, check_safetensors, resolve_model_source
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from kd.logmel_cnn import CONFIG_NAME, WEIGHTS_NAME, LogMelCNN, load_logmel_cnn
+from kd.teachers import TASK_CLASSES, resolve_model_source
 
 
 @contextlib.contextmanager
@@ -69,14 +66,10 @@ def load_student(path: str | Path, modality: str | None = None) -> tuple[torch.n
     if not config_file.is_file():
         raise ModelLoadError(f"{path} is not an exported student (no {CONFIG_NAME})")
     raw = json.loads(config_file.read_text())
+    source, _ = resolve_model_source(str(path), "student")  # safetensors only, checked for truncation
     if raw.get("kind") == LogMelCNN.kind:
-        weights = path / WEIGHTS_NAME
-        check_safetensors(weights, "student")
-        model = LogMelCNN(raw["num_labels"], raw["sample_rate"], raw["n_mels"], raw["channels"], raw["dropout"])
-        model.load_state_dict(load_file(str(weights)))
-        labels = [raw["id2label"][str(i)] for i in range(raw["num_labels"])]
-        return model.eval(), labels
-    source, _ = resolve_model_source(str(path), "student")
+        model = load_logmel_cnn(path, "student")
+        return model.eval(), list(model.label_names)
     config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     modality = modality or modality_of(config)
     model = TASK_CLASSES[modality].from_pretrained(source, use_safetensors=True, trust_remote_code=False)

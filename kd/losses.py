@@ -34,7 +34,10 @@ def per_sample_losses(
     alpha: float,
     temperature: float,
 ) -> dict[str, torch.Tensor]:
-    """Per-sample total, ce and kd; `teacher_logits=None` is plain supervised training (kd is zero)."""
+    """Per-sample total, ce and kd; `teacher_logits=None` is plain supervised training (kd is zero).
+
+    `labels` are class indices (batch,) or class probabilities (batch, classes), e.g. mixed by mixup.
+    """
     if student_logits.shape[0] == 0:
         raise TrainingError("empty batch: the data loader produced a batch with no samples")
     ce = F.cross_entropy(student_logits.float(), labels, reduction="none")

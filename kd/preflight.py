@@ -4,8 +4,10 @@ Weights, gradients and optimizer state follow from parameter counts and dtypes. 
 measured: on a GPU, as the peak of a probe step (teacher forward, student forward and backward) on
 one micro-batch; on the CPU, analytically, by counting the bytes autograd saves for backward in a
 small probe step (`saved_tensors_hooks`) plus the teacher's largest intermediate tensors, scaled to
-the micro-batch. The CUDA context (0.3-0.7 GB, not visible to PyTorch's allocator) is added as a
-constant, since the budget is for the whole device.
+the micro-batch. The CUDA context and the libraries' workspaces are not visible to PyTorch's
+allocator but count against the device: on a GPU they are read from NVML after the probe (this
+process's device memory less what the allocator reserved; 1.3 GB on an H100 with torch 2.11 /
+CUDA 13, bench/RESULTS.md), elsewhere a 0.5 GB constant stands in.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class Estimate:
     activations: int
     cuda_context: int
     total: int
-    teacher_activations: int  # the part of `activations` that the teacher's forward needs
+    teacher_activations: int  # the part of `activations` only the teacher's forward needs (its peak over the student's)
     method: str  # "measured" (GPU probe) or "analytic" (CPU)
 
     def as_telemetry(self) -> dict[str, Any]:
@@ -74,15 +76,43 @@ def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[s
     student_act, teacher_act = int(student_act * scale), int(teacher_act * scale)
     if not teacher_on_gpu:
         teacher_act = 0
+    # The teacher's forward and the student's step run one after the other, and the teacher's
+    # intermediates are freed before the student starts (only its logits stay): the peak is the
+    # larger of the two, not their sum (the sum overestimated the flagship by 1.45x on an H100).
+    teacher_extra = max(0, teacher_act - student_act)
+    context = (measured_cuda_context(device) if device.type == "cuda" else None) or CUDA_CONTEXT_BYTES
     parts = {
         "teacher_weights": param_bytes(teacher) if teacher_on_gpu else 0,
         "student_weights": n_student * 4,
         "grads": n_student * 4,
         "optimizer": n_student * ADAMW_STATE_PER_PARAM,
-        "activations": student_act + teacher_act,
-        "cuda_context": CUDA_CONTEXT_BYTES,
+        "activations": student_act + teacher_extra,
+        "cuda_context": context,
     }
-    return Estimate(**parts, total=sum(parts.values()), teacher_activations=teacher_act, method=method)
+    return Estimate(**parts, total=sum(parts.values()), teacher_activations=teacher_extra, method=method)
+
+
+def measured_cuda_context(device: torch.device) -> int | None:
+    """This process's device memory outside PyTorch's allocator (CUDA context, cuBLAS/cuDNN
+    workspaces), from NVML; None where NVML cannot say (then the constant is used)."""
+    try:
+        import os
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            mine = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                    if p.pid == os.getpid() and p.usedGpuMemory]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML, or it refuses (containers often hide processes): not an error
+        return None
+    if not mine:
+        return None
+    return max(0, mine[0] - torch.cuda.memory_reserved(device))
 
 
 def _analytic_activations(teacher, student, batch, input_key) -> tuple[int, int]:
@@ -110,7 +140,7 @@ def _analytic_activations(teacher, student, batch, input_key) -> tuple[int, int]
 
         handles = [m.register_forward_hook(hook) for m in teacher.modules() if not list(m.children())]
         try:
-            teacher_logits(teacher, batch["inputs"])
+            teacher_logits(teacher, batch)
         finally:
             for h in handles:
                 h.remove()
@@ -132,7 +162,7 @@ def _measured_activations(teacher, student, batch, input_key, device) -> tuple[i
     on_device = send_to_device(batch, device)
     teacher_act = 0
     if teacher is not None and next(teacher.parameters()).is_cuda:
-        teacher_act = peak_of(lambda: teacher_logits(teacher, on_device["inputs"]))
+        teacher_act = peak_of(lambda: teacher_logits(teacher, on_device))
 
     def student_step():
         student_logits(student, on_device, input_key).float().sum().backward()

@@ -1,7 +1,8 @@
 """Student builders.
 
 - `logmel_cnn`: a small keyword-spotting CNN that turns raw audio into log-mel features inside its
-  forward pass (torchaudio on the model's device), so the data path carries only waveforms.
+  forward pass (torchaudio on the model's device), so the data path carries only waveforms
+  (kd/logmel_cnn.py).
 - `hf`: any transformers classification model built from a config (a folder, a Hub id, or the
   teacher's own config with overrides such as fewer layers), trained from scratch or initialised
   from a subset of the teacher's layers, as DistilBERT was.
@@ -15,70 +16,22 @@ import re
 from typing import Any
 
 import torch
-import torchaudio
 from torch import nn
 
 from kd.config import StudentConfig
 from kd.errors import ModelLoadError
+from kd.logmel_cnn import LogMelCNN
 from kd.teachers import TASK_CLASSES, load_model_config
 
 log = logging.getLogger(__name__)
-
-
-class LogMelCNN(nn.Module):
-    """Waveform (batch, samples) -> logits, via log-mel features and depthwise-separable convs.
-
-    About 18k parameters with the default channels and 10 classes: small enough for a
-    microcontroller-class wake-word model, and fast on a CPU.
-    """
-
-    kind = "logmel_cnn"
-
-    def __init__(self, num_labels: int, sample_rate: int = 16000, n_mels: int = 40,
-                 channels: tuple[int, ...] | list[int] = (32, 64, 64, 128), dropout: float = 0.1):
-        super().__init__()
-        self.config = {"kind": self.kind, "num_labels": num_labels, "sample_rate": sample_rate,
-                       "n_mels": n_mels, "channels": list(channels), "dropout": dropout}
-        win = int(round(0.025 * sample_rate))  # 25 ms windows, 10 ms hop: the usual KWS front end
-        self.melspec = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=1 << (win - 1).bit_length(), win_length=win,
-            hop_length=int(round(0.010 * sample_rate)), n_mels=n_mels, power=2.0)
-        # The STFT window and mel filterbank follow from the config: keep them out of the state dict.
-        # (The periodic Hann window is also a view into a larger tensor, which safetensors refuses.)
-        for module in (self.melspec.spectrogram, self.melspec.mel_scale):
-            for name, buffer in list(module.named_buffers(recurse=False)):
-                module.register_buffer(name, buffer.clone(), persistent=False)
-        self.input_norm = nn.BatchNorm2d(1)  # learns the feature scale, so no dataset statistics are needed
-        layers: list[nn.Module] = [nn.Conv2d(1, channels[0], 3, padding=1, bias=False),
-                                   nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True)]
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
-            layers += [nn.Conv2d(c_in, c_in, 3, stride=2, padding=1, groups=c_in, bias=False),
-                       nn.BatchNorm2d(c_in), nn.ReLU(inplace=True),
-                       nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                                  nn.Linear(channels[-1], num_labels))
-        self.channels_last = False
-
-    def features(self, waveform: torch.Tensor) -> torch.Tensor:
-        # The STFT runs in float32 even under fp16/bf16 autocast: half-precision power spectra
-        # overflow and lose the quiet bins that distinguish keywords.
-        with torch.autocast(device_type=waveform.device.type, enabled=False):
-            mel = self.melspec(waveform.float())
-            return torch.log(mel + 1e-6).unsqueeze(1)  # (batch, 1, n_mels, frames)
-
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        x = self.input_norm(self.features(waveform))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(self.body(x))
 
 
 def build_student(cfg: StudentConfig, modality: str, label_names: list[str], sample_rate: int | None,
                   teacher: nn.Module | None = None, teacher_spec: str | None = None) -> nn.Module:
     if cfg.type == "logmel_cnn":
         return LogMelCNN(len(label_names), sample_rate=sample_rate or 16000, n_mels=cfg.n_mels,
-                         channels=cfg.channels, dropout=cfg.dropout)
+                         channels=cfg.channels, dropout=cfg.dropout, normalize=cfg.normalize,
+                         pool=cfg.pool)
     return build_hf_student(cfg, modality, label_names, teacher, teacher_spec)
 
 
@@ -159,7 +112,8 @@ def student_logits(model: nn.Module, batch: dict[str, Any], input_key: str) -> t
     return model(**batch["inputs"]).logits
 
 
-def student_input_key(model: nn.Module) -> str:
+def model_input_key(model: nn.Module) -> str:
+    """Which part of a batch a model reads: "waveform" (the log-mel CNN) or "inputs" (transformers)."""
     return "waveform" if isinstance(model, LogMelCNN) else "inputs"
 
 

@@ -1,6 +1,8 @@
 """Safe teacher loading, freezing, placement and the no-grad forward.
 
-Weights are read from safetensors only. Pickle-based checkpoints (.bin, .pt, .pth, .ckpt) can run
+A teacher is a transformers classifier (Hub id, model folder or .safetensors file) or a model
+folder this kit exported (a log-mel CNN trained by train_kd.py, kd/logmel_cnn.py), which makes
+chains possible: teacher -> assistant -> student. Weights are read from safetensors only. Pickle-based checkpoints (.bin, .pt, .pth, .ckpt) can run
 arbitrary code when loaded, so they are refused with a message saying how to convert them.
 `trust_remote_code` is never enabled: the model class must ship with transformers.
 """
@@ -27,6 +29,8 @@ from transformers import (
 )
 
 from kd.errors import ModelLoadError, first_line
+from kd.logmel_cnn import KIND as LOGMEL_KIND
+from kd.logmel_cnn import LogMelCNN, load_logmel_cnn, read_kind
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,11 @@ def load_model_config(spec: str, what: str, revision: str | None = None) -> Pret
 def load_teacher(spec: str, modality: str, revision: str | None = None, dtype: str = "fp32") -> PreTrainedModel:
     """Load a classification teacher from safetensors, frozen and in eval mode (on the CPU)."""
     source, single_file = resolve_model_source(spec, "teacher.model")
+    if single_file is None and is_kit_model(source):
+        if modality != "audio":
+            raise ModelLoadError(f"teacher.model: {spec} is the kit's {LOGMEL_KIND} (audio), but data.modality "
+                                 f"is {modality!r}")
+        return freeze(load_logmel_cnn(source, "teacher.model").to(DTYPES[dtype]))
     cls = TASK_CLASSES[modality]
     try:
         if single_file is not None and single_file.name != "model.safetensors":
@@ -129,6 +138,11 @@ def load_teacher(spec: str, modality: str, revision: str | None = None, dtype: s
     return freeze(model)
 
 
+def is_kit_model(spec: str | None) -> bool:
+    """Whether `spec` is a model folder this kit exported (a log-mel CNN), not a transformers one."""
+    return spec is not None and Path(spec).expanduser().is_dir() and read_kind(Path(spec).expanduser()) == LOGMEL_KIND
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode (dropout off, norm statistics fixed) and no gradients: the teacher never trains."""
     model.eval()
@@ -136,8 +150,9 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def teacher_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Teacher forward under inference mode, inputs cast to the teacher's dtype and device.
+def teacher_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Teacher forward under inference mode on the batch's waveform (the kit's log-mel CNN) or its
+    processed inputs (transformers), moved to the teacher's device and, for inputs, its dtype.
 
     Inference mode skips autograd's bookkeeping (version counters, views) for the whole forward.
     Its tensors cannot be saved for the student's backward, which the KL term needs; so the
@@ -148,9 +163,12 @@ def teacher_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> t
     # the GPU) may be read before it has landed.
     non_blocking = param.device.type == "cuda"
     with torch.inference_mode():
-        moved = {k: (v.to(param.device, param.dtype, non_blocking=non_blocking) if v.is_floating_point()
-                     else v.to(param.device, non_blocking=non_blocking)) for k, v in inputs.items()}
-        logits = model(**moved).logits
+        if isinstance(model, LogMelCNN):  # computes its float32 features itself
+            logits = model(batch["waveform"].to(param.device, non_blocking=non_blocking))
+        else:
+            moved = {k: (v.to(param.device, param.dtype, non_blocking=non_blocking) if v.is_floating_point()
+                         else v.to(param.device, non_blocking=non_blocking)) for k, v in batch["inputs"].items()}
+            logits = model(**moved).logits
     return logits.clone()
 
 
@@ -168,17 +186,25 @@ def load_processor(spec: str, modality: str, revision: str | None = None, what: 
                              "the model folder needs its preprocessor_config.json / tokenizer files") from None
 
 
-def check_label_space(config: PretrainedConfig, label_names: list[str], who: str) -> None:
-    """The model must predict exactly the dataset's classes, in the same order."""
+def model_label_names(model: torch.nn.Module) -> tuple[int | None, list[str] | None]:
+    """(number of labels, their names or None) of a classifier: the kit's log-mel CNN or transformers."""
+    if isinstance(model, LogMelCNN):
+        return model.config["num_labels"], model.label_names
+    config = model.config
     n = getattr(config, "num_labels", None)
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    return n, [id2label.get(i, f"LABEL_{i}") for i in range(n)] if n is not None else None
+
+
+def check_label_space(model: torch.nn.Module, label_names: list[str], who: str) -> None:
+    """The model must predict exactly the dataset's classes, in the same order."""
+    n, names = model_label_names(model)
     if n != len(label_names):
         raise ModelLoadError(
             f"{who} predicts {n} labels but the dataset has {len(label_names)} ({', '.join(label_names[:8])}"
             f"{', ...' if len(label_names) > 8 else ''}); the teacher and student must share one label space"
         )
-    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
-    names = [id2label.get(i, f"LABEL_{i}") for i in range(n)]
-    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+    if names is None or all(name == f"LABEL_{i}" for i, name in enumerate(names)):
         return  # the model carries no names; only the count can be checked
     if [s.lower() for s in names] != [s.lower() for s in label_names]:
         diffs = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(names, label_names)) if a.lower() != b.lower()]

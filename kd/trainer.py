@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from kd.augment import WaveformAugment, describe
 from kd.build import Run
 from kd.config import save_config
 from kd.data import make_loader
@@ -98,6 +99,11 @@ class Trainer:
         self.teacher = run.teacher
         self.features = run.data.features
         self.num_classes = len(run.data.label_names)
+        self.augment = None
+        if self.cfg.augment.enabled:
+            self.augment = WaveformAugment(self.cfg.augment, run.data.sampling_rate, self.num_classes,
+                                           self.cfg.run.seed, self.acc.process_index)
+            self.acc.print(f"Augmentation (training batches, teacher and student alike): {describe(self.cfg.augment)}")
         self.state.micro_batch, self.state.grad_accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
         # The sizes may differ from those the Accelerator was created with (memory.auto_batch_size).
         self.acc.gradient_accumulation_steps = self.state.grad_accum
@@ -253,12 +259,13 @@ class Trainer:
             raise TrainingError("empty batch: the data loader produced a batch with no samples")
         alpha = self.alpha()
         with self.acc.autocast():
-            self._enter("teacher_forward")  # includes the on-device feature extraction
+            self._enter("teacher_forward")  # includes augmentation and the on-device feature extraction
+            targets = self._augment(batch)
             self._add_features(batch)
-            t_logits = teacher_logits(self.teacher, batch["inputs"]) if self.teacher is not None else None
+            t_logits = teacher_logits(self.teacher, batch) if self.teacher is not None else None
             self._enter("student_forward")
             s_logits = student_logits(self.student, batch, self.run.input_key)
-        loss, parts = distillation_loss(s_logits, t_logits, labels, alpha, self.cfg.distillation.temperature,
+        loss, parts = distillation_loss(s_logits, t_logits, targets, alpha, self.cfg.distillation.temperature,
                                         batch.get("sample_weight"))
         del s_logits, t_logits  # drop our references: only what backward needs stays alive
         self._enter("backward")
@@ -270,6 +277,19 @@ class Trainer:
         self.optimizer.step()  # a no-op on accumulation steps (the prepared optimizer knows)
         self.optimizer.zero_grad(set_to_none=True)
         return parts, grad_norm
+
+    def _augment(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Augment the batch's waveform in place (augment.enabled); return the CE targets.
+
+        The targets are the labels, or their mixed one-hot vectors when mixup mixed the clips.
+        Seeded by (seed, epoch, batch index, process), so a resumed run draws what the original drew.
+        """
+        if self.augment is None:
+            return batch["labels"]
+        waveform, mixed = self.augment(batch["waveform"], batch["labels"], self.state.epoch,
+                                       self.state.batches_in_epoch)
+        batch["waveform"] = waveform
+        return batch["labels"] if mixed is None else mixed
 
     def _add_features(self, batch: dict[str, Any]) -> None:
         """The model inputs from the waveform, batched on the device (data.features_on_device)."""
@@ -377,7 +397,7 @@ class Trainer:
         for batch in self.eval_dls[role]:
             self._add_features(batch)
             with self.acc.autocast():
-                t_logits = teacher_logits(self.teacher, batch["inputs"]) if self.teacher is not None else None
+                t_logits = teacher_logits(self.teacher, batch) if self.teacher is not None else None
                 s_logits = student_logits(self.student, batch, self.run.input_key)
             loss = per_sample_losses(s_logits, t_logits, batch["labels"], alpha, temperature)["total"]
             t_pred = t_logits.argmax(-1).to(s_logits.device) if t_logits is not None else torch.zeros_like(batch["labels"])

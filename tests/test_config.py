@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kd.config import Config, config_from_dict, load_config, save_config
+from kd.config import SECTIONS, Config, config_from_dict, load_config, save_config
 from kd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,14 @@ def test_shipped_configs_exist():
     assert {"demo.yaml", "demo_teacher.yaml", "demo_baseline.yaml", "5gb.yaml", "4gb_teacher_cpu.yaml"} <= names
 
 
+def test_demo_config_lists_every_key():
+    """configs/demo.yaml is the reference: every key the kit knows appears there, with its comment."""
+    raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    for section, cls in SECTIONS.items():
+        missing = {f.name for f in dataclasses.fields(cls)} - set(raw.get(section) or {})
+        assert not missing, f"configs/demo.yaml lacks {section}.{sorted(missing)}"
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_every_shipped_key_is_commented(path):
     """Each key line carries a comment saying what it does (and what it costs)."""
@@ -70,6 +79,14 @@ def test_every_shipped_key_is_commented(path):
         ("data", {"modality": "video"}, "data.modality", "'audio', 'text', 'image'"),
         ("student", {"channels": [16, "x"]}, "student.channels", "a list of an integer"),
         ("telemetry", {"report_to": ["slack"]}, "telemetry.report_to", "'tensorboard'"),
+        ("student", {"normalize": "global"}, "student.normalize", "'utterance', 'batch'"),
+        ("student", {"pool": "max"}, "student.pool", "'time_max', 'avg'"),
+        ("augment", {"speed": 1.5}, "augment.speed", "must be in [0, 1)"),
+        ("augment", {"noise_snr_db": [30, 10]}, "augment.noise_snr_db", "low <= high"),
+        ("augment", {"noise_snr_db": [10]}, "augment.noise_snr_db", "[low, high]"),
+        ("augment", {"noise_prob": 2}, "augment.noise_prob", "must be in [0, 1]"),
+        ("augment", {"time_masks": -1}, "augment.time_masks", ">= 0"),
+        ("augment", {"mixup_alpha": -0.2}, "augment.mixup_alpha", "0 turns it off"),
     ],
 )
 def test_bad_value_names_key_value_and_what_is_allowed(section, values, key, fragment):
@@ -87,6 +104,14 @@ def test_missing_teacher_when_distilling():
 def test_logmel_student_needs_audio():
     problems = problems_of(with_("data", modality="text"))
     assert any(p.startswith("student.type:") and "audio" in p for p in problems)
+
+
+def test_augmentation_needs_audio():
+    raw = with_("data", modality="text")
+    raw["student"], raw["augment"] = {"type": "hf"}, {"enabled": True}
+    problems = problems_of(raw)
+    assert problems == ["augment.enabled: True is not allowed; waveform augmentation needs audio data, but "
+                        "data.modality is 'text'"]
 
 
 def test_unknown_keys_suggest_the_closest_name():

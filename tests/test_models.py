@@ -69,7 +69,7 @@ def test_teacher_is_frozen_and_unchanged_by_a_student_step(tiny_teacher):
     student = LogMelCNN(len(TONE_LABELS), n_mels=16, channels=[8, 16])
     optimizer = torch.optim.AdamW(student.parameters(), lr=0.1)
     wave = torch.randn(2, 16000)
-    t_logits = teacher_logits(teacher, {"input_values": wave})
+    t_logits = teacher_logits(teacher, {"inputs": {"input_values": wave}})
     assert not t_logits.requires_grad
     loss = torch.nn.functional.kl_div(student(wave).log_softmax(-1), t_logits.softmax(-1), reduction="batchmean")
     loss.backward()
@@ -80,17 +80,17 @@ def test_teacher_is_frozen_and_unchanged_by_a_student_step(tiny_teacher):
 def test_teacher_dtype_is_applied(tiny_teacher):
     teacher = load_teacher(str(tiny_teacher), "audio", dtype="bf16")
     assert next(teacher.parameters()).dtype == torch.bfloat16
-    logits = teacher_logits(teacher, {"input_values": torch.randn(1, 16000)})
+    logits = teacher_logits(teacher, {"inputs": {"input_values": torch.randn(1, 16000)}})
     assert logits.dtype == torch.bfloat16
 
 
 def test_label_space_checks(tiny_teacher):
-    config = load_teacher(str(tiny_teacher), "audio").config
-    check_label_space(config, list(TONE_LABELS), "teacher")
+    teacher = load_teacher(str(tiny_teacher), "audio")
+    check_label_space(teacher, list(TONE_LABELS), "teacher")
     with pytest.raises(ModelLoadError, match="predicts 3 labels but the dataset has 2"):
-        check_label_space(config, ["a", "b"], "teacher")
+        check_label_space(teacher, ["a", "b"], "teacher")
     with pytest.raises(ModelLoadError, match="label names differ"):
-        check_label_space(config, ["low", "mid", "high"], "teacher")
+        check_label_space(teacher, ["low", "mid", "high"], "teacher")
 
 
 def test_logmel_student_shapes_and_single_sample():
@@ -172,3 +172,87 @@ def test_failed_export_keeps_the_previous_one(tmp_path):
         save_student(Broken(2, n_mels=16, channels=[8]), target, ["a", "b"])
     assert load_student(target)[1] == ["a", "b"]
     assert not list(tmp_path.glob(".student.*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A kit-exported log-mel CNN as a teacher (teacher -> assistant -> student chains)
+
+
+@pytest.fixture()
+def kit_teacher(tmp_path):
+    torch.manual_seed(0)
+    model = LogMelCNN(len(TONE_LABELS), sample_rate=8000, n_mels=16, channels=[8, 16]).eval()
+    return save_student(model, tmp_path / "kit-teacher", list(TONE_LABELS)), model
+
+
+def test_kit_exported_student_loads_as_a_frozen_teacher(kit_teacher):
+    folder, original = kit_teacher
+    teacher = load_teacher(str(folder), "audio")
+    assert isinstance(teacher, LogMelCNN) and teacher.label_names == list(TONE_LABELS)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    wave = torch.randn(3, 8000)
+    logits = teacher_logits(teacher, {"waveform": wave})  # reads the waveform, needs no feature extractor
+    assert not logits.requires_grad
+    torch.testing.assert_close(logits, original(wave))
+    half = load_teacher(str(folder), "audio", dtype="bf16")
+    assert next(half.parameters()).dtype == torch.bfloat16
+    assert teacher_logits(half, {"waveform": wave}).argmax(-1).shape == (3,)
+
+
+def test_kit_teacher_label_names_are_checked(kit_teacher):
+    teacher = load_teacher(str(kit_teacher[0]), "audio")
+    check_label_space(teacher, list(TONE_LABELS), "teacher")
+    with pytest.raises(ModelLoadError, match="label names differ from the dataset's at index 0: 'high' vs 'low'"):
+        check_label_space(teacher, ["low", "mid", "high"], "teacher")
+    with pytest.raises(ModelLoadError, match="predicts 3 labels but the dataset has 2"):
+        check_label_space(teacher, ["a", "b"], "teacher")
+
+
+def test_kit_teacher_with_pickle_weights_is_refused(kit_teacher):
+    folder = kit_teacher[0]
+    torch.save(load_teacher(str(folder), "audio").state_dict(), folder / "model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError) as info:
+        load_teacher(str(folder), "audio")
+    assert "only pickle weights (model.bin)" in str(info.value) and "safetensors" in str(info.value)
+
+
+def test_kit_teacher_truncated_or_for_another_modality_is_refused(kit_teacher):
+    folder = kit_teacher[0]
+    with pytest.raises(ModelLoadError, match="is the kit's logmel_cnn \\(audio\\), but data.modality is 'text'"):
+        load_teacher(str(folder), "text")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        load_teacher(str(folder), "audio")
+
+
+def test_exports_from_before_the_normalize_and_pool_keys_load_as_they_were(tmp_path):
+    import json
+
+    model = LogMelCNN(2, n_mels=16, channels=[8], normalize="batch", pool="avg").eval()
+    folder = save_student(model, tmp_path / "old", ["a", "b"])
+    config = json.loads((folder / "config.json").read_text())
+    del config["normalize"], config["pool"]
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_student(folder)
+    assert loaded.normalize == "batch" and loaded.config["pool"] == "avg"
+    wave = torch.randn(2, 16000)
+    torch.testing.assert_close(loaded(wave), model(wave))
+
+
+# ---------------------------------------------------------------------------------------------
+# The log-mel front end
+
+
+def test_utterance_front_end_ignores_recording_level_and_zero_padding_level():
+    torch.manual_seed(0)
+    model = LogMelCNN(4, sample_rate=8000, n_mels=16, channels=[8, 16]).eval()
+    wave = 0.05 * torch.randn(4, 8000)
+    wave[1, 3000:] = 0.0  # a short clip, zero-padded
+    base = model.features(wave)
+    for gain in (0.1, 10.0, 1000.0):
+        torch.testing.assert_close(model.features(wave * gain), base, atol=2e-4, rtol=0)
+    assert torch.isfinite(model.features(torch.zeros(1, 8000))).all()  # digital silence: no NaN
+    legacy = LogMelCNN(4, sample_rate=8000, n_mels=16, channels=[8, 16], normalize="batch").eval()
+    assert (legacy.features(wave * 10) - legacy.features(wave)).abs().max() > 1.0  # what it fixes

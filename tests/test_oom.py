@@ -24,8 +24,9 @@ def recorded_run(cfg: dict, monkeypatch) -> tuple[Trainer, dict[int, list]]:
     micro_step, recover = trainer._micro_step, trainer._recover_from_oom
 
     def recording_micro_step(batch):
+        clean = fingerprint(batch["waveform"])  # before augmentation replaces the waveform
         result = micro_step(batch)
-        seen.setdefault(trainer.state.step + 1, []).extend(fingerprint(batch["waveform"]))
+        seen.setdefault(trainer.state.step + 1, []).extend(clean)
         return result
 
     def forgetting_recover(message, phase):
@@ -38,15 +39,16 @@ def recorded_run(cfg: dict, monkeypatch) -> tuple[Trainer, dict[int, list]]:
     return trainer, seen
 
 
-@pytest.mark.parametrize(("grad_accum", "phase"), [(1, "backward"), (2, "teacher_forward"), (2, "optimizer")])
+@pytest.mark.parametrize(("grad_accum", "phase", "augment"), [
+    (1, "backward", False), (2, "teacher_forward", False), (2, "optimizer", False), (2, "student_forward", True)])
 def test_shrink_retries_the_step_with_the_same_samples(tmp_path, tone_data, tiny_teacher, monkeypatch,
-                                                       grad_accum, phase):
+                                                       grad_accum, phase, augment):
     monkeypatch.setenv("KD_FAULT_OOM_AT_STEP", "2")
     monkeypatch.setenv("KD_FAULT_OOM_PHASE", phase)
     steps_per_epoch = 6 // grad_accum
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run",
                       train={"grad_accum": grad_accum, "max_steps": 2 * steps_per_epoch, "eval_every": 100},
-                      telemetry={"log_every": 1})
+                      telemetry={"log_every": 1}, augment={"enabled": augment, "mixup_alpha": 0.4})
     trainer, seen = recorded_run(cfg, monkeypatch)
     events = read_events(tmp_path / "run")
     ooms = [e for e in events if e["type"] == "oom"]

@@ -84,11 +84,13 @@ def test_launch_outputs_resolved_config_checkpoints_and_student(launched_run, to
     assert "Parameters: teacher" in result.stdout and "student" in result.stdout
 
 
-def test_resume_continues_with_the_same_losses(tmp_path, tone_data, tiny_teacher):
-    """Checkpoint mid-epoch with accumulation and dropout; the resumed run logs the same losses."""
+@pytest.mark.parametrize("augment", [False, True])
+def test_resume_continues_with_the_same_losses(tmp_path, tone_data, tiny_teacher, augment):
+    """Checkpoint mid-epoch with accumulation and dropout (and augmentation with mixup: its random
+    draws too); the resumed run logs the same losses."""
     common = {"train": {"max_steps": 7, "grad_accum": 2, "checkpoint_every": 2, "keep_checkpoints": 5,
                         "eval_every": 100},
-              "student": {"dropout": 0.3}}
+              "student": {"dropout": 0.3}, "augment": {"enabled": augment, "mixup_alpha": 0.4}}
     full = tiny_config(tone_data, tiny_teacher, tmp_path / "full", **common)
     result = run_cli(["--config", str(write_config(tmp_path / "full.yaml", full))])
     assert result.returncode == 0, result.stderr[-3000:]

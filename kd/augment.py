@@ -1,0 +1,152 @@
+"""Waveform augmentation, batched on the device, applied once per training batch.
+
+The teacher and the student see the very same augmented waveform: augmentation runs before the
+teacher's features are computed and before either forward, so the soft targets describe exactly
+the input the student learns from ("consistent teaching", Beyer et al. 2022, "Knowledge
+distillation: a good teacher is patient and consistent"). With mixup, the teacher labels the mixed
+clip itself (function matching); the labels are mixed with the same weights for the CE term.
+
+Every transform works on the raw waveform, so it means the same to any front end (the student's
+log-mel, an AST filterbank, wav2vec2's raw input): SpecAugment's masks become silenced time
+segments and band-stop filtered frequency bands.
+
+Random draws come from generators seeded by (run seed, epoch, batch index, process): a batch is
+augmented identically however the run got there (fresh, resumed from a checkpoint, after an
+out-of-memory retry at the same micro-batch size). Evaluation never calls this module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kd.config import AugmentConfig
+
+
+class WaveformAugment:
+    """`augment(waveform, labels, epoch, index)` -> (augmented waveform, soft targets or None)."""
+
+    def __init__(self, cfg: AugmentConfig, sample_rate: int, num_classes: int, seed: int, rank: int = 0):
+        self.cfg, self.rate, self.num_classes = cfg, sample_rate, num_classes
+        self.seed, self.rank = seed, rank
+
+    def generators(self, epoch: int, index: int, device: torch.device) -> tuple[np.random.Generator, torch.Generator]:
+        """Two generators for one batch: NumPy for per-clip parameters, torch (on `device`) for noise."""
+        seq = np.random.SeedSequence([self.seed, epoch, index, self.rank])
+        small, large = seq.spawn(2)
+        noise = torch.Generator(device=device)
+        noise.manual_seed(int(large.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+        return np.random.default_rng(small), noise
+
+    def __call__(self, waveform: torch.Tensor, labels: torch.Tensor, epoch: int,
+                 index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cfg = self.cfg
+        rng, gen = self.generators(epoch, index, waveform.device)
+        batch, n = waveform.shape
+        x = waveform.float()
+        if cfg.speed > 0:
+            x = speed_perturb(x, rng.uniform(1 - cfg.speed, 1 + cfg.speed, batch))
+        if cfg.shift_s > 0:
+            limit = int(cfg.shift_s * self.rate)
+            x = time_shift(x, rng.integers(-limit, limit + 1, batch))
+        if cfg.gain_db > 0:
+            gain = 10 ** (rng.uniform(-cfg.gain_db, cfg.gain_db, batch) / 20)
+            x = x * torch.as_tensor(gain, dtype=x.dtype, device=x.device)[:, None]
+        if cfg.noise_prob > 0:
+            lo, hi = cfg.noise_snr_db
+            snr = np.where(rng.random(batch) < cfg.noise_prob, rng.uniform(lo, hi, batch), np.inf)
+            x = add_noise(x, snr, gen)
+        for _ in range(cfg.time_masks):
+            width = (rng.uniform(0, cfg.time_mask_s, batch) * self.rate).astype(int)
+            start = (rng.random(batch) * (n - width + 1)).astype(int)
+            x = mask_time(x, start, width)
+        for _ in range(cfg.freq_masks):
+            nyquist = self.rate / 2
+            width = rng.uniform(0, cfg.freq_mask_hz, batch)
+            low = rng.random(batch) * np.maximum(nyquist - width, 0)
+            x = mask_band(x, low, low + width, self.rate)
+        targets = None
+        if cfg.mixup_alpha > 0:
+            lam = rng.beta(cfg.mixup_alpha, cfg.mixup_alpha, batch)
+            lam = np.maximum(lam, 1 - lam)  # each clip stays the larger part of its own mix
+            perm = torch.as_tensor(rng.permutation(batch), device=x.device)
+            weight = torch.as_tensor(lam, dtype=x.dtype, device=x.device)[:, None]
+            x = weight * x + (1 - weight) * x[perm]
+            onehot = torch.nn.functional.one_hot(labels, self.num_classes).to(x.dtype)
+            targets = weight * onehot + (1 - weight) * onehot[perm]
+        return x.to(waveform.dtype), targets
+
+
+def speed_perturb(x: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
+    """Play clip i at `factors[i]` times its speed (tempo and pitch together), by linear interpolation.
+
+    Centred, so the keyword stays where it was; positions outside the source clip are silence.
+    """
+    batch, n = x.shape
+    t = torch.arange(n, device=x.device, dtype=torch.float32)
+    factor = torch.as_tensor(factors, dtype=torch.float32, device=x.device)[:, None]
+    src = (t - n / 2) * factor + n / 2  # (batch, n) source positions
+    left = src.floor()
+    frac = src - left
+    left = left.long()
+    valid_l = (left >= 0) & (left < n)
+    valid_r = (left + 1 >= 0) & (left + 1 < n)
+    a = x.gather(1, left.clamp(0, n - 1)) * valid_l
+    b = x.gather(1, (left + 1).clamp(0, n - 1)) * valid_r
+    return a * (1 - frac) + b * frac
+
+
+def time_shift(x: torch.Tensor, shifts: np.ndarray) -> torch.Tensor:
+    """Delay clip i by `shifts[i]` samples (negative: earlier), filling with silence."""
+    batch, n = x.shape
+    src = torch.arange(n, device=x.device)[None, :] - torch.as_tensor(shifts, device=x.device)[:, None]
+    valid = (src >= 0) & (src < n)
+    return x.gather(1, src.clamp(0, n - 1)) * valid
+
+
+def add_noise(x: torch.Tensor, snr_db: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    """White noise at `snr_db[i]` below clip i's mean power (inf: no noise for that clip)."""
+    power = x.pow(2).mean(dim=1, keepdim=True)
+    scale = torch.as_tensor(10 ** (-snr_db / 20), dtype=x.dtype, device=x.device)[:, None]  # 0 where inf
+    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return x + noise * power.sqrt() * scale
+
+
+def mask_time(x: torch.Tensor, start: np.ndarray, width: np.ndarray) -> torch.Tensor:
+    """Silence samples [start[i], start[i] + width[i]) of clip i (SpecAugment's time mask)."""
+    t = torch.arange(x.shape[1], device=x.device)[None, :]
+    s = torch.as_tensor(start, device=x.device)[:, None]
+    w = torch.as_tensor(width, device=x.device)[:, None]
+    return x * ~((t >= s) & (t < s + w))
+
+
+def mask_band(x: torch.Tensor, low_hz: np.ndarray, high_hz: np.ndarray, rate: int) -> torch.Tensor:
+    """Remove the band [low_hz[i], high_hz[i]) from clip i (SpecAugment's frequency mask)."""
+    n = x.shape[1]
+    spectrum = torch.fft.rfft(x, dim=1)
+    freqs = torch.fft.rfftfreq(n, d=1.0 / rate).to(x.device)[None, :]
+    lo = torch.as_tensor(low_hz, dtype=freqs.dtype, device=x.device)[:, None]
+    hi = torch.as_tensor(high_hz, dtype=freqs.dtype, device=x.device)[:, None]
+    spectrum = spectrum * ~((freqs >= lo) & (freqs < hi))
+    return torch.fft.irfft(spectrum, n=n, dim=1)
+
+
+def describe(cfg: AugmentConfig) -> str:
+    """One line for the console: which transforms are on."""
+    parts: list[str] = []
+    if cfg.speed > 0:
+        parts.append(f"speed x{1 - cfg.speed:g}-{1 + cfg.speed:g}")
+    if cfg.shift_s > 0:
+        parts.append(f"shift +-{cfg.shift_s:g} s")
+    if cfg.gain_db > 0:
+        parts.append(f"gain +-{cfg.gain_db:g} dB")
+    if cfg.noise_prob > 0:
+        parts.append(f"noise {cfg.noise_snr_db[0]:g}-{cfg.noise_snr_db[1]:g} dB SNR (p={cfg.noise_prob:g})")
+    if cfg.time_masks:
+        parts.append(f"{cfg.time_masks} time mask(s) <= {cfg.time_mask_s:g} s")
+    if cfg.freq_masks:
+        parts.append(f"{cfg.freq_masks} band mask(s) <= {cfg.freq_mask_hz:g} Hz")
+    if cfg.mixup_alpha > 0:
+        parts.append(f"mixup Beta({cfg.mixup_alpha:g})")
+    return ", ".join(parts) or "no transform enabled"
+
