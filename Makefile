@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo test bench gpu-check clean-demo
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ bench: $(STAMP)
 	$(PY) bench/bench_monitor.py
 	$(PY) bench/bench_throughput.py
 	$(PY) bench/bench_memory.py
+
+# Every CUDA path (tests marked cuda, memory and throughput benches, a demo run, the monitor),
+# one report in bench/gpu-check/ (markdown + JSON). On a machine without a GPU it runs the CPU parts.
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py --out bench/gpu-check
 
 clean-demo:
 	rm -rf .demo runs/demo-teacher runs/demo-kd runs/demo-baseline

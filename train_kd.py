@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from kd.build import build_run
         from kd.trainer import Trainer
 
-        run = build_run(cfg)  # prints the pre-flight memory estimate
+        run = build_run(cfg, plan_only=args.preflight)  # prints the pre-flight memory estimate
         if args.preflight:
             print("Pre-flight only: nothing was trained or written (drop --preflight to train).")
             return 0

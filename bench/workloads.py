@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import kd  # noqa: E402,F401  (configures the CUDA allocator, before environment() initialises CUDA)
+
 FLAGSHIP_LABELS = [f"kw{i:02d}" for i in range(35)]
 
 
@@ -94,20 +96,18 @@ def flagship_workload(work: Path, cuda: bool, epochs: int, micro: int | None = N
 
 
 def random_demo_teacher(folder: Path, sampling_rate: int) -> Path:
+    """configs/demo_teacher.yaml's wide log-mel CNN with random weights, exported as the kit does."""
     import torch
-    from transformers import AutoConfig, Wav2Vec2ForSequenceClassification
 
+    from kd.config import load_config
     from kd.demo.kws_data import KEYWORDS
-    from kd.demo.teacher_arch import write_teacher_architecture
+    from kd.export import save_student
+    from kd.students import build_student
 
-    write_teacher_architecture(folder, sampling_rate)
-    config = AutoConfig.from_pretrained(folder)
+    cfg = load_config(ROOT / "configs/demo_teacher.yaml")
     labels = sorted(KEYWORDS)
-    config.num_labels, config.id2label = len(labels), dict(enumerate(labels))
-    config.label2id = {n: i for i, n in enumerate(labels)}
     torch.manual_seed(0)
-    Wav2Vec2ForSequenceClassification(config).save_pretrained(folder)
-    return folder
+    return save_student(build_student(cfg.student, "audio", labels, sampling_rate), folder, labels)
 
 
 @dataclass

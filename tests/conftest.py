@@ -16,6 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["TONE_LABELS", "save_tiny_wav2vec2", "write_tone_dataset"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: skipped with the reason on a machine without one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run bench/gpu_check.py on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_hf_home(tmp_path_factory, monkeypatch):
     """Each test session gets its own Hugging Face cache, and nothing reaches the network."""

@@ -104,6 +104,37 @@ def test_preflight_flag_prints_and_writes_nothing(tmp_path, tone_data, tiny_teac
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks planning a GPU config on a machine without one")
+def test_preflight_plans_a_gpu_config_without_a_gpu(tmp_path, tone_data, tiny_teacher):
+    """configs/5gb.yaml's settings (fp16, the teacher on CUDA, GPU only) planned on a CPU: the
+    estimate, counted for 16-bit activations, instead of "fp16 needs a CUDA GPU"."""
+    def preflight(precision: str, extra: list[str]) -> str:
+        # A student whose step outweighs the tiny teacher's forward, so its activations decide.
+        cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", train={"mixed_precision": precision},
+                          student={"channels": [64, 64], "n_mels": 40})
+        result = run_cli(["--config", str(write_config(tmp_path / f"{precision}.yaml", cfg)), "--preflight", *extra])
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    gpu = preflight("fp16", ["teacher.device=cuda", "run.gpu_only=true"])
+    assert "Planning for a CUDA GPU on a machine without one (run.gpu_only: true, train.mixed_precision: fp16, " \
+           "teacher.device: cuda)" in gpu
+    assert "Pre-flight memory estimate" in gpu and "activations (analytic)" in gpu and "Pre-flight only" in gpu
+    plain = preflight("no", [])
+    assert "Planning for a CUDA GPU" not in plain
+
+    def activations(out: str) -> float:
+        line = next(line for line in out.splitlines() if "activations (analytic)" in line)
+        value, unit = line.split()[-2:]
+        return float(value) * {"KB": 1e3, "MB": 1e6, "GB": 1e9}.get(unit, 1)
+
+    assert activations(gpu) < activations(plain)  # 16-bit activations counted for the GPU it targets
+    # Training (no --preflight) still refuses the GPU-only setting here, in one line.
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", train={"mixed_precision": "fp16"})
+    result = run_cli(["--config", str(write_config(tmp_path / "train.yaml", cfg))])
+    assert result.returncode == 2 and "'fp16' needs a CUDA GPU" in result.stderr
+
+
 def test_flagship_architecture_fits_the_budget_analytically():
     """configs/5gb.yaml's teacher (AST for Speech Commands v2) from its config, random weights."""
     from transformers import ASTConfig, ASTForAudioClassification

@@ -1,0 +1,135 @@
+"""Every CUDA path of the kit, checked by one command, with one report (markdown + JSON).
+
+    make gpu-check                                   # on a machine with the project's .venv
+    python bench/gpu_check.py --out bench/gpu-check  # anywhere the stack is importable
+
+In order, each step a subprocess with its own time limit and log file under --out:
+
+  1. cuda-tests   pytest -m cuda: fast-path switches, the budget cap, a real out-of-memory error in
+                  every phase, NVML fields, fp16/bf16, on-device features, compile (tests/test_cuda.py)
+  2. memory       bench/bench_memory.py: pre-flight estimate against measured peaks (demo, flagship)
+                  and a real out-of-memory recovery
+  3. throughput   bench/bench_throughput.py: naive against optimised, KD step cost, fp16/bf16 agreement
+  4. demo         `python -m kd.demo` (the `make demo` run, under the configs' 5.5 GB cap), then the
+                  monitor's `--once` summary of its KD run's telemetry
+
+Without a GPU the steps still run their CPU parts (the CUDA tests skip with a reason; the benches
+inject the out-of-memory error), and the report says that no GPU figure was measured. Nothing here
+needs the network: the flagship teacher is an AST built from its config with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def steps(out: Path, work: Path) -> list[dict]:
+    return [
+        {"name": "cuda-tests", "timeout": 900,
+         "argv": [PY, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
+                  f"--junitxml={out / 'cuda-tests.xml'}"]},
+        {"name": "memory", "timeout": 900,
+         "argv": [PY, "bench/bench_memory.py", "--out", str(out / "memory.json"), "--work-dir", str(work / "memory")]},
+        {"name": "throughput", "timeout": 1200,
+         "argv": [PY, "bench/bench_throughput.py", "--out", str(out / "throughput.json"),
+                  "--work-dir", str(work / "throughput")]},
+        {"name": "demo", "timeout": 900, "argv": [PY, "-m", "kd.demo"]},
+        {"name": "monitor-once", "timeout": 60, "argv": [PY, "monitor_tui.py", "runs/demo-kd", "--once"]},
+    ]
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "python": sys.version.split()[0], "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
+           "gpu": None, "driver": None, "gpu_total_bytes": None}
+    for name in ("transformers", "accelerate", "datasets", "textual", "pynvml"):
+        try:
+            module = __import__(name)
+            env[name] = getattr(module, "__version__", "installed")
+        except ImportError:
+            env[name] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"], env["gpu_total_bytes"] = props.name, props.total_memory
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+            pynvml.nvmlShutdown()
+        except Exception as exc:  # NVML missing or refused: say so rather than fail the report
+            env["driver"] = f"unknown ({type(exc).__name__})"
+    return env
+
+
+def run_step(step: dict, out: Path) -> dict:
+    log = out / f"{step['name']}.log"
+    started = time.time()
+    print(f"== {step['name']}: {' '.join(Path(a).name if a == PY else a for a in step['argv'])}", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    with log.open("w") as fh:
+        try:
+            code = subprocess.call(step["argv"], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                   timeout=step["timeout"])
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    text = log.read_text(errors="replace")
+    result = {"name": step["name"], "exit": code, "seconds": round(time.time() - started, 1), "log": log.name,
+              "tail": text.strip().splitlines()[-25:]}
+    print(f"   exit {code} in {result['seconds']} s; log {log}", flush=True)
+    return result
+
+
+def markdown(env: dict, results: list[dict], out: Path) -> str:
+    lines = ["# GPU check", "",
+             f"{env['date']}: GPU {env['gpu'] or 'none (no CUDA device: no GPU figure was measured)'}, "
+             f"driver {env['driver']}, torch {env['torch']} (CUDA {env['cuda_runtime']}), python {env['python']}, "
+             f"transformers {env['transformers']}, accelerate {env['accelerate']}, datasets {env['datasets']}, "
+             f"textual {env['textual']}.", "",
+             "| step | exit | seconds |", "| --- | --- | --- |"]
+    lines += [f"| {r['name']} | {r['exit']} | {r['seconds']} |" for r in results]
+    for r in results:
+        lines += ["", f"## {r['name']}", "", "```", *r["tail"], "```"]
+    for name in ("memory.json", "throughput.json"):
+        if (out / name).is_file():
+            lines += ["", f"Full figures: `{name}`."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu-check", help="report folder")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these steps (names as listed above)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="kd-gpu-check-"))
+    env = environment()
+    print(f"GPU check: {env['gpu'] or 'no CUDA GPU (CPU parts only)'}; torch {env['torch']}; report in {args.out}")
+    chosen = [s for s in steps(args.out, work) if args.only is None or s["name"] in args.only]
+    results = []
+    for step in chosen:
+        results.append(run_step(step, args.out))
+        report = {"env": env, "steps": results}  # rewritten after each step: a cut run keeps what it did
+        (args.out / "gpu_report.json").write_text(json.dumps(report, indent=1))
+        (args.out / "gpu_report.md").write_text(markdown(env, results, args.out))
+    failed = [r["name"] for r in results if r["exit"] != 0]
+    print(f"GPU check done: {len(results) - len(failed)}/{len(results)} steps passed"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The CUDA-only paths, checked on a real GPU: `pytest -m cuda` (skipped with a reason elsewhere).
+
+Each test can fail on a GPU: the fast-path switches really take effect, the budget cap really caps,
+a real out-of-memory error raised by the CUDA allocator under the cap is recovered in every phase,
+NVML is read, half precision stays finite, on-device features match the CPU's, and compiled
+training matches eager. `bench/gpu_check.py` runs these first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, tiny_config, write_config
+from kd.build import build_run
+from kd.config import config_from_dict
+from kd.data import make_loader
+from kd.telemetry import read_events
+from kd.trainer import Trainer
+from test_oom import recorded_run
+
+pytestmark = pytest.mark.cuda
+GB = 1e9
+
+
+@pytest.fixture(autouse=True)
+def _uncapped():
+    """build_run caps this process to the budget; give the next test the whole card back."""
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+
+
+def test_run_on_cuda_uses_the_fast_path_caps_memory_and_reads_nvml(tmp_path, tone_data, tiny_teacher):
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", train={"max_steps": 6, "eval_every": 3},
+                      telemetry={"log_every": 1, "gpu_sample_s": 0.05})
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("Using channels_last memory format", "Non-blocking transfers enabled",
+                 "Memory capped to the 5.50 GB budget"):
+        assert line in result.stdout, line
+    events = read_events(tmp_path / "run")
+    start = next(e for e in events if e["type"] == "run_start")
+    assert start["env"]["gpu_name"], start["env"]
+    steps = [e for e in events if e["type"] == "step"]
+    gpu = steps[-1]["gpu"]
+    for key in ("util_pct", "power_w", "used_bytes", "total_bytes", "temp_c"):
+        assert gpu and gpu.get(key) is not None, (key, gpu)
+    assert 0 < gpu["used_bytes"] <= gpu["total_bytes"]
+    assert steps[-1]["mem"]["peak_allocated"] > 0
+    end = events[-1]
+    assert end["status"] == "completed" and 0 < end["peak"]["reserved"] < 5.5 * GB
+
+
+def test_student_weights_are_channels_last_and_batches_come_from_pinned_memory(tmp_path, tone_data, tiny_teacher):
+    run = build_run(config_from_dict(tiny_config(tone_data, tiny_teacher, tmp_path / "run")))
+    assert run.accelerator.device.type == "cuda"
+    convs = [m.weight for m in run.student.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_cuda and w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    trainer = Trainer(run)
+    assert trainer.train_dl.pin_memory
+    raw = make_loader(run.data.splits["train"], run.cfg.data, 4, run.data.collate, shuffle=False, pin_memory=True)
+    assert next(iter(raw))["waveform"].is_pinned()
+    batch = next(iter(trainer.train_dl))
+    assert batch["waveform"].is_cuda
+
+
+def test_an_allocation_past_the_budget_raises(tmp_path, tone_data, tiny_teacher):
+    run = build_run(config_from_dict(tiny_config(tone_data, tiny_teacher, tmp_path / "run",
+                                                 memory={"vram_budget_gb": 2.0})))
+    context = run.estimate.cuda_context
+    assert 0.1 * GB < context < 2.0 * GB  # measured through NVML, not the 0.5 GB constant
+    assert context != 500_000_000
+    allocator = 2.0 * GB - context  # the budget less what lives outside the allocator
+    small = torch.empty(int(0.5 * allocator), dtype=torch.uint8, device="cuda")  # fits under the cap
+    with pytest.raises(torch.OutOfMemoryError):
+        torch.empty(int(0.6 * allocator), dtype=torch.uint8, device="cuda")  # would fit the card, not the cap
+    del small
+
+
+@pytest.mark.parametrize("phase", ["teacher_forward", "student_forward", "backward", "optimizer"])
+def test_a_real_cuda_oom_in_each_phase_is_recovered_with_the_same_samples(tmp_path, tone_data, tiny_teacher,
+                                                                           monkeypatch, phase):
+    """At optimizer step 2, the phase asks the allocator for more than the 1 GB cap leaves: a genuine
+    torch.OutOfMemoryError from CUDA, not the injected one. The step is retried with half the
+    micro-batch and twice the accumulation, on the same samples."""
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", memory={"vram_budget_gb": 1.0},
+                      train={"grad_accum": 1, "max_steps": 12, "eval_every": 100}, telemetry={"log_every": 1})
+    enter, fired = Trainer._enter, []
+
+    def enter_and_overflow(self, name):
+        enter(self, name)
+        if name == phase and self.state.step + 1 == 2 and not fired:
+            fired.append(name)
+            torch.empty(int(2 * GB), dtype=torch.uint8, device=self.acc.device)
+
+    monkeypatch.setattr(Trainer, "_enter", enter_and_overflow)
+    trainer, seen = recorded_run(cfg, monkeypatch)
+    events = read_events(tmp_path / "run")
+    ooms = [e for e in events if e["type"] == "oom"]
+    assert fired and len(ooms) == 1
+    assert (ooms[0]["phase"], ooms[0]["recovered"], ooms[0]["new_micro_batch"]) == (phase, True, 2)
+    assert "KD_FAULT" not in ooms[0]["message"]
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["samples"] for e in steps] == [4 * (i + 1) for i in range(12)]
+    for epoch in range(2):
+        used = [f for step in range(6 * epoch + 1, 6 * epoch + 7) for f in seen[step]]
+        assert len(used) == len(set(used)) == 24
+    assert events[-1]["status"] == "completed"
+
+
+def test_a_real_oom_with_on_oom_fail_checkpoints_and_exits_2(tmp_path, tone_data, tiny_teacher):
+    """A student far too big for a 0.3 GB cap at this micro-batch, with auto_batch_size off."""
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run",
+                      memory={"on_oom": "fail", "vram_budget_gb": 0.3, "auto_batch_size": False},
+                      student={"channels": [512, 512, 512], "n_mels": 128},
+                      train={"batch_size": 8, "max_steps": 4, "eval_every": 100})
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "out of memory" in result.stderr and "memory.on_oom is 'fail'" in result.stderr
+    assert "Traceback" not in result.stderr
+    events = read_events(tmp_path / "run")
+    assert events[-1]["type"] == "run_end" and events[-1]["status"] == "oom"
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_stays_finite_for_50_steps(tmp_path, tone_data, tiny_teacher, precision):
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run",
+                      train={"mixed_precision": precision, "max_steps": 50, "eval_every": 25},
+                      telemetry={"log_every": 1})
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [e for e in read_events(tmp_path / "run") if e["type"] == "step"]
+    assert len(steps) == 50
+    assert all(np.isfinite(e["loss"][part]) for e in steps for part in ("total", "ce", "kd"))
+
+
+def test_on_device_features_on_cuda_equal_the_cpu_ones():
+    from transformers import ASTFeatureExtractor, Wav2Vec2FeatureExtractor
+
+    from kd.features import device_features
+
+    rng = np.random.default_rng(0)
+    wave = torch.from_numpy(rng.standard_normal((3, 16000)).astype(np.float32) * 0.1)
+    for extractor in (ASTFeatureExtractor(max_length=100), Wav2Vec2FeatureExtractor(do_normalize=True)):
+        expected = extractor(list(wave.numpy()), sampling_rate=16000, return_tensors="pt")["input_values"]
+        module = device_features(extractor)
+        assert module is not None, type(extractor).__name__
+        cpu = module(wave)["input_values"]
+        gpu = module.to("cuda")(wave.cuda())["input_values"]
+        assert gpu.is_cuda
+        # The same tolerance as the CPU tests against the extractor (tests/test_fast_path.py).
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=2e-4)
+        torch.testing.assert_close(gpu.cpu(), expected, rtol=0, atol=2e-4)
+
+
+def test_compiled_training_on_cuda_gives_the_eager_losses(tmp_path, tone_data, tiny_teacher):
+    losses = {}
+    for compile in (False, True):
+        name = "compiled" if compile else "eager"
+        cfg = tiny_config(tone_data, tiny_teacher, tmp_path / name, student={"dropout": 0.0},
+                          train={"max_steps": 4, "eval_every": 100, "compile": compile})
+        result = run_cli(["--config", str(write_config(tmp_path / f"{name}.yaml", cfg))], timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[name] = [e["loss"]["total"] for e in read_events(tmp_path / name) if e["type"] == "step"]
+    assert len(losses["eager"]) == len(losses["compiled"]) == 4
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-3)
