@@ -30,7 +30,7 @@ def build_kws_dataset(root: str | Path, variants_per_accent: int = 20, takes: in
     """Write the dataset under `root` (skipped when a dataset with the same settings is there)."""
     root = Path(root)
     settings = {"keywords": KEYWORDS, "accents": ACCENTS, "variants_per_accent": variants_per_accent,
-                "takes": takes, "sample_rate": sample_rate, "snr_db": snr_db, "seed": seed, "version": 1}
+                "takes": takes, "sample_rate": sample_rate, "snr_db": snr_db, "seed": seed, "version": 2}
     manifest = root / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text()).get("settings") == json.loads(json.dumps(settings)):
         return root
@@ -59,7 +59,7 @@ def build_kws_dataset(root: str | Path, variants_per_accent: int = 20, takes: in
             for take in range(takes):
                 rate_wpm, pitch = int(rng.integers(110, 230)), int(rng.integers(15, 85))
                 speech = engine.synthesize(word, voice, rate_wpm=rate_wpm, pitch=pitch,
-                                           pitch_range=int(rng.integers(20, 80)))
+                                           pitch_range=int(rng.integers(20, 80)), seed=int(rng.integers(2**31)))
                 clip = place_in_window(speech, engine.sample_rate, sample_rate, rng, snr_db)
                 name = f"{word}_{voice.replace('+', '_')}_{take}.wav"
                 soundfile.write(folder / name, clip, sample_rate, subtype="PCM_16")
