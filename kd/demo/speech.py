@@ -57,7 +57,8 @@ class ESpeak:
     def synthesize(self, text: str, voice: str, rate_wpm: int = 160, pitch: int = 50, pitch_range: int = 50,
                    seed: int = 0) -> np.ndarray:
         """Speak `text` with `voice` (e.g. "en-us+f3") and return float32 samples at `self.sample_rate`.
-        The same arguments give the same samples, whatever was synthesised before."""
+        `seed` fixes the noise some voices add; eSpeak keeps other state between calls, so the same
+        sequence of calls in a fresh process gives the same samples (what the demo's build relies on)."""
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"eSpeak NG has no voice {voice!r}")
         self.lib.espeak_SetParameter(PARAM_RATE, int(rate_wpm), 0)
