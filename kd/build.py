@@ -21,9 +21,10 @@ from accelerate.utils import TorchDynamoPlugin, set_seed
 from kd.config import Config
 from kd.data import PreparedData, prepare_data
 from kd.errors import ConfigError, TrainingError
+from kd.logmel_cnn import read_config as read_kit_config
+from kd.memory import cuda_index
 from kd.preflight import (Estimate, advice, choose_teacher_device, estimate_memory, fmt, format_estimate,
                           largest_fitting_micro_batch)
-from kd.logmel_cnn import read_config as read_kit_config
 from kd.students import build_student, model_input_key, use_channels_last
 from kd.teachers import check_label_space, count_parameters, is_kit_model, load_processor, load_teacher
 
@@ -31,7 +32,6 @@ from kd.teachers import check_label_space, count_parameters, is_kit_model, load_
 # The Python package each Accelerate tracker needs (telemetry.report_to).
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
                     "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
-
 
 
 @dataclass
@@ -51,13 +51,13 @@ class Run:
 
 def build_run(cfg: Config, plan_only: bool = False) -> Run:
     """`plan_only` (--preflight): a config that targets a GPU may be planned on a machine without one."""
-    cuda = torch.cuda.is_available()
-    planning_elsewhere = plan_only and not cuda
+    planning_elsewhere = plan_only and not torch.cuda.is_available()
     check_device(cfg, gpu_settings=not planning_elsewhere)
     set_seed(cfg.run.seed)
-    if planning_elsewhere and cfg.uses_gpu_only_settings():
-        print(f"Planning for a CUDA GPU on a machine without one ({', '.join(cfg.uses_gpu_only_settings())}): the "
-              "activations are counted analytically, not measured; the GPU settings are checked when training")
+    gpu_settings = cfg.uses_gpu_only_settings()
+    if planning_elsewhere and gpu_settings:
+        print(f"Planning for a CUDA GPU on a machine without one ({', '.join(gpu_settings)}): the activations "
+              "are counted analytically, not measured; the GPU settings are checked when training")
     accelerator = Accelerator(
         # fp16 autocast exists on CUDA only; a plan made elsewhere still counts 16-bit activations.
         mixed_precision="no" if planning_elsewhere and cfg.train.mixed_precision == "fp16" else cfg.train.mixed_precision,
@@ -201,9 +201,7 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         fraction = min(1.0, budget / total)
-        # This call, unlike the other torch.cuda ones, needs an index: Accelerate's device is plain "cuda".
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(fraction, index)
+        torch.cuda.set_per_process_memory_fraction(fraction, cuda_index(device))
         say(f"Memory capped to the {budget / 1e9:.2f} GB budget ({100 * fraction:.0f}% of {total / 1e9:.1f} GB)")
         student.to(device)
     # Teacher next to the student unless told otherwise: logits then never cross the bus.
@@ -246,7 +244,7 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
         # the allocator (CUDA context, library workspaces: 0.8 GB on an H100, bench/RESULTS.md), so
         # a run that fits the cap also fits a card of the budget's size.
         allocator = max(budget - estimate.cuda_context, budget // 4)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, allocator / total), index)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, allocator / total), cuda_index(device))
         say(f"PyTorch's allocator capped to {allocator / 1e9:.2f} GB: the budget less "
             f"{estimate.cuda_context / 1e9:.2f} GB of CUDA context")
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None

@@ -7,6 +7,11 @@ import threading
 import torch
 
 
+def cuda_index(device: torch.device) -> int:
+    """The device's index; Accelerate's device is plain "cuda", which some torch.cuda calls refuse."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def cuda_memory(device: torch.device) -> dict[str, int] | None:
     """Allocated/reserved now and their peaks, in bytes; None when the device is not a GPU."""
     if device.type != "cuda":

@@ -6,12 +6,13 @@ one micro-batch; on the CPU, analytically, by counting the bytes autograd saves 
 small probe step (`saved_tensors_hooks`) plus the teacher's largest intermediate tensors, scaled to
 the micro-batch. The CUDA context and the libraries' workspaces are not visible to PyTorch's
 allocator but count against the device: on a GPU they are read from NVML after the probe (this
-process's device memory less what the allocator reserved; 1.3 GB on an H100 with torch 2.11 /
+process's device memory less what the allocator reserved; 0.81 GB on an H100 with torch 2.11 /
 CUDA 13, bench/RESULTS.md), elsewhere a 0.5 GB constant stands in.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -21,6 +22,7 @@ import torch
 from accelerate.utils import send_to_device
 from torch import nn
 
+from kd.memory import cuda_index
 from kd.students import student_logits
 from kd.teachers import teacher_logits
 
@@ -96,14 +98,11 @@ def measured_cuda_context(device: torch.device) -> int | None:
     """This process's device memory outside PyTorch's allocator (CUDA context, cuBLAS/cuDNN
     workspaces), from NVML; None where NVML cannot say (then the constant is used)."""
     try:
-        import os
-
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            handle = pynvml.nvmlDeviceGetHandleByIndex(cuda_index(device))
             mine = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
                     if p.pid == os.getpid() and p.usedGpuMemory]
         finally:
