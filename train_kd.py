@@ -19,6 +19,10 @@
     # Will it fit? Memory estimate and advice, no training (works without a GPU)
     python train_kd.py --config configs/5gb.yaml --preflight
 
+    # Teacher outputs for every split into the on-disk cache, then exit (resumable; also with
+    # `accelerate launch --num_processes N`, each process computing its own share)
+    python train_kd.py --config configs/5gb.yaml --precompute-teacher
+
 Outputs go to run.output_dir (default runs/<run.name>): telemetry.jsonl (watch it with
 `python monitor_tui.py runs/<name>`), config.yaml (the resolved config), checkpoints/ and student/.
 """
@@ -38,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="continue from a checkpoint folder, or from the newest one in the run folder")
     parser.add_argument("--preflight", action="store_true",
                         help="print the memory estimate and advice, then exit without training (no GPU needed)")
+    parser.add_argument("--precompute-teacher", action="store_true",
+                        help="fill the teacher-output cache (distillation.teacher_cache) for every split, then exit")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser.parse_args(argv)
 
@@ -54,9 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         from kd.build import build_run
         from kd.trainer import Trainer
 
-        run = build_run(cfg, plan_only=args.preflight)  # prints the pre-flight memory estimate
+        if args.precompute_teacher:
+            check_can_precompute(cfg)
+        run = build_run(cfg, plan_only=args.preflight, precompute=args.precompute_teacher)  # prints the estimate
         if args.preflight:
             print("Pre-flight only: nothing was trained or written (drop --preflight to train).")
+            return 0
+        if args.precompute_teacher:
+            Trainer(run).precompute()
             return 0
         metrics = Trainer(run).fit(resume_from=resume)
         report(cfg, metrics)
@@ -67,6 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run_end written with status 'interrupted'; resume with --resume", file=sys.stderr)
         return 130
+
+
+def check_can_precompute(cfg) -> None:
+    from kd.errors import ConfigError
+
+    if not cfg.distillation.enabled:
+        raise ConfigError(["--precompute-teacher: distillation.enabled is false, there is no teacher to run"])
+    if cfg.distillation.teacher_cache == "off":
+        raise ConfigError(["--precompute-teacher: distillation.teacher_cache is 'off'; set it to auto or require"])
+    if cfg.augment.enabled:
+        raise ConfigError(["--precompute-teacher: augment.enabled is true, so the teacher's inputs change every "
+                           "epoch and cannot be computed once; set augment.enabled: false"])
 
 
 def resolve_resume(arg: str | None, output_dir: Path) -> Path | None:

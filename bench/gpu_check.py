@@ -44,6 +44,7 @@ def steps(out: Path, work: Path) -> list[dict]:
         {"name": "throughput", "timeout": 1200,
          "argv": [PY, "bench/bench_throughput.py", "--out", str(out / "throughput.json"),
                   "--work-dir", str(work / "throughput")]},
+        {"name": "cache", "timeout": 900, "argv": [PY, "bench/bench_cache.py", "--json", str(out / "cache.json")]},
         {"name": "demo", "timeout": 900, "argv": [PY, "-m", "kd.demo"]},
         {"name": "monitor-once", "timeout": 60, "argv": [PY, "monitor_tui.py", "runs/demo-kd", "--once"]},
     ]

@@ -25,7 +25,9 @@ from kd.logmel_cnn import read_config as read_kit_config
 from kd.memory import cuda_index
 from kd.preflight import (Estimate, advice, choose_teacher_device, estimate_memory, fmt, format_estimate,
                           largest_fitting_micro_batch)
+from kd.soft_targets import CachedTeacher, SoftTargets, TeacherForward, open_cache, teacher_identity
 from kd.students import build_student, model_input_key, use_channels_last
+from kd.teacher_cache import CacheError
 from kd.teachers import check_label_space, count_parameters, is_kit_model, load_processor, load_teacher
 
 
@@ -47,10 +49,12 @@ class Run:
     params: dict[str, int | None]
     estimate: Estimate | None = None
     advice: list[tuple[str, int]] = field(default_factory=list)
+    soft_targets: SoftTargets | None = None  # None: no distillation
 
 
-def build_run(cfg: Config, plan_only: bool = False) -> Run:
-    """`plan_only` (--preflight): a config that targets a GPU may be planned on a machine without one."""
+def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) -> Run:
+    """`plan_only` (--preflight): a config that targets a GPU may be planned on a machine without one.
+    `precompute` (--precompute-teacher): the teacher is loaded whenever the cache lacks anything."""
     planning_elsewhere = plan_only and not torch.cuda.is_available()
     check_device(cfg, gpu_settings=not planning_elsewhere)
     set_seed(cfg.run.seed)
@@ -88,12 +92,16 @@ def build_run(cfg: Config, plan_only: bool = False) -> Run:
         data = prepare_data(cfg.data, processor, rate)
     say(f"Data: {len(data.splits['train'])} training samples, {len(data.label_names)} labels")
 
-    teacher = None
+    teacher, cached = None, None
     if cfg.distillation.enabled:
-        teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
-        check_label_space(teacher, data.label_names, f"teacher {cfg.teacher.model}")
+        cached = open_teacher_cache(cfg, accelerator, data, processor, create=not plan_only, precompute=precompute)
+        if cached is None or not cached.complete() or cfg.student.init_from_teacher:
+            teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
+            check_label_space(teacher, data.label_names, f"teacher {cfg.teacher.model}")
     student = build_student(cfg.student, cfg.data.modality, data.label_names, data.sampling_rate,
                             teacher, cfg.teacher.model)
+    if cached is not None and cached.complete():
+        teacher = None  # loaded only to initialise the student from it: every soft target is on disk
     if data.features is not None:
         data.features.to(accelerator.device)
     describe_features(cfg, data, processor, accelerator)
@@ -118,8 +126,48 @@ def build_run(cfg: Config, plan_only: bool = False) -> Run:
     params = {"teacher": count_parameters(teacher) if teacher is not None else None,
               "student": count_parameters(student)}
     say(f"Parameters: teacher {_fmt_count(params['teacher'])}, student {_fmt_count(params['student'])}")
+    soft_targets: SoftTargets | None = None
+    if cached is not None:
+        cached.teacher = teacher
+        soft_targets = cached
+    elif teacher is not None:
+        soft_targets = TeacherForward(teacher)
     return Run(cfg, accelerator, data, student, teacher, processor, model_input_key(student), env, params,
-               estimate, advice)
+               estimate, advice, soft_targets)
+
+
+def open_teacher_cache(cfg: Config, accelerator: Accelerator, data: PreparedData, processor: Any,
+                       create: bool = True, precompute: bool = False) -> CachedTeacher | None:
+    """The teacher cache for this run (distillation.teacher_cache), or None for online KD.
+
+    `create=False` (planning): an absent cache is not created, the plan then counts the teacher."""
+    dist, say = cfg.distillation, accelerator.print
+    if dist.teacher_cache == "off":
+        return None
+    if cfg.augment.enabled:  # 'require' with augmentation is a config error (kd/config.py)
+        say("Teacher cache off: augment.enabled changes the teacher's inputs every epoch, so its outputs "
+            "are computed online (distillation.teacher_cache: auto)")
+        return None
+    device_kind = "cpu" if cfg.teacher.device == "cpu" else accelerator.device.type
+    identity = teacher_identity(cfg, processor, data.sampling_rate, device_kind, data.features is not None)
+    sizes = {role: len(ds) for role, ds in data.splits.items()}
+    if not create and dist.teacher_cache == "auto":
+        from kd.teacher_cache import identity_key
+
+        if not (dist.cache_folder() / f"{identity_key(dict(identity, cache_dtype=dist.cache_dtype))}.sqlite").is_file():
+            return None
+    with accelerator.main_process_first():  # one process creates the file and its tables
+        cache, split_ids = open_cache(cfg, identity, data.label_names, data.fingerprints, sizes,
+                                      may_create=precompute or dist.teacher_cache == "auto")
+    cached = CachedTeacher(cache, split_ids, sizes, teacher=None)
+    coverage = ", ".join(f"{role} {cached.covered[role]}/{sizes[role]}" for role in split_ids)
+    if dist.teacher_cache == "require" and not cached.complete() and not precompute:
+        raise CacheError(f"distillation.teacher_cache is 'require' but the cache {cache.path} is incomplete "
+                         f"({coverage}); fill it with `python train_kd.py --config <your config> "
+                         "--precompute-teacher`, or set distillation.teacher_cache: auto")
+    state = "complete: the teacher is not loaded" if cached.complete() else "the teacher fills what is missing"
+    say(f"Teacher cache {cache.path}: {coverage} ({state})")
+    return cached
 
 
 def describe_features(cfg: Config, data: PreparedData, processor: Any, accelerator: Accelerator) -> None:

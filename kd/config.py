@@ -109,6 +109,18 @@ class DistillationConfig:
     alpha_start: float | None = None
     alpha_end: float | None = None
     alpha_step_at: float = 0.5
+    # Soft targets computed once and kept on disk (kd/teacher_cache.py); "auto" only where that is
+    # exact, i.e. the teacher's input never changes between epochs (no augmentation).
+    teacher_cache: Literal["off", "auto", "require"] = "auto"
+    cache_dir: str | None = None  # null: <HF_HOME>/kd_teacher_cache, shared by every run of the same teacher
+    cache_dtype: Literal["fp32", "fp16"] = "fp32"
+
+    def cache_folder(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        from huggingface_hub.constants import HF_HOME  # honours HF_HOME at import time
+
+        return Path(HF_HOME) / "kd_teacher_cache"
 
 
 @dataclass
@@ -309,8 +321,9 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
     if tp is type(None):
         return value is None, value, "null"
     if origin is Literal:
-        if value is False and "no" in args:
-            value = "no"  # YAML 1.1 reads an unquoted `no` (e.g. train.mixed_precision=no) as false
+        if value is False and ("no" in args or "off" in args):
+            # YAML 1.1 reads an unquoted `no` / `off` (train.mixed_precision=no, teacher_cache: off) as false
+            value = "no" if "no" in args else "off"
         return value in args, value, "one of " + ", ".join(repr(a) for a in args)
     if tp is bool:
         return isinstance(value, bool), value, "true or false"
@@ -409,6 +422,10 @@ def _check_values(cfg: Config) -> list[str]:
          "must be null (no clipping) or > 0")
 
     aug = cfg.augment
+    if dist.enabled and dist.teacher_cache == "require" and aug.enabled:
+        problems.append("distillation.teacher_cache: 'require' cannot be combined with augment.enabled: true (every "
+                        "epoch feeds the teacher new inputs, so stored soft targets would describe other clips); "
+                        "set augment.enabled: false or distillation.teacher_cache: off")
     if aug.enabled:
         need(data.modality == "audio", "augment.enabled", True,
              f"waveform augmentation needs audio data, but data.modality is {data.modality!r}")

@@ -15,6 +15,7 @@ The teacher's feature extractor runs batched on the device when kd.features has 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_BUILDERS = ("audiofolder", "imagefolder", "json", "csv", "parquet", "text", "arrow")
 WAVEFORM = "waveform"
+INDEX = "sample_index"  # each sample's position in its split: what the teacher cache keys rows by
 
 
 @dataclass
@@ -47,6 +49,7 @@ class PreparedData:
     sampling_rate: int | None
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
     features: DeviceFeatures | None = None  # computes batch["inputs"] from the waveform on the device
+    fingerprints: dict[str, str] | None = None  # datasets fingerprint of each preprocessed split (cache keys)
 
 
 def load_raw_splits(cfg: DataConfig) -> dict[str, Dataset]:
@@ -165,11 +168,40 @@ def resolve_labels(splits: dict[str, Dataset], column: str) -> tuple[dict[str, D
 
 
 def prepare_data(cfg: DataConfig, processor: Any = None, sampling_rate: int | None = None) -> PreparedData:
-    """Load, check, subsample, preprocess (cached) and describe the configured splits."""
+    """Load, check, subsample, preprocess (cached) and describe the configured splits; every sample
+    carries its index in the split (batch["index"]), and every split its datasets fingerprint."""
     splits = load_raw_splits(cfg)
-    splits, label_names = resolve_labels(splits, cfg.label_column)
     limits = {"train": cfg.max_train_samples, "eval": cfg.max_eval_samples, "test": cfg.max_eval_samples}
     splits = {r: (ds.select(range(min(limits[r], len(ds)))) if limits[r] else ds) for r, ds in splits.items()}
+    data = _prepare(cfg, splits, processor, sampling_rate)
+    data.fingerprints = {role: content_fingerprint(ds, cfg.input_column) for role, ds in splits.items()}
+    data.splits = {role: ds.add_column(INDEX, np.arange(len(ds), dtype=np.int64)) for role, ds in data.splits.items()}
+    return data
+
+
+def content_fingerprint(ds: Dataset, column: str) -> str:
+    """A hash of a split's inputs as stored (text, audio/image bytes, or file paths with their size and
+    modification time), in order. Unlike the datasets fingerprint it is the same in every process and
+    every run, so the teacher cache can key rows by it; any edit to an input changes it."""
+    digest = hashlib.sha256()
+    for table in ds.select_columns([column]).with_format("arrow").iter(batch_size=1024):
+        for value in table.column(0).to_pylist():
+            if isinstance(value, dict):  # Audio / Image storage: {"bytes": ..., "path": ...}
+                if value.get("bytes"):
+                    digest.update(hashlib.sha256(value["bytes"]).digest())
+                else:
+                    path = Path(value.get("path") or "")
+                    stat = path.stat() if path.is_file() else None
+                    digest.update(f"{path}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}".encode())
+            else:
+                digest.update(repr(value).encode())
+            digest.update(b"\x00")
+    return f"{len(ds)}-{digest.hexdigest()[:16]}"
+
+
+def _prepare(cfg: DataConfig, splits: dict[str, Dataset], processor: Any, sampling_rate: int | None) -> PreparedData:
+    """Check labels, preprocess (cached by datasets) and describe the configured splits."""
+    splits, label_names = resolve_labels(splits, cfg.label_column)
     keep = [cfg.label_column] + ([cfg.weight_column] if cfg.weight_column else [])
     if cfg.modality == "audio":
         rate = sampling_rate or 16000
@@ -227,7 +259,7 @@ def _undecoded(ds: Dataset, column: str) -> Dataset:
 
 def _decode_rows(batch: dict[str, list], column: str, rate: int, num_samples: int, keep: list[str]) -> dict[str, list]:
     waves = [torch.from_numpy(load_waveform(item, rate, num_samples)) for item in batch[column]]
-    return {WAVEFORM: waves, **{c: batch[c] for c in keep}}
+    return {WAVEFORM: waves, **{c: batch[c] for c in [*keep, INDEX] if c in batch}}
 
 
 def _decode_batch(batch: dict[str, list], column: str, rate: int, num_samples: int) -> dict[str, list]:
@@ -292,7 +324,7 @@ class TextCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch = _labels_and_weights(rows, self.label_column, self.weight_column)
-        fields = [{k: v for k, v in r.items() if k not in (self.label_column, self.weight_column)} for r in rows]
+        fields = [{k: v for k, v in r.items() if k not in (self.label_column, self.weight_column, INDEX)} for r in rows]
         batch["inputs"] = dict(self.tokenizer.pad(fields, return_tensors="pt"))  # pad to the longest in the batch
         return batch
 
@@ -313,6 +345,8 @@ def _labels_and_weights(rows: list[dict[str, Any]], label_column: str, weight_co
     batch: dict[str, Any] = {"labels": torch.as_tensor([int(r[label_column]) for r in rows], dtype=torch.long)}
     if weight_column:
         batch["sample_weight"] = torch.as_tensor([float(r[weight_column]) for r in rows], dtype=torch.float32)
+    if INDEX in rows[0]:
+        batch["index"] = torch.as_tensor([int(r[INDEX]) for r in rows], dtype=torch.long)
     return batch
 
 

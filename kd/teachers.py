@@ -110,7 +110,16 @@ def load_model_config(spec: str, what: str, revision: str | None = None) -> Pret
 
 
 def load_teacher(spec: str, modality: str, revision: str | None = None, dtype: str = "fp32") -> PreTrainedModel:
-    """Load a classification teacher from safetensors, frozen and in eval mode (on the CPU)."""
+    """Load a classification teacher from safetensors, frozen and in eval mode (on the CPU).
+
+    The global random state is left as it was (building a model draws its initial weights from it),
+    so a student starts from the same weights whether the teacher is loaded, cached or absent: the
+    KD student and its baseline share their initialisation."""
+    with torch.random.fork_rng(devices=[]):
+        return _load_teacher(spec, modality, revision, dtype)
+
+
+def _load_teacher(spec: str, modality: str, revision: str | None, dtype: str) -> PreTrainedModel:
     source, single_file = resolve_model_source(spec, "teacher.model")
     if single_file is None and is_kit_model(source):
         if modality != "audio":
@@ -154,6 +163,10 @@ def teacher_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tenso
     """Teacher forward under inference mode on the batch's waveform (the kit's log-mel CNN) or its
     processed inputs (transformers), moved to the teacher's device and, for inputs, its dtype.
 
+    The forward leaves the global random state untouched (some models draw from it even in eval
+    mode, e.g. wav2vec2's layer drop), so the student's dropout masks do not depend on whether the
+    teacher ran or its outputs came from the cache.
+
     Inference mode skips autograd's bookkeeping (version counters, views) for the whole forward.
     Its tensors cannot be saved for the student's backward, which the KL term needs; so the
     logits, a (batch, classes) tensor, are cloned out of it.
@@ -162,7 +175,8 @@ def teacher_logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tenso
     # Asynchronous only towards a GPU: a non-blocking GPU -> CPU copy (teacher on the CPU, batch on
     # the GPU) may be read before it has landed.
     non_blocking = param.device.type == "cuda"
-    with torch.inference_mode():
+    gpus = [param.device.index or 0] if param.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus), torch.inference_mode():
         if isinstance(model, LogMelCNN):  # computes its float32 features itself
             logits = model(batch["waveform"].to(param.device, non_blocking=non_blocking))
         else:

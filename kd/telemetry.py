@@ -22,9 +22,9 @@ SCHEMA_VERSION = 1
 FILE_NAME = "telemetry.jsonl"
 COMMON_FIELDS = ("v", "type", "ts", "run_id", "seq", "step")
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
-    "run_start": ("config", "env", "params", "plan", "estimate"),
+    "run_start": ("config", "env", "params", "plan", "estimate"),  # + soft_targets {source, cache, coverage}
     "step": ("epoch", "samples", "loss", "alpha", "temperature", "lr", "grad_norm", "rate", "time", "mem", "gpu",
-             "memory"),
+             "memory"),  # + cache {source, hits, misses, covered} when soft targets come from the teacher cache
     "eval": ("split", "metrics", "duration_s"),
     "oom": ("phase", "micro_batch", "grad_accum", "mem", "action", "new_micro_batch", "new_grad_accum",
             "recovered", "message", "advice"),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -29,8 +30,8 @@ from kd.export import save_student
 from kd.losses import LOSS_PARTS, alpha_at, distillation_loss, per_sample_losses, raise_if_not_finite
 from kd.memory import GpuSampler, PhasePeaks, cuda_memory
 from kd.metrics import split_metrics
+from kd.soft_targets import ROLES, CachedTeacher, fill
 from kd.students import student_logits
-from kd.teachers import teacher_logits
 from kd.telemetry import TelemetryWriter
 
 CHECKPOINT_DIR = "checkpoints"
@@ -96,7 +97,8 @@ class Trainer:
         self.state = TrainState()
         self.output_dir = self.cfg.output_dir
         self.telemetry = TelemetryWriter(self.output_dir, enabled=self.acc.is_main_process)
-        self.teacher = run.teacher
+        # Where soft targets come from (teacher forward, cache, ...); None: plain supervised training.
+        self.targets = run.soft_targets
         self.features = run.data.features
         self.num_classes = len(run.data.label_names)
         self.augment = None
@@ -187,6 +189,7 @@ class Trainer:
         self.telemetry.emit("run_start", self.state.step, config=cfg.to_dict(), env=run.env, params=run.params,
                             plan=plan, estimate=run.estimate.as_telemetry() if run.estimate else None,
                             labels=run.data.label_names,
+                            soft_targets=self.targets.describe() if self.targets is not None else None,
                             resumed_from=str(resume_from) if resume_from else None)
         if run.advice:
             self.telemetry.emit("warning", self.state.step, code="over_budget",
@@ -219,6 +222,7 @@ class Trainer:
                     window.reset(time.perf_counter())  # recovery time stays out of throughput
                     continue
                 if epoch_done:
+                    self._release_teacher_when_cached()
                     state.epoch += 1
                     state.batches_in_epoch = 0
                     self._step_start = (0, state.samples)
@@ -262,7 +266,7 @@ class Trainer:
             self._enter("teacher_forward")  # includes augmentation and the on-device feature extraction
             targets = self._augment(batch)
             self._add_features(batch)
-            t_logits = teacher_logits(self.teacher, batch) if self.teacher is not None else None
+            t_logits = self.targets.logits(batch, "train") if self.targets is not None else None
             self._enter("student_forward")
             s_logits = student_logits(self.student, batch, self.run.input_key)
         loss, parts = distillation_loss(s_logits, t_logits, targets, alpha, self.cfg.distillation.temperature,
@@ -292,9 +296,77 @@ class Trainer:
         return batch["labels"] if mixed is None else mixed
 
     def _add_features(self, batch: dict[str, Any]) -> None:
-        """The model inputs from the waveform, batched on the device (data.features_on_device)."""
-        if self.features is not None:
+        """The model inputs from the waveform, batched on the device (data.features_on_device);
+        skipped when neither model needs them (a log-mel student with every soft target cached)."""
+        wanted = self.run.input_key == "inputs" or (self.targets is not None and self.targets.needs_teacher_inputs)
+        if self.features is not None and wanted:
             batch["inputs"] = self.features(batch["waveform"])
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        """The teacher model while one is loaded (None: no distillation, or every soft target cached)."""
+        return self.targets.teacher if self.targets is not None else None
+
+    @property
+    def teacher_loaded(self) -> bool:
+        return self.teacher is not None
+
+    # -----------------------------------------------------------------------------------------
+    def fill_cache(self, roles: tuple[str, ...] = ROLES) -> int:
+        """Compute the soft targets the cache lacks for `roles`, each process its own share (used by
+        --precompute-teacher, and after the first epoch so the rest of training needs no teacher)."""
+        targets = self.targets
+        if not isinstance(targets, CachedTeacher) or targets.teacher is None:
+            return 0
+        data, written = self.run.data, 0
+        roles = tuple(r for r in roles if r in targets.split_ids)
+        # Every process reads what is missing before any of them writes, so their shares agree.
+        missing = {role: targets.cache.missing(targets.split_ids[role], targets.sizes[role]) for role in roles}
+        self.acc.wait_for_everyone()
+        for role in roles:
+            def loader(ds):
+                return make_loader(ds, self.cfg.data, self.cfg.train.batch_size, data.collate, shuffle=False,
+                                   pin_memory=self.acc.device.type == "cuda", seed=self.cfg.run.seed)
+
+            def prepare(batch):
+                batch = send_to_device(batch, self.acc.device, non_blocking=self.cfg.data.pin_memory)
+                with self.acc.autocast():
+                    self._add_features(batch)
+                return batch
+
+            with self.acc.autocast():
+                written += fill(targets, role, missing[role], data.splits[role], loader, prepare, self.acc.process_index,
+                                self.acc.num_processes, show=self.acc.is_local_main_process)
+        self.acc.wait_for_everyone()
+        targets.refresh()
+        return written
+
+    def precompute(self) -> None:
+        """--precompute-teacher: fill the cache for every configured split, then stop."""
+        targets = self.targets
+        if not isinstance(targets, CachedTeacher):
+            raise KDError("--precompute-teacher: this run has no teacher cache (distillation.teacher_cache)")
+        started = time.time()
+        written = self.fill_cache() if not targets.complete() else 0
+        coverage = ", ".join(f"{r} {n}/{t}" for r, (n, t) in targets.describe()["coverage"].items())
+        # Every process reports its own share (so a 2-process fill shows that none computed a sample twice).
+        print(f"Teacher cache {targets.cache.path}: {written} soft targets computed by process "
+              f"{self.acc.process_index} in {time.time() - started:.1f} s; coverage {coverage}", flush=True)
+        if not targets.complete():
+            raise KDError(f"teacher cache {targets.cache.path} is still incomplete ({coverage})")
+
+    def _release_teacher_when_cached(self) -> None:
+        """After the first epoch: fill what the cache still lacks, then train on without the teacher."""
+        targets = self.targets
+        if not isinstance(targets, CachedTeacher) or targets.teacher is None:
+            return
+        self.fill_cache()
+        if targets.complete():
+            targets.drop_teacher()
+            self.run.teacher = None
+            coverage = targets.describe()["coverage"]
+            self.acc.print("Teacher cache complete (" + ", ".join(f"{r} {n}/{t}" for r, (n, t) in coverage.items())
+                           + "): the teacher is released, training goes on from the cache")
 
     def _enter(self, phase: str) -> None:
         self.phase = phase
@@ -313,7 +385,7 @@ class Trainer:
         state.batches_in_epoch, state.samples = self._step_start  # the step restarts from its first sample
         old_micro, old_accum = state.micro_batch, state.grad_accum
         new_micro = smaller_divisor(old_micro)
-        advice = oom_advice(self.cfg, phase, old_micro, old_accum, self.teacher is not None)
+        advice = oom_advice(self.cfg, phase, old_micro, old_accum, self.teacher_loaded)
         event = {"phase": phase, "micro_batch": old_micro, "grad_accum": old_accum, "mem": mem,
                  "message": message, "advice": advice}
         if mcfg.on_oom == "fail" or new_micro < mcfg.min_micro_batch:
@@ -370,12 +442,13 @@ class Trainer:
         step_time = {"step_s": elapsed / max(1, window.steps), "data_s": window.data_s / max(1, window.steps)}
         lr = self.scheduler.get_last_lr()[0]
         gn = float(grad_norm) if grad_norm is not None else None
-        alpha = self.alpha() if self.teacher is not None else 0.0
+        alpha = self.alpha() if self.targets is not None else 0.0
+        cache = self.targets.stats() if self.targets is not None else None
         self.telemetry.emit("step", self.state.step, epoch=self.state.step / self.steps_per_epoch,
                             samples=self.state.samples, loss=values, alpha=alpha,
                             temperature=self.cfg.distillation.temperature, lr=lr, grad_norm=gn, rate=rate,
                             time=step_time, mem=self.peaks.snapshot(), gpu=self.gpu.read() if self.gpu else None,
-                            memory=self.peaks.epoch_peaks())
+                            memory=self.peaks.epoch_peaks(), **({"cache": cache} if cache else {}))
         if self.cfg.telemetry.report_to:
             scalars = {f"train/{k}": v for k, v in values.items()}
             scalars.update({"train/lr": lr, "train/alpha": alpha})
@@ -397,7 +470,7 @@ class Trainer:
         for batch in self.eval_dls[role]:
             self._add_features(batch)
             with self.acc.autocast():
-                t_logits = teacher_logits(self.teacher, batch) if self.teacher is not None else None
+                t_logits = self.targets.logits(batch, role) if self.targets is not None else None
                 s_logits = student_logits(self.student, batch, self.run.input_key)
             loss = per_sample_losses(s_logits, t_logits, batch["labels"], alpha, temperature)["total"]
             t_pred = t_logits.argmax(-1).to(s_logits.device) if t_logits is not None else torch.zeros_like(batch["labels"])
@@ -407,7 +480,7 @@ class Trainer:
         self.student.train()
         all_labels = torch.cat(labels)
         metrics = split_metrics(torch.cat(preds), all_labels, self.num_classes,
-                                torch.cat(t_preds) if self.teacher is not None else None,
+                                torch.cat(t_preds) if self.targets is not None else None,
                                 float(torch.cat(losses).float().mean()))
         split = self.cfg.data.eval_split if role == "eval" else self.cfg.data.test_split
         self.telemetry.emit("eval", self.state.step, split=split, metrics=metrics, samples=all_labels.numel(),

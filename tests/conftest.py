@@ -55,7 +55,9 @@ def tiny_config(tone_data: Path, teacher_path: Path | None, output_dir: Path, **
         "data": {"dataset": "audiofolder", "data_dir": str(tone_data), "test_split": "test", "num_workers": 0},
         "teacher": {"model": str(teacher_path) if teacher_path else None},
         "student": {"type": "logmel_cnn", "n_mels": 16, "channels": [8, 16]},
-        "distillation": {"enabled": teacher_path is not None, "alpha": 0.5, "temperature": 2.0},
+        # Each run its own teacher cache, so no test sees rows another one stored.
+        "distillation": {"enabled": teacher_path is not None, "alpha": 0.5, "temperature": 2.0,
+                         "cache_dir": str(Path(output_dir) / "teacher_cache")},
         "train": {"batch_size": 4, "epochs": None, "max_steps": 4, "lr": 0.01, "eval_every": 2},
         "telemetry": {"log_every": 1, "warmup_steps": 0},
     }

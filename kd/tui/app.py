@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Footer, Label, RichLog, Sparkline, Static
 from textual.worker import get_current_worker
 
 from kd.telemetry import TelemetryTailer, load_history
-from kd.tui.state import RunState, fmt_bytes, fmt_duration, fmt_num
+from kd.tui.state import RunState, fmt_bytes, fmt_duration, fmt_num, teacher_text
 
 CHUNK_BYTES = 4 * 2**20  # read at most this much per pass: history arrives in slices, the UI keeps up
 STATUS_STYLE = {"running": "bold green", "finished": "bold cyan", "stalled": "bold yellow", "waiting": "dim",
@@ -185,6 +185,8 @@ class MonitorApp(App):
             (f"{s.name}  ", "bold"), (f"● {status}", STATUS_STYLE.get(s.shown_status(), "bold red")),
             f"  step {s.step}/{s.total_steps or '?'}  epoch {s.epoch:.2f}  elapsed {fmt_duration(s.elapsed())}"
             f"  ETA {fmt_duration(s.eta())}")
+        if teacher_text(s):
+            title.append(f"  {teacher_text(s)}", style="dim")
         if s.status == "waiting":
             title = Text(f"waiting for {self.path} ...", style="dim")
         self.query_one("#title", Static).update(title)

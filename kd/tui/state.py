@@ -36,6 +36,7 @@ class RunState:
     env: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     estimate: dict[str, Any] | None = None
+    soft_targets: dict[str, Any] | None = None  # {source, coverage}: teacher online, filling, or cached
     step: int = 0
     epoch: float = 0.0
     samples: int = 0
@@ -73,6 +74,7 @@ class RunState:
         self.name = (self.config.get("run") or {}).get("name") or "-"
         self.plan, self.env = e.get("plan") or {}, e.get("env") or {}
         self.params, self.estimate = e.get("params") or {}, e.get("estimate")
+        self.soft_targets = e.get("soft_targets")
         self.step = e.get("step") or 0
         self.started_ts = e.get("ts")
         self.status = "running"
@@ -85,6 +87,9 @@ class RunState:
             self._rewind(step)
         self.step, self.epoch, self.samples = step, float(e.get("epoch") or 0.0), int(e.get("samples") or 0)
         self.last = e
+        cache = e.get("cache")
+        if isinstance(cache, dict):
+            self.soft_targets = {"source": cache.get("source"), "coverage": cache.get("covered") or {}}
         loss, rate, timing = e.get("loss") or {}, e.get("rate") or {}, e.get("time") or {}
         mem, gpu = e.get("mem") or {}, e.get("gpu") or {}
         data_share = None
@@ -206,6 +211,22 @@ def fmt_num(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def teacher_text(state: RunState) -> str | None:
+    """Where soft targets come from: "teacher: cached 85000/85000" (no teacher in memory), the fill's
+    progress while the first epoch stores them, or "online"; None without distillation."""
+    targets = state.soft_targets
+    if not targets:
+        return None
+    if targets.get("source") == "teacher":
+        return "teacher: online (a forward on every batch)"
+    coverage = targets.get("coverage") or {}
+    done = sum(int(n) for n, _ in coverage.values())
+    total = sum(int(t) for _, t in coverage.values())
+    if targets.get("source") == "cache":
+        return f"teacher: cached {done}/{total} (not in memory)"
+    return f"teacher: filling the cache {done}/{total} (train {'/'.join(map(str, coverage.get('train', ['?', '?'])))})"
+
+
 def summary_text(state: RunState, now: float | None = None) -> str:
     """The plain-text view used by `monitor_tui.py --once`."""
     lines = []
@@ -222,6 +243,8 @@ def summary_text(state: RunState, now: float | None = None) -> str:
         lines.append(f"VRAM: no GPU readings (CPU run or no NVML); budget {fmt_bytes(budget)}")
     if state.estimate and state.estimate.get("total"):
         lines.append(f"pre-flight estimate {fmt_bytes(state.estimate['total'])}")
+    if teacher_text(state):
+        lines.append(teacher_text(state))
     share = state.latest("data_share")
     lines.append(f"throughput {fmt_num(state.latest('samples_per_s'), 4)} samples/s, "
                  f"{fmt_num(state.latest('steps_per_s'), 3)} steps/s"

@@ -1,0 +1,177 @@
+"""The teacher-output cache: every soft target computed once, on disk, keyed so it is never stale.
+
+Layout (one SQLite file per teacher identity, in `distillation.cache_dir`):
+
+    <cache_dir>/<key>.sqlite       key = the first 20 hex digits of sha256(identity JSON)
+      meta(name, value)            format, identity (the JSON the key hashes), dtype, num_labels, labels
+      splits(split_id, name, fingerprint, size)
+      logits(split_id, idx, data)  data: num_labels little-endian float16 or float32 values
+
+The identity is everything that can change a teacher's output: the content hash of its
+safetensors files (not their path), its dtype, the device kind when the dtype is half precision
+(CPU and CUDA half kernels differ; fp32 is treated as portable, so a cache filled on a big machine
+serves a small one), the autocast precision it runs under, and the preprocessing that feeds it
+(feature extractor or tokenizer config, sampling rate, clip length, token length). A changed
+teacher therefore gets a new file beside the old one. Within a file a split is identified by its
+name and the datasets fingerprint of the preprocessed split (which changes with the data files,
+the decoding and any subsampling), and a row by the sample's index in that split.
+
+Why SQLite: one portable file, transactional (an interrupted fill keeps every committed batch and
+continues where it stopped), safe for several processes or threads writing at once (WAL mode, a
+busy timeout), and a point lookup per batch is fast enough that cached KD runs at the student's
+speed (bench/RESULTS.md). Shards plus a manifest would need their own locking and atomic renames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from kd.errors import KDError
+
+FORMAT = 1
+DTYPES = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2")}
+
+
+class CacheError(KDError):
+    """The cache file cannot be read (truncated, corrupt, foreign) or does not cover what `require` needs."""
+
+
+def file_sha256(path: Path) -> str:
+    """The content hash of a weights file. In the Hugging Face cache the blob's name already is the
+    SHA-256 of its content (for LFS files), so Hub teachers are not read twice."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
+        return real.name
+    digest = hashlib.sha256()
+    with open(real, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def identity_key(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class TeacherCache:
+    """One teacher identity's soft targets. Thread- and process-safe; each thread gets a connection."""
+
+    def __init__(self, folder: Path, identity: dict[str, Any], num_labels: int, label_names: list[str],
+                 dtype: str = "fp32"):
+        self.identity = dict(identity, cache_dtype=dtype)
+        self.key = identity_key(self.identity)
+        self.path = Path(folder).expanduser() / f"{self.key}.sqlite"
+        self.num_labels, self.label_names, self.dtype = num_labels, list(label_names), DTYPES[dtype]
+        self._local = threading.local()
+        self._check_or_create()
+
+    # -- connection and integrity ---------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=120.0, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash loses at most the last commit
+            self._local.conn = conn
+        return conn
+
+    def corrupt(self, why: str) -> CacheError:
+        return CacheError(f"teacher cache {self.path} is unreadable ({why}); delete it and rebuild it with "
+                          "`python train_kd.py --config <your config> --precompute-teacher`")
+
+    def _check_or_create(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = self.path.is_file() and self.path.stat().st_size > 0
+        try:
+            conn = self._connect()
+            if existed:
+                ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+                if ok != "ok":
+                    raise self.corrupt(ok)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            conn.execute("CREATE TABLE IF NOT EXISTS splits(split_id TEXT PRIMARY KEY, name TEXT, fingerprint TEXT, "
+                         "size INTEGER)")
+            conn.execute("CREATE TABLE IF NOT EXISTS logits(split_id TEXT NOT NULL, idx INTEGER NOT NULL, "
+                         "data BLOB NOT NULL, PRIMARY KEY(split_id, idx)) WITHOUT ROWID")
+            meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+            mine = {"format": str(FORMAT), "identity": json.dumps(self.identity, sort_keys=True),
+                    "num_labels": str(self.num_labels), "labels": json.dumps(self.label_names)}
+            if not meta:
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", list(mine.items()))
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise self.corrupt(str(exc)) from None
+        if meta and meta != mine:
+            differs = sorted(k for k in mine if meta.get(k) != mine[k])
+            raise CacheError(f"teacher cache {self.path} was written for another teacher or label space "
+                             f"({', '.join(differs)} differ); delete it and rebuild it with --precompute-teacher")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- splits ------------------------------------------------------------------------------
+    def register_split(self, name: str, fingerprint: str, size: int) -> str:
+        split_id = f"{name}:{fingerprint}"
+        self._run(lambda c: c.execute("INSERT OR IGNORE INTO splits VALUES (?, ?, ?, ?)",
+                                      (split_id, name, fingerprint, size)))
+        return split_id
+
+    def coverage(self, split_id: str) -> int:
+        return self._run(lambda c: c.execute("SELECT COUNT(*) FROM logits WHERE split_id = ?",
+                                             (split_id,)).fetchone()[0])
+
+    def missing(self, split_id: str, size: int) -> list[int]:
+        have = self._run(lambda c: {i for (i,) in c.execute("SELECT idx FROM logits WHERE split_id = ?", (split_id,))})
+        return [i for i in range(size) if i not in have]
+
+    # -- rows --------------------------------------------------------------------------------
+    def get(self, split_id: str, indices: Iterable[int]) -> dict[int, np.ndarray]:
+        """The stored logits of those samples that are cached (float32 arrays)."""
+        wanted = [int(i) for i in indices]
+        out: dict[int, np.ndarray] = {}
+        for start in range(0, len(wanted), 900):  # SQLite's limit on bound parameters is 999 in old builds
+            chunk = wanted[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            rows = self._run(lambda c: c.execute(
+                f"SELECT idx, data FROM logits WHERE split_id = ? AND idx IN ({marks})", (split_id, *chunk)).fetchall())
+            for idx, blob in rows:
+                if len(blob) != self.num_labels * self.dtype.itemsize:
+                    raise self.corrupt(f"row {split_id}/{idx} holds {len(blob)} bytes, expected "
+                                       f"{self.num_labels * self.dtype.itemsize}")
+                out[idx] = np.frombuffer(blob, dtype=self.dtype).astype(np.float32)
+        return out
+
+    def put(self, split_id: str, indices: Iterable[int], logits: torch.Tensor) -> int:
+        """Store rows (one transaction); rows already there are kept. Returns how many were new."""
+        values = logits.detach().float().cpu().numpy().astype(self.dtype)
+        rows = [(split_id, int(i), values[k].tobytes()) for k, i in enumerate(indices)]
+
+        def write(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            before = conn.total_changes
+            conn.executemany("INSERT OR IGNORE INTO logits VALUES (?, ?, ?)", rows)
+            added = conn.total_changes - before
+            conn.execute("COMMIT")
+            return added
+
+        return self._run(write)
+
+    def _run(self, fn):
+        try:
+            return fn(self._connect())
+        except sqlite3.DatabaseError as exc:
+            raise self.corrupt(str(exc)) from None
