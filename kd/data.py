@@ -170,10 +170,10 @@ def resolve_labels(splits: dict[str, Dataset], column: str) -> tuple[dict[str, D
 def prepare_data(cfg: DataConfig, processor: Any = None, sampling_rate: int | None = None) -> PreparedData:
     """Load, check, subsample, preprocess (cached) and describe the configured splits; every sample
     carries its index in the split (batch["index"]), and every split its datasets fingerprint."""
-    splits = load_raw_splits(cfg)
+    splits, label_names = resolve_labels(load_raw_splits(cfg), cfg.label_column)  # before subsampling
     limits = {"train": cfg.max_train_samples, "eval": cfg.max_eval_samples, "test": cfg.max_eval_samples}
     splits = {r: (ds.select(range(min(limits[r], len(ds)))) if limits[r] else ds) for r, ds in splits.items()}
-    data = _prepare(cfg, splits, processor, sampling_rate)
+    data = _prepare(cfg, splits, label_names, processor, sampling_rate)
     data.fingerprints = {role: content_fingerprint(ds, cfg.input_column) for role, ds in splits.items()}
     data.splits = {role: ds.add_column(INDEX, np.arange(len(ds), dtype=np.int64)) for role, ds in data.splits.items()}
     return data
@@ -199,9 +199,9 @@ def content_fingerprint(ds: Dataset, column: str) -> str:
     return f"{len(ds)}-{digest.hexdigest()[:16]}"
 
 
-def _prepare(cfg: DataConfig, splits: dict[str, Dataset], processor: Any, sampling_rate: int | None) -> PreparedData:
-    """Check labels, preprocess (cached by datasets) and describe the configured splits."""
-    splits, label_names = resolve_labels(splits, cfg.label_column)
+def _prepare(cfg: DataConfig, splits: dict[str, Dataset], label_names: list[str], processor: Any,
+             sampling_rate: int | None) -> PreparedData:
+    """Preprocess (cached by datasets) and describe the configured splits."""
     keep = [cfg.label_column] + ([cfg.weight_column] if cfg.weight_column else [])
     if cfg.modality == "audio":
         rate = sampling_rate or 16000

@@ -201,3 +201,21 @@ def test_unquoted_off_in_yaml_means_off(tmp_path, tone_data, tiny_teacher):
     path.write_text(write_config(tmp_path / "x.yaml", tiny_config(tone_data, tiny_teacher, tmp_path)).read_text()
                     .replace("distillation:\n", "distillation:\n  teacher_cache: off\n"))
     assert load_config(path).distillation.teacher_cache == "off"
+
+
+def test_two_processes_fill_during_epoch_one_and_train_on_from_the_cache(tmp_path, tone_data, tiny_teacher):
+    """Two CPU processes: each stores the rows of its own batches, the end of epoch 1 fills the rest
+    (validation and test) without computing a sample twice, and epoch 2 matches online KD."""
+    losses = {}
+    for mode in ("off", "auto"):
+        config = _config(tmp_path, tone_data, tiny_teacher, f"ddp-{mode}", teacher_cache=mode)
+        result = run_cli(["--config", str(config)], launcher=accelerate_launch(2), env={"ACCELERATE_USE_CPU": "true"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[mode] = _losses(tmp_path / f"ddp-{mode}")
+    assert len(losses["off"]) == 6  # 2 epochs of 3 steps (2 processes x batches of 4)
+    assert losses["auto"] == pytest.approx(losses["off"], rel=1e-5, abs=1e-6)
+    steps = [e for e in read_events(tmp_path / "ddp-auto" / "telemetry.jsonl") if e["type"] == "step"]
+    assert steps[-1]["cache"]["source"] == "cache"
+    assert steps[-1]["cache"]["covered"] == {"train": [24, 24], "eval": [12, 12], "test": [12, 12]}
+    with sqlite3.connect(next((tmp_path / "cache").glob("*.sqlite"))) as db:
+        assert db.execute("SELECT COUNT(*) FROM logits").fetchone()[0] == 48
