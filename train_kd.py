@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             print("Pre-flight only: nothing was trained or written (drop --preflight to train).")
             return 0
         if args.precompute_teacher:
-            Trainer(run).precompute()
+            Trainer(run, record=False).precompute()
             return 0
         metrics = Trainer(run).fit(resume_from=resume)
         report(cfg, metrics)

@@ -25,7 +25,7 @@ from kd.logmel_cnn import read_config as read_kit_config
 from kd.memory import cuda_index
 from kd.preflight import (Estimate, advice, choose_teacher_device, estimate_memory, fmt, format_estimate,
                           largest_fitting_micro_batch)
-from kd.soft_targets import CachedTeacher, SoftTargets, TeacherForward, open_cache, teacher_identity
+from kd.soft_targets import CachedTeacher, SoftTargets, TeacherForward, cache_path, open_cache, teacher_identity
 from kd.students import build_student, model_input_key, use_channels_last
 from kd.teacher_cache import CacheError
 from kd.teachers import check_label_space, count_parameters, is_kit_model, load_processor, load_teacher
@@ -151,11 +151,11 @@ def open_teacher_cache(cfg: Config, accelerator: Accelerator, data: PreparedData
     device_kind = "cpu" if cfg.teacher.device == "cpu" else accelerator.device.type
     identity = teacher_identity(cfg, processor, data.sampling_rate, device_kind, data.features is not None)
     sizes = {role: len(ds) for role, ds in data.splits.items()}
-    if not create and dist.teacher_cache == "auto":
-        from kd.teacher_cache import identity_key
-
-        if not (dist.cache_folder() / f"{identity_key(dict(identity, cache_dtype=dist.cache_dtype))}.sqlite").is_file():
-            return None
+    if not create and not cache_path(cfg, identity, len(data.label_names)).is_file():
+        if dist.teacher_cache == "require":
+            raise CacheError(f"distillation.teacher_cache is 'require' but there is no cache for this teacher "
+                             f"({cache_path(cfg, identity, len(data.label_names))}); fill it with --precompute-teacher")
+        return None  # planning: the teacher will run, so the plan counts it
     with accelerator.main_process_first():  # one process creates the file and its tables
         cache, split_ids = open_cache(cfg, identity, data.label_names, data.fingerprints, sizes,
                                       may_create=precompute or dist.teacher_cache == "auto")

@@ -114,6 +114,7 @@ class DistillationConfig:
     teacher_cache: Literal["off", "auto", "require"] = "auto"
     cache_dir: str | None = None  # null: <HF_HOME>/kd_teacher_cache, shared by every run of the same teacher
     cache_dtype: Literal["fp32", "fp16"] = "fp32"
+    cache_top_k: int | None = None  # null: every logit; k: the top k log-probabilities + the rest's mass (large label spaces)
 
     def cache_folder(self) -> Path:
         if self.cache_dir:
@@ -422,6 +423,8 @@ def _check_values(cfg: Config) -> list[str]:
          "must be null (no clipping) or > 0")
 
     aug = cfg.augment
+    need(dist.cache_top_k is None or dist.cache_top_k >= 1, "distillation.cache_top_k", dist.cache_top_k,
+         "must be null (store every logit) or an integer >= 1")
     if dist.enabled and dist.teacher_cache == "require" and aug.enabled:
         problems.append("distillation.teacher_cache: 'require' cannot be combined with augment.enabled: true (every "
                         "epoch feeds the teacher new inputs, so stored soft targets would describe other clips); "

@@ -165,18 +165,27 @@ def teacher_identity(cfg: Any, processor: Any, sampling_rate: int | None, device
     }
 
 
+def cache_path(cfg: Any, identity: dict[str, Any], num_labels: int) -> Path:
+    """Where the cache of this teacher identity lives (the same name TeacherCache gives it)."""
+    dist = cfg.distillation
+    extra = {"cache_dtype": dist.cache_dtype}
+    if dist.cache_top_k is not None and dist.cache_top_k < num_labels:
+        extra["top_k"] = dist.cache_top_k
+    return dist.cache_folder() / f"{identity_key(dict(identity, **extra))}.sqlite"
+
+
 def open_cache(cfg: Any, identity: dict[str, Any], label_names: list[str], fingerprints: dict[str, str],
                sizes: dict[str, int], may_create: bool = True) -> tuple[TeacherCache, dict[str, str]]:
     """The cache file of this identity and the split ids of the configured splits (`require` outside
     --precompute-teacher refuses to create one)."""
     dist = cfg.distillation
-    key = identity_key(dict(identity, cache_dtype=dist.cache_dtype))
-    path = dist.cache_folder() / f"{key}.sqlite"
+    path = cache_path(cfg, identity, len(label_names))
     if not may_create and not path.is_file():
         raise CacheError(f"distillation.teacher_cache is 'require' but there is no cache for this teacher and "
                          f"preprocessing ({path} does not exist); fill it with `python train_kd.py --config "
                          "<your config> --precompute-teacher`, or set distillation.teacher_cache: auto")
-    cache = TeacherCache(dist.cache_folder(), identity, len(label_names), label_names, dist.cache_dtype)
+    cache = TeacherCache(dist.cache_folder(), identity, len(label_names), label_names, dist.cache_dtype,
+                         dist.cache_top_k)
     names = {"train": cfg.data.train_split, "eval": cfg.data.eval_split, "test": cfg.data.test_split}
     split_ids = {role: cache.register_split(names[role], fingerprints[role], sizes[role]) for role in fingerprints}
     return cache, split_ids

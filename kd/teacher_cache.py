@@ -5,7 +5,9 @@ Layout (one SQLite file per teacher identity, in `distillation.cache_dir`):
     <cache_dir>/<key>.sqlite       key = the first 20 hex digits of sha256(identity JSON)
       meta(name, value)            format, identity (the JSON the key hashes), dtype, num_labels, labels
       splits(split_id, name, fingerprint, size)
-      logits(split_id, idx, data)  data: num_labels little-endian float16 or float32 values
+      logits(split_id, idx, data)  data: num_labels little-endian float16 or float32 logits, or with
+                                   top_k: k int32 class indices, their k log-probabilities and the
+                                   log of the probability mass left to the other classes
 
 The identity is everything that can change a teacher's output: the content hash of its
 safetensors files (not their path), its dtype, the device kind when the dtype is half precision
@@ -66,8 +68,10 @@ class TeacherCache:
     """One teacher identity's soft targets. Thread- and process-safe; each thread gets a connection."""
 
     def __init__(self, folder: Path, identity: dict[str, Any], num_labels: int, label_names: list[str],
-                 dtype: str = "fp32"):
-        self.identity = dict(identity, cache_dtype=dtype)
+                 dtype: str = "fp32", top_k: int | None = None):
+        # Top-k only pays where it is smaller than the label space (large vocabularies).
+        self.top_k = top_k if top_k is not None and top_k < num_labels else None
+        self.identity = dict(identity, cache_dtype=dtype, **({"top_k": self.top_k} if self.top_k else {}))
         self.key = identity_key(self.identity)
         self.path = Path(folder).expanduser() / f"{self.key}.sqlite"
         self.num_labels, self.label_names, self.dtype = num_labels, list(label_names), DTYPES[dtype]
@@ -139,6 +143,36 @@ class TeacherCache:
         return [i for i in range(size) if i not in have]
 
     # -- rows --------------------------------------------------------------------------------
+    @property
+    def row_bytes(self) -> int:
+        if self.top_k is None:
+            return self.num_labels * self.dtype.itemsize
+        return self.top_k * 4 + (self.top_k + 1) * self.dtype.itemsize
+
+    def encode(self, logits: torch.Tensor) -> list[bytes]:
+        """Rows as stored: the logits, or (top_k) indices, log-probabilities and the rest's log-mass."""
+        if self.top_k is None:
+            values = logits.detach().float().cpu().numpy().astype(self.dtype)
+            return [row.tobytes() for row in values]
+        logp = torch.log_softmax(logits.detach().float().cpu(), dim=-1)
+        top, idx = logp.topk(self.top_k, dim=-1)
+        # log(1 - sum p_top), computed stably; at least the smallest float so the log stays finite.
+        rest = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(top, dim=-1)), min=torch.finfo(torch.float32).tiny))
+        return [idx[r].numpy().astype("<i4").tobytes() + np.append(top[r].numpy(), rest[r].item()).astype(self.dtype).tobytes()
+                for r in range(len(top))]
+
+    def decode(self, blob: bytes) -> np.ndarray:
+        """One stored row as float32 logits over all labels (top_k: log-probabilities, the rest's
+        mass spread evenly over the classes outside the top k)."""
+        if self.top_k is None:
+            return np.frombuffer(blob, dtype=self.dtype).astype(np.float32)
+        k = self.top_k
+        idx = np.frombuffer(blob[:4 * k], dtype="<i4")
+        values = np.frombuffer(blob[4 * k:], dtype=self.dtype).astype(np.float32)
+        row = np.full(self.num_labels, values[k] - np.log(self.num_labels - k), dtype=np.float32)
+        row[idx] = values[:k]
+        return row
+
     def get(self, split_id: str, indices: Iterable[int]) -> dict[int, np.ndarray]:
         """The stored logits of those samples that are cached (float32 arrays)."""
         wanted = [int(i) for i in indices]
@@ -149,16 +183,14 @@ class TeacherCache:
             rows = self._run(lambda c: c.execute(
                 f"SELECT idx, data FROM logits WHERE split_id = ? AND idx IN ({marks})", (split_id, *chunk)).fetchall())
             for idx, blob in rows:
-                if len(blob) != self.num_labels * self.dtype.itemsize:
-                    raise self.corrupt(f"row {split_id}/{idx} holds {len(blob)} bytes, expected "
-                                       f"{self.num_labels * self.dtype.itemsize}")
-                out[idx] = np.frombuffer(blob, dtype=self.dtype).astype(np.float32)
+                if len(blob) != self.row_bytes:
+                    raise self.corrupt(f"row {split_id}/{idx} holds {len(blob)} bytes, expected {self.row_bytes}")
+                out[idx] = self.decode(blob)
         return out
 
     def put(self, split_id: str, indices: Iterable[int], logits: torch.Tensor) -> int:
         """Store rows (one transaction); rows already there are kept. Returns how many were new."""
-        values = logits.detach().float().cpu().numpy().astype(self.dtype)
-        rows = [(split_id, int(i), values[k].tobytes()) for k, i in enumerate(indices)]
+        rows = [(split_id, int(i), blob) for i, blob in zip(indices, self.encode(logits))]
 
         def write(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN IMMEDIATE")

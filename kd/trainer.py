@@ -90,13 +90,14 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 class Trainer:
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, record: bool = True):
+        """`record=False` (--precompute-teacher): no telemetry file, nothing in the run folder."""
         self.run = run
         self.cfg = run.cfg
         self.acc = run.accelerator
         self.state = TrainState()
         self.output_dir = self.cfg.output_dir
-        self.telemetry = TelemetryWriter(self.output_dir, enabled=self.acc.is_main_process)
+        self.telemetry = TelemetryWriter(self.output_dir, enabled=record and self.acc.is_main_process)
         # Where soft targets come from (teacher forward, cache, ...); None: plain supervised training.
         self.targets = run.soft_targets
         self.features = run.data.features

@@ -87,6 +87,22 @@ def test_require_with_incomplete_cache_refuses_and_never_loads_the_teacher(tmp_p
     with pytest.raises(CacheError, match=r"no cache for this teacher.*--precompute-teacher"):
         build_run(cfg)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing created
+    # A cache that exists but lacks rows: refused too, naming the coverage, still without the teacher.
+    from accelerate.state import AcceleratorState
+
+    from kd.data import prepare_data
+    from kd.soft_targets import open_cache
+    from kd.teachers import load_processor
+
+    processor = load_processor(str(tiny_teacher), "audio")
+    data = prepare_data(cfg.data, processor, processor.sampling_rate)
+    identity = teacher_identity(cfg, processor, data.sampling_rate, "cpu", data.features is not None)
+    sizes = {role: len(ds) for role, ds in data.splits.items()}
+    cache, split_ids = open_cache(cfg, identity, data.label_names, data.fingerprints, sizes, may_create=True)
+    cache.put(split_ids["train"], [0, 1], torch.zeros(2, len(data.label_names)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(CacheError, match=r"is incomplete \(train 2/24, eval 0/12, test 0/12\)"):
+        build_run(cfg)
 
 
 def test_interrupted_precompute_resumes_and_two_processes_write_each_sample_once(tmp_path, tone_data, tiny_teacher):
@@ -94,6 +110,7 @@ def test_interrupted_precompute_resumes_and_two_processes_write_each_sample_once
     # A fill that stopped part-way: only the first 5 training rows are stored.
     first = run_cli(["--config", str(config), "--precompute-teacher"])
     assert first.returncode == 0, first.stderr[-2000:]
+    assert not (tmp_path / "pre").exists()  # a fill writes nothing into the run folder
     path = next((tmp_path / "cache").glob("*.sqlite"))
     with sqlite3.connect(path) as db:
         db.execute("DELETE FROM logits WHERE NOT (split_id LIKE 'train:%' AND idx < 5)")
@@ -219,3 +236,24 @@ def test_two_processes_fill_during_epoch_one_and_train_on_from_the_cache(tmp_pat
     assert steps[-1]["cache"]["covered"] == {"train": [24, 24], "eval": [12, 12], "test": [12, 12]}
     with sqlite3.connect(next((tmp_path / "cache").glob("*.sqlite"))) as db:
         assert db.execute("SELECT COUNT(*) FROM logits").fetchone()[0] == 48
+
+
+def test_top_k_rows_keep_the_top_probabilities_and_the_total_mass(tmp_path):
+    """Large label spaces store the top k log-probabilities and the rest's mass: the decoded
+    distribution has the teacher's top-k probabilities, sums to one, and is close in KL."""
+    torch.manual_seed(0)
+    logits = torch.randn(8, 1000) * 3
+    cache = TeacherCache(tmp_path, {"teacher": "lm"}, 1000, [str(i) for i in range(1000)], "fp32", top_k=32)
+    assert cache.row_bytes == 32 * 4 + 33 * 4  # 260 bytes instead of 4000
+    split = cache.register_split("train", "fp", 8)
+    cache.put(split, range(8), logits)
+    rows = cache.get(split, range(8))
+    decoded = torch.from_numpy(__import__("numpy").stack([rows[i] for i in range(8)]))
+    p, q = logits.softmax(-1), decoded.softmax(-1)
+    assert torch.allclose(q.sum(-1), torch.ones(8), atol=1e-5)
+    top = p.topk(32, dim=-1)
+    assert torch.allclose(q.gather(1, top.indices), top.values, rtol=1e-4, atol=1e-7)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    assert (kl >= -1e-6).all() and (kl < 0.5).all()
+    # A cache whose k covers the whole label space stores plain logits (and is keyed as such).
+    assert TeacherCache(tmp_path, {"teacher": "small"}, 10, list("abcdefghij"), top_k=32).top_k is None
