@@ -151,11 +151,8 @@ def open_teacher_cache(cfg: Config, accelerator: Accelerator, data: PreparedData
     device_kind = "cpu" if cfg.teacher.device == "cpu" else accelerator.device.type
     identity = teacher_identity(cfg, processor, data.sampling_rate, device_kind, data.features is not None)
     sizes = {role: len(ds) for role, ds in data.splits.items()}
-    if not create and not cache_path(cfg, identity, len(data.label_names)).is_file():
-        if dist.teacher_cache == "require":
-            raise CacheError(f"distillation.teacher_cache is 'require' but there is no cache for this teacher "
-                             f"({cache_path(cfg, identity, len(data.label_names))}); fill it with --precompute-teacher")
-        return None  # planning: the teacher will run, so the plan counts it
+    if not create and dist.teacher_cache == "auto" and not cache_path(cfg, identity, len(data.label_names)).is_file():
+        return None  # planning: the teacher will run, so the plan counts it (require: open_cache refuses)
     with accelerator.main_process_first():  # one process creates the file and its tables
         cache, split_ids = open_cache(cfg, identity, data.label_names, data.fingerprints, sizes,
                                       may_create=precompute or dist.teacher_cache == "auto")

@@ -59,6 +59,10 @@ class DataConfig:
     decode_cache: bool = True  # False: decode audio per sample on every access (the naive path)
     features_on_device: bool = True  # False: the feature extractor runs per sample in the DataLoader
 
+    def split_names(self) -> dict[str, str | None]:
+        """The dataset's split name for each role the kit uses (None: that role is not configured)."""
+        return {"train": self.train_split, "eval": self.eval_split, "test": self.test_split}
+
 
 @dataclass
 class TeacherConfig:

@@ -49,13 +49,13 @@ class PreparedData:
     sampling_rate: int | None
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
     features: DeviceFeatures | None = None  # computes batch["inputs"] from the waveform on the device
-    fingerprints: dict[str, str] | None = None  # datasets fingerprint of each preprocessed split (cache keys)
+    fingerprints: dict[str, str] | None = None  # content hash of each split's inputs (teacher-cache keys)
 
 
 def load_raw_splits(cfg: DataConfig) -> dict[str, Dataset]:
     """Load the dataset and return {role: split} for train/eval/test, checking names and columns."""
     dd = _load(cfg)
-    roles = {"train": cfg.train_split, "eval": cfg.eval_split, "test": cfg.test_split}
+    roles = cfg.split_names()
     missing = [f"data.{role if role != 'eval' else 'eval'}_split={name!r}" for role, name in roles.items()
                if name is not None and name not in dd]
     if missing:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kd.teacher_cache import CacheError, TeacherCache, file_sha256, identity_key
+from kd.teacher_cache import CacheError, TeacherCache, cache_file, file_sha256
 from kd.teachers import resolve_model_source, teacher_logits
 
 ROLES = ("train", "eval", "test")
@@ -168,10 +168,7 @@ def teacher_identity(cfg: Any, processor: Any, sampling_rate: int | None, device
 def cache_path(cfg: Any, identity: dict[str, Any], num_labels: int) -> Path:
     """Where the cache of this teacher identity lives (the same name TeacherCache gives it)."""
     dist = cfg.distillation
-    extra = {"cache_dtype": dist.cache_dtype}
-    if dist.cache_top_k is not None and dist.cache_top_k < num_labels:
-        extra["top_k"] = dist.cache_top_k
-    return dist.cache_folder() / f"{identity_key(dict(identity, **extra))}.sqlite"
+    return cache_file(dist.cache_folder(), identity, num_labels, dist.cache_dtype, dist.cache_top_k)
 
 
 def open_cache(cfg: Any, identity: dict[str, Any], label_names: list[str], fingerprints: dict[str, str],
@@ -186,7 +183,7 @@ def open_cache(cfg: Any, identity: dict[str, Any], label_names: list[str], finge
                          "<your config> --precompute-teacher`, or set distillation.teacher_cache: auto")
     cache = TeacherCache(dist.cache_folder(), identity, len(label_names), label_names, dist.cache_dtype,
                          dist.cache_top_k)
-    names = {"train": cfg.data.train_split, "eval": cfg.data.eval_split, "test": cfg.data.test_split}
+    names = cfg.data.split_names()
     split_ids = {role: cache.register_split(names[role], fingerprints[role], sizes[role]) for role in fingerprints}
     return cache, split_ids
 

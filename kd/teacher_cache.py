@@ -15,8 +15,9 @@ safetensors files (not their path), its dtype, the device kind when the dtype is
 serves a small one), the autocast precision it runs under, and the preprocessing that feeds it
 (feature extractor or tokenizer config, sampling rate, clip length, token length). A changed
 teacher therefore gets a new file beside the old one. Within a file a split is identified by its
-name and the datasets fingerprint of the preprocessed split (which changes with the data files,
-the decoding and any subsampling), and a row by the sample's index in that split.
+name and a hash of its inputs as stored (kd.data.content_fingerprint: bytes, text, or file paths
+with size and modification time, after any subsampling), and a row by the sample's index in that
+split.
 
 Why SQLite: one portable file, transactional (an interrupted fill keeps every committed batch and
 continues where it stopped), safe for several processes or threads writing at once (WAL mode, a
@@ -64,16 +65,29 @@ def identity_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def effective_top_k(top_k: int | None, num_labels: int) -> int | None:
+    """Top-k only pays where it is smaller than the label space (large vocabularies)."""
+    return top_k if top_k is not None and top_k < num_labels else None
+
+
+def stored_identity(identity: dict[str, Any], num_labels: int, dtype: str, top_k: int | None) -> dict[str, Any]:
+    """The teacher identity plus how rows are stored: what a cache file's name hashes."""
+    k = effective_top_k(top_k, num_labels)
+    return dict(identity, cache_dtype=dtype, **({"top_k": k} if k else {}))
+
+
+def cache_file(folder: Path, identity: dict[str, Any], num_labels: int, dtype: str, top_k: int | None) -> Path:
+    return Path(folder).expanduser() / f"{identity_key(stored_identity(identity, num_labels, dtype, top_k))}.sqlite"
+
+
 class TeacherCache:
     """One teacher identity's soft targets. Thread- and process-safe; each thread gets a connection."""
 
     def __init__(self, folder: Path, identity: dict[str, Any], num_labels: int, label_names: list[str],
                  dtype: str = "fp32", top_k: int | None = None):
-        # Top-k only pays where it is smaller than the label space (large vocabularies).
-        self.top_k = top_k if top_k is not None and top_k < num_labels else None
-        self.identity = dict(identity, cache_dtype=dtype, **({"top_k": self.top_k} if self.top_k else {}))
-        self.key = identity_key(self.identity)
-        self.path = Path(folder).expanduser() / f"{self.key}.sqlite"
+        self.top_k = effective_top_k(top_k, num_labels)
+        self.identity = stored_identity(identity, num_labels, dtype, top_k)
+        self.path = cache_file(folder, identity, num_labels, dtype, top_k)
         self.num_labels, self.label_names, self.dtype = num_labels, list(label_names), DTYPES[dtype]
         self._local = threading.local()
         self._check_or_create()

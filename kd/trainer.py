@@ -134,10 +134,12 @@ class Trainer:
         self.metrics: dict[str, dict[str, Any]] = {}
 
     def _loader(self, role: str, batch_size: int):
-        data = self.run.data
-        loader = make_loader(data.splits[role], self.cfg.data, batch_size, data.collate, shuffle=role == "train",
-                             pin_memory=self.acc.device.type == "cuda", seed=self.cfg.run.seed)
-        return self.acc.prepare(loader)
+        """The role's DataLoader, prepared by Accelerate (sharded over processes, batches on the device)."""
+        return self.acc.prepare(self._plain_loader(self.run.data.splits[role], batch_size, shuffle=role == "train"))
+
+    def _plain_loader(self, ds, batch_size: int, shuffle: bool = False):
+        return make_loader(ds, self.cfg.data, batch_size, self.run.data.collate, shuffle=shuffle,
+                           pin_memory=self.acc.device.type == "cuda", seed=self.cfg.run.seed)
 
     def _use_sizes(self, micro_batch: int, grad_accum: int) -> None:
         """Train on with another micro-batch / accumulation (after a shrink, or resuming after one)."""
@@ -324,18 +326,17 @@ class Trainer:
         # Every process reads what is missing before any of them writes, so their shares agree.
         missing = {role: targets.cache.missing(targets.split_ids[role], targets.sizes[role]) for role in roles}
         self.acc.wait_for_everyone()
-        for role in roles:
-            def loader(ds):
-                return make_loader(ds, self.cfg.data, self.cfg.train.batch_size, data.collate, shuffle=False,
-                                   pin_memory=self.acc.device.type == "cuda", seed=self.cfg.run.seed)
 
-            def prepare(batch):
-                batch = send_to_device(batch, self.acc.device, non_blocking=self.cfg.data.pin_memory)
-                with self.acc.autocast():
-                    self._add_features(batch)
-                return batch
+        def loader(ds):  # each process its own share of the rows, so not sharded by Accelerate
+            return self._plain_loader(ds, self.cfg.train.batch_size)
 
-            with self.acc.autocast():
+        def prepare(batch):
+            batch = send_to_device(batch, self.acc.device, non_blocking=self.cfg.data.pin_memory)
+            self._add_features(batch)
+            return batch
+
+        with self.acc.autocast():  # the teacher runs as it does in training
+            for role in roles:
                 written += fill(targets, role, missing[role], data.splits[role], loader, prepare, self.acc.process_index,
                                 self.acc.num_processes, show=self.acc.is_local_main_process)
         self.acc.wait_for_everyone()
@@ -483,7 +484,7 @@ class Trainer:
         metrics = split_metrics(torch.cat(preds), all_labels, self.num_classes,
                                 torch.cat(t_preds) if self.targets is not None else None,
                                 float(torch.cat(losses).float().mean()))
-        split = self.cfg.data.eval_split if role == "eval" else self.cfg.data.test_split
+        split = self.cfg.data.split_names()[role]
         self.telemetry.emit("eval", self.state.step, split=split, metrics=metrics, samples=all_labels.numel(),
                             duration_s=time.perf_counter() - started)
         if self.cfg.telemetry.report_to:
