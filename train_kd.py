@@ -112,7 +112,8 @@ def report(cfg, metrics: dict) -> None:
     if not PartialState().is_main_process:
         return
     for role, values in metrics.items():
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in values.items() if v is not None)
+        shown = ", ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in values.items()
+                          if v is not None)
         print(f"final {role}: {shown}")
     print(f"student: {cfg.output_dir / 'student'}  telemetry: {cfg.output_dir / 'telemetry.jsonl'}")
 

@@ -20,7 +20,7 @@ from accelerate.utils import TorchDynamoPlugin, set_seed
 
 from kd.config import Config
 from kd.data import PreparedData, prepare_data
-from kd.errors import ConfigError, TrainingError
+from kd.errors import ConfigError, ModelLoadError, TrainingError
 from kd.logmel_cnn import read_config as read_kit_config
 from kd.memory import cuda_index
 from kd.preflight import (Estimate, advice, choose_teacher_device, estimate_memory, fmt, format_estimate,
@@ -29,6 +29,7 @@ from kd.soft_targets import CachedTeacher, SoftTargets, TeacherForward, cache_pa
 from kd.students import build_student, model_input_key, use_channels_last
 from kd.teacher_cache import CacheError
 from kd.teachers import check_label_space, count_parameters, is_kit_model, load_processor, load_teacher
+from kd.vocabulary import check_shared_vocabulary
 
 
 # The Python package each Accelerate tracker needs (telemetry.report_to).
@@ -90,18 +91,26 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
     rate = sampling_rate(cfg, processor)
     with accelerator.main_process_first():  # the first process fills the datasets cache, the others reuse it
         data = prepare_data(cfg.data, processor, rate)
-    say(f"Data: {len(data.splits['train'])} training samples, {len(data.label_names)} labels")
+    if cfg.data.modality == "causal_lm":
+        say(f"Data: {len(data.splits['train'])} training sequences, vocabulary {len(processor)} tokens")
+    else:
+        say(f"Data: {len(data.splits['train'])} training samples, {len(data.label_names)} labels")
 
     teacher, cached = None, None
     if cfg.distillation.enabled:
         cached = open_teacher_cache(cfg, accelerator, data, processor, create=not plan_only, precompute=precompute)
         if cached is None or not cached.complete() or cfg.student.init_from_teacher:
             teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
-            check_label_space(teacher, data.label_names, f"teacher {cfg.teacher.model}")
+            if cfg.data.modality != "causal_lm":
+                check_label_space(teacher, data.label_names, f"teacher {cfg.teacher.model}")
+    elif cfg.student.init_from_teacher:  # a baseline without KD that starts where its KD twin starts
+        teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
     student = build_student(cfg.student, cfg.data.modality, data.label_names, data.sampling_rate,
                             teacher, cfg.teacher.model)
-    if cached is not None and cached.complete():
-        teacher = None  # loaded only to initialise the student from it: every soft target is on disk
+    if cfg.data.modality == "causal_lm":
+        prepare_language_models(cfg, processor, teacher, student)
+    if not cfg.distillation.enabled or (cached is not None and cached.complete()):
+        teacher = None  # loaded only to initialise the student from it (no KD, or every soft target on disk)
     if data.features is not None:
         data.features.to(accelerator.device)
     describe_features(cfg, data, processor, accelerator)
@@ -144,6 +153,9 @@ def open_teacher_cache(cfg: Config, accelerator: Accelerator, data: PreparedData
     dist, say = cfg.distillation, accelerator.print
     if dist.teacher_cache == "off":
         return None
+    if cfg.data.modality == "causal_lm":  # 'require' is a config error for causal_lm
+        say("Teacher cache off: causal_lm soft targets are computed online (the cache holds classifier outputs)")
+        return None
     if cfg.augment.enabled:  # 'require' with augmentation is a config error (kd/config.py)
         say("Teacher cache off: augment.enabled changes the teacher's inputs every epoch, so its outputs "
             "are computed online (distillation.teacher_cache: auto)")
@@ -165,6 +177,28 @@ def open_teacher_cache(cfg: Config, accelerator: Accelerator, data: PreparedData
     state = "complete: the teacher is not loaded" if cached.complete() else "the teacher fills what is missing"
     say(f"Teacher cache {cache.path}: {coverage} ({state})")
     return cached
+
+
+def prepare_language_models(cfg: Config, tokenizer: Any, teacher: torch.nn.Module | None,
+                            student: torch.nn.Module) -> None:
+    """Causal LMs: one vocabulary for teacher and student (checked before anything trains), and no
+    KV cache in training forwards (it would only hold memory: every forward sees whole sequences)."""
+    if teacher is not None:
+        check_shared_vocabulary(tokenizer, student_tokenizer(cfg), teacher.config.vocab_size,
+                                student.config.vocab_size, cfg.teacher.model, cfg.student.config or
+                                f"built from {cfg.teacher.model}'s config")
+        teacher.config.use_cache = False
+    student.config.use_cache = False
+
+
+def student_tokenizer(cfg: Config) -> Any:
+    """The tokenizer shipped with student.config, if it has one (None: it reads the teacher's tokens)."""
+    if not cfg.student.config or cfg.student.config == cfg.teacher.model:
+        return None
+    try:
+        return load_processor(cfg.student.config, "causal_lm", what="student.config")
+    except ModelLoadError:
+        return None  # a bare config folder: the student uses the teacher's tokenizer
 
 
 def describe_features(cfg: Config, data: PreparedData, processor: Any, accelerator: Accelerator) -> None:
@@ -266,7 +300,7 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
                 if data.features is not None:
                     batch["inputs"] = data.features(batch["waveform"].to(device))
                 return estimate_memory(teacher, student, batch, input_key, micro, cfg.train.mixed_precision, on_gpu,
-                                       device)
+                                       device, cfg.memory.loss_chunk)
             except torch.OutOfMemoryError:
                 if device.type != "cuda" or rows == 1:
                     raise

@@ -21,7 +21,7 @@ import yaml
 
 from kd.errors import ConfigError
 
-Modality = Literal["audio", "text", "image"]
+Modality = Literal["audio", "text", "image", "causal_lm"]
 Precision = Literal["no", "fp16", "bf16"]
 
 
@@ -48,7 +48,8 @@ class DataConfig:
     weight_column: str | None = None
     sampling_rate: int | None = None
     max_seconds: float = 1.0
-    max_length: int = 128
+    max_length: int = 128  # text and causal_lm: tokens per sample (longer ones are cut)
+    packing: bool = False  # causal_lm: concatenate samples into rows of exactly max_length tokens
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     preprocess_workers: int = 1
@@ -119,6 +120,9 @@ class DistillationConfig:
     cache_dir: str | None = None  # null: <HF_HOME>/kd_teacher_cache, shared by every run of the same teacher
     cache_dtype: Literal["fp32", "fp16"] = "fp32"
     cache_top_k: int | None = None  # null: every logit; k: the top k log-probabilities + the rest's mass (large label spaces)
+    # causal_lm: the token-level divergence (kd/lm_losses.py); jsd is TRL GKD's generalised JSD with jsd_beta
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = 0.5
 
     def cache_folder(self) -> Path:
         if self.cache_dir:
@@ -152,6 +156,7 @@ class MemoryConfig:
     on_oom: Literal["shrink", "fail"] = "shrink"
     min_micro_batch: int = 1
     auto_batch_size: bool = False
+    loss_chunk: int = 256  # causal_lm: positions per loss chunk; ~6 fp32 (chunk, vocab) tensors live (49k vocab: 300 MB)
 
 
 @dataclass
@@ -390,6 +395,14 @@ def _check_values(cfg: Config) -> list[str]:
         need(len(student.channels) >= 1 and all(c >= 1 for c in student.channels), "student.channels",
              student.channels, "must be a non-empty list of integers >= 1")
     need(0.0 <= student.dropout < 1.0, "student.dropout", student.dropout, "must be in [0, 1)")
+    if data.modality == "causal_lm":
+        need(not (dist.enabled and dist.teacher_cache == "require"), "distillation.teacher_cache", dist.teacher_cache,
+             "causal_lm soft targets are computed online for now; use auto or off")
+    elif dist.divergence != "forward_kl":
+        problems.append(f"distillation.divergence: {dist.divergence!r} is for causal_lm; classifiers use forward_kl "
+                        f"(data.modality is {data.modality!r})")
+    need(0.0 <= dist.jsd_beta <= 1.0, "distillation.jsd_beta", dist.jsd_beta,
+         "must be in [0, 1] (0: forward KL, 1: reverse KL)")
     if student.type == "hf":
         need(student.config is not None or teacher.model is not None, "student.config", student.config,
              "an hf student needs a config: a folder or Hub id with config.json, or teacher.model to start from")
@@ -446,6 +459,8 @@ def _check_values(cfg: Config) -> list[str]:
          aug.noise_snr_db, "must be [low, high] in dB with low <= high")
 
     need(cfg.memory.vram_budget_gb > 0, "memory.vram_budget_gb", cfg.memory.vram_budget_gb, "must be > 0 (GB)")
+    need(cfg.memory.loss_chunk >= 1, "memory.loss_chunk", cfg.memory.loss_chunk,
+         "must be an integer >= 1 (positions per chunk of the LM loss)")
     need(cfg.memory.min_micro_batch >= 1, "memory.min_micro_batch", cfg.memory.min_micro_batch,
          "must be an integer >= 1 (the smallest micro-batch an out-of-memory shrink may reach)")
     need(tel.log_every >= 1, "telemetry.log_every", tel.log_every, "must be an integer >= 1")

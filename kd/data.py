@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from kd.config import DataConfig
 from kd.errors import DataError, first_line
 from kd.features import DeviceFeatures, device_features
+from kd.lm_data import LMCollator, prepare_lm_splits
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ def load_raw_splits(cfg: DataConfig) -> dict[str, Dataset]:
                         f"{', '.join(dd.keys()) or 'no splits'}")
     splits = {role: dd[name] for role, name in roles.items() if name is not None}
     for role, ds in splits.items():
+        if len(ds) == 0:
+            raise DataError(f"{cfg.dataset} split {roles[role]!r} is empty")
+        if cfg.modality == "causal_lm":
+            continue  # its columns are checked by kd/lm_data.py (text, prompt/completion or messages)
         needed = {"data.input_column": cfg.input_column, "data.label_column": cfg.label_column}
         if cfg.weight_column:
             needed["data.weight_column"] = cfg.weight_column
@@ -70,8 +75,6 @@ def load_raw_splits(cfg: DataConfig) -> dict[str, Dataset]:
         if absent:
             raise DataError(f"{cfg.dataset} split {roles[role]!r}: column not found ({', '.join(absent)}); "
                             f"its columns are: {', '.join(ds.column_names)}")
-        if len(ds) == 0:
-            raise DataError(f"{cfg.dataset} split {roles[role]!r} is empty")
     return splits
 
 
@@ -170,13 +173,31 @@ def resolve_labels(splits: dict[str, Dataset], column: str) -> tuple[dict[str, D
 def prepare_data(cfg: DataConfig, processor: Any = None, sampling_rate: int | None = None) -> PreparedData:
     """Load, check, subsample, preprocess (cached) and describe the configured splits; every sample
     carries its index in the split (batch["index"]), and every split its datasets fingerprint."""
-    splits, label_names = resolve_labels(load_raw_splits(cfg), cfg.label_column)  # before subsampling
-    limits = {"train": cfg.max_train_samples, "eval": cfg.max_eval_samples, "test": cfg.max_eval_samples}
-    splits = {r: (ds.select(range(min(limits[r], len(ds)))) if limits[r] else ds) for r, ds in splits.items()}
+    splits = load_raw_splits(cfg)
+    if cfg.modality == "causal_lm":
+        return _prepare_lm(cfg, _subsample(cfg, splits), processor)
+    splits, label_names = resolve_labels(splits, cfg.label_column)  # before subsampling
+    splits = _subsample(cfg, splits)
     data = _prepare(cfg, splits, label_names, processor, sampling_rate)
     data.fingerprints = {role: content_fingerprint(ds, cfg.input_column) for role, ds in splits.items()}
     data.splits = {role: ds.add_column(INDEX, np.arange(len(ds), dtype=np.int64)) for role, ds in data.splits.items()}
     return data
+
+
+def _subsample(cfg: DataConfig, splits: dict[str, Dataset]) -> dict[str, Dataset]:
+    limits = {"train": cfg.max_train_samples, "eval": cfg.max_eval_samples, "test": cfg.max_eval_samples}
+    return {r: (ds.select(range(min(limits[r], len(ds)))) if limits[r] else ds) for r, ds in splits.items()}
+
+
+def _prepare_lm(cfg: DataConfig, splits: dict[str, Dataset], tokenizer: Any) -> PreparedData:
+    """Causal-LM splits (kd/lm_data.py): no label space, the tokenizer's vocabulary is the output."""
+    if tokenizer is None:
+        raise DataError("causal_lm data needs a tokenizer: set teacher.model (or student.config) to a model folder "
+                        "with tokenizer files")
+    splits = prepare_lm_splits(splits, cfg, tokenizer)
+    splits = {role: ds.add_column(INDEX, np.arange(len(ds), dtype=np.int64)) for role, ds in splits.items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return PreparedData(splits, [], None, LMCollator(pad))
 
 
 def content_fingerprint(ds: Dataset, column: str) -> str:

@@ -1,4 +1,5 @@
-"""The final student as a self-contained folder: safetensors weights, config and label names.
+"""The final student as a self-contained folder: safetensors weights, config and label names (a causal
+LM: its tokenizer, ready for `AutoModelForCausalLM.from_pretrained` and `generate`).
 
 Folders are written atomically: everything goes to a temporary sibling first and is renamed into
 place at the end, so an interrupted export never leaves a half-written student behind, and the
@@ -44,16 +45,20 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         raise
 
 
-def save_student(model: torch.nn.Module, path: str | Path, label_names: list[str], processor: Any = None) -> Path:
-    """Write the student to `path` (atomically); `load_student(path)` gives it back."""
+def save_student(model: torch.nn.Module, path: str | Path, label_names: list[str], processor: Any = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the student to `path` (atomically); `load_student(path)` gives it back. `state_dict`: the
+    weights gathered from every process (FSDP, ZeRO-3); None: the model's own."""
     with atomic_folder(path) as tmp:
         if isinstance(model, LogMelCNN):
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             config = dict(model.config, id2label={str(i): n for i, n in enumerate(label_names)})
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         else:
-            model.save_pretrained(tmp)  # transformers writes model.safetensors + config.json (with id2label)
+            if getattr(model.config, "use_cache", None) is False:
+                model.config.use_cache = True  # off for training (kd/build.py); generation wants it
+            model.save_pretrained(tmp, state_dict=state_dict)  # model.safetensors + config.json (with id2label)
             if processor is not None:
                 processor.save_pretrained(tmp)
     return Path(path)
@@ -73,13 +78,16 @@ def load_student(path: str | Path, modality: str | None = None) -> tuple[torch.n
     config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     modality = modality or modality_of(config)
     model = TASK_CLASSES[modality].from_pretrained(source, use_safetensors=True, trust_remote_code=False)
-    labels = [config.id2label[i] for i in range(config.num_labels)]
+    labels = [config.id2label[i] for i in range(config.num_labels)] if modality != "causal_lm" else []
     return model.eval(), labels
 
 
 def modality_of(config: Any) -> str:
-    """Which task head a transformers config belongs to (audio, text or image classification)."""
+    """Which task head a transformers config belongs to (audio, text or image classification, or a causal LM)."""
+    if any(name.endswith("ForCausalLM") for name in (getattr(config, "architectures", None) or [])):
+        return "causal_lm"  # most LM configs also map to a classification head: the saved class decides
     for modality, auto_cls in TASK_CLASSES.items():
         if type(config) in auto_cls._model_mapping:
             return modality
-    raise ModelLoadError(f"{config.model_type} has no audio, text or image classification head in transformers")
+    raise ModelLoadError(f"{config.model_type} has no audio, text or image classification or causal LM head "
+                         "in transformers")

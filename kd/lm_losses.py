@@ -87,6 +87,9 @@ def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str = "forward_kl
     return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
 
 
+IGNORE = -100  # label of a position that is not learnt (padding, prompt), as in transformers
+
+
 def token_kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, mask: torch.Tensor,
                   kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,24 +99,104 @@ def token_kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, ma
     before calling). Masked-out positions (padding, prompt) are never computed; with no position
     left the sum is a zero that still reaches the student's graph (no NaN, no missing gradient).
     """
-    mask = mask.bool()
+    _, kd_sum, count = token_loss_sums(student_logits, teacher, None, mask, kind, beta, temperature, chunk_size)
+    return kd_sum, count
+
+
+def token_loss_sums(student_logits: torch.Tensor, teacher: torch.Tensor | TopK | None, labels: torch.Tensor | None,
+                    mask: torch.Tensor, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                    chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE sum, T^2-scaled divergence sum, positions) over the positions where `mask` is true.
+
+    Chunks of `chunk_size` positions are gathered from the logits one at a time (a (chunk, V) copy,
+    never one of the whole batch) and each chunk runs under activation checkpointing when the
+    student needs gradients. `labels` None: no CE (zero); `teacher` None: no divergence (zero).
+    """
+    vocab = student_logits.shape[-1]
+    flat = student_logits.reshape(-1, vocab)
+    positions = mask.reshape(-1).nonzero().squeeze(-1)
     count = mask.sum()
-    if not bool(mask.any()):
-        return student_logits.sum() * 0.0, count
-    s = student_logits[mask]
-    t = teacher.select(mask) if isinstance(teacher, TopK) else teacher[mask]
+    zero = flat.sum() * 0.0  # keeps the result in the student's graph even with nothing to learn
+    if positions.numel() == 0:
+        return zero.float(), zero.float(), count
+    flat_labels = labels.reshape(-1) if labels is not None else None
+    if isinstance(teacher, TopK):
+        t_flat: tuple[torch.Tensor, ...] = (teacher.indices.reshape(-1, teacher.indices.shape[-1]),
+                                            teacher.logprobs.reshape(-1, teacher.logprobs.shape[-1]))
+    elif teacher is not None:
+        t_flat = (teacher.reshape(-1, teacher.shape[-1]),)
+    else:
+        t_flat = ()
 
-    def chunk_loss(s_chunk: torch.Tensor, *t_parts: torch.Tensor) -> torch.Tensor:
-        t_chunk = TopK(*t_parts) if isinstance(teacher, TopK) else t_parts[0]
-        log_p, log_q = _bucket_log_probs(s_chunk, t_chunk, temperature)
-        return divergence(log_p, log_q, kind, beta).sum()
+    def chunk_sums(s_chunk: torch.Tensor, label_chunk: torch.Tensor | None, *t_parts: torch.Tensor) -> torch.Tensor:
+        ce = s_chunk.new_zeros((), dtype=torch.float32)
+        kd = s_chunk.new_zeros((), dtype=torch.float32)
+        if label_chunk is not None:
+            ce = F.cross_entropy(s_chunk.float(), label_chunk, reduction="sum")
+        if t_parts:
+            t_chunk = TopK(*t_parts) if len(t_parts) == 2 else t_parts[0].to(s_chunk.device)
+            log_p, log_q = _bucket_log_probs(s_chunk, t_chunk, temperature)
+            kd = divergence(log_p, log_q, kind, beta).sum()
+        return torch.stack([ce, kd])
 
-    total = s.new_zeros((), dtype=torch.float32)
-    for start in range(0, s.shape[0], chunk_size):
-        end = start + chunk_size
-        parts = (t.indices[start:end], t.logprobs[start:end]) if isinstance(t, TopK) else (t[start:end],)
-        if s.requires_grad:  # recomputed in backward: only the chunk's inputs are kept alive
-            total = total + checkpoint(chunk_loss, s[start:end], *parts, use_reentrant=False)
+    total = zero.float().expand(2)
+    for start in range(0, positions.numel(), chunk_size):
+        rows = positions[start:start + chunk_size]
+        s_chunk = flat.index_select(0, rows)
+        label_chunk = flat_labels.index_select(0, rows) if flat_labels is not None else None
+        t_chunk = tuple(part.index_select(0, rows.to(part.device)) for part in t_flat)
+        if s_chunk.requires_grad:  # recomputed in backward: only the chunk's inputs are kept alive
+            sums = checkpoint(chunk_sums, s_chunk, label_chunk, *t_chunk, use_reentrant=False)
         else:
-            total = total + chunk_loss(s[start:end], *parts)
-    return total * temperature**2, count
+            sums = chunk_sums(s_chunk, label_chunk, *t_chunk)
+        total = total + sums
+    return total[0], total[1] * temperature**2, count
+
+
+def token_distillation_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK | None, labels: torch.Tensor,
+                            alpha: float, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                            chunk_size: int = 1024) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, parts) for next-token training: per learnt token, (1 - alpha) * CE + alpha * divergence.
+
+    `labels` (batch, seq) hold the next token at each position, IGNORE where nothing is learnt.
+    Parts are per-token means of total, ce and kd (kd is zero without a teacher, and then the loss is CE)."""
+    mask = labels != IGNORE
+    ce_sum, kd_sum, count = token_loss_sums(student_logits, teacher, labels.clamp_min(0), mask, kind, beta,
+                                            temperature, chunk_size)
+    denom = count.clamp_min(1).float()
+    ce, kd = ce_sum / denom, kd_sum / denom
+    total = ce if teacher is None else (1.0 - alpha) * ce + alpha * kd
+    return total, {"total": total, "ce": ce, "kd": kd}
+
+
+@torch.no_grad()
+def token_eval_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+                    kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                    chunk_size: int = 1024) -> dict[str, torch.Tensor]:
+    """Per-row sums for evaluation over the learnt positions, each (batch,): student and teacher
+    negative log-likelihood, student and teacher top-1 correct, student/teacher top-1 agreement,
+    the T^2-scaled divergence, and the number of positions. Per row, so multi-process evaluation
+    can gather rows and drop the duplicates of uneven shards."""
+    batch, seq, vocab = student_logits.shape
+    flat, flat_labels = student_logits.reshape(-1, vocab), labels.reshape(-1)
+    positions = (flat_labels != IGNORE).nonzero().squeeze(-1)
+    t_flat = teacher_logits.reshape(-1, vocab) if teacher_logits is not None else None
+    names = ("nll", "correct", "teacher_nll", "teacher_correct", "agree", "kd")
+    sums = {name: torch.zeros(batch, device=flat.device) for name in names}
+    for start in range(0, positions.numel(), chunk_size):
+        rows = positions[start:start + chunk_size]
+        owner = rows // seq
+        s, y = flat.index_select(0, rows).float(), flat_labels.index_select(0, rows)
+        s_top = s.argmax(-1)
+        sums["nll"].index_add_(0, owner, F.cross_entropy(s, y, reduction="none"))
+        sums["correct"].index_add_(0, owner, (s_top == y).float())
+        if t_flat is not None:
+            t = t_flat.index_select(0, rows.to(t_flat.device)).to(s.device).float()
+            t_top = t.argmax(-1)
+            sums["teacher_nll"].index_add_(0, owner, F.cross_entropy(t, y, reduction="none"))
+            sums["teacher_correct"].index_add_(0, owner, (t_top == y).float())
+            sums["agree"].index_add_(0, owner, (t_top == s_top).float())
+            log_p, log_q = _bucket_log_probs(s, t, temperature)
+            sums["kd"].index_add_(0, owner, divergence(log_p, log_q, kind, beta) * temperature**2)
+    sums["count"] = (labels != IGNORE).sum(-1).float()
+    return sums

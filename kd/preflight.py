@@ -42,6 +42,7 @@ class Estimate:
     total: int
     teacher_activations: int  # the part of `activations` only the teacher's forward needs (its peak over the student's)
     method: str  # "measured" (GPU probe) or "analytic" (CPU)
+    logits: int = 0  # language models: the teacher's logits held through the student's step + the chunked loss
 
     def as_telemetry(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,8 +53,13 @@ def param_bytes(model: nn.Module | None) -> int:
 
 
 def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[str, Any], input_key: str,
-                    micro_batch: int, mixed_precision: str, teacher_on_gpu: bool, device: torch.device) -> Estimate:
-    """Estimate the GPU memory of training with this micro-batch (`batch` may be smaller: it is scaled)."""
+                    micro_batch: int, mixed_precision: str, teacher_on_gpu: bool, device: torch.device,
+                    loss_chunk: int = 1024) -> Estimate:
+    """Estimate the GPU memory of training with this micro-batch (`batch` may be smaller: it is scaled).
+
+    Language models (3-D logits) also count their logits, which autograd's saved tensors do not show:
+    the student's logits and their gradient (analytic only; the GPU probe measures them), the teacher's
+    logits, alive from its forward to the loss, and the loss's (loss_chunk, vocabulary) fp32 work tensors."""
     n_student = sum(p.numel() for p in student.parameters())
     # The probe must leave no trace: its random draws (dropout in torch, SpecAugment-style masks in
     # NumPy, anything in `random`) come from saved and restored generators, and the running
@@ -62,10 +68,10 @@ def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[s
     numpy_state, python_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if device.type == "cuda":
-            student_act, teacher_act = _measured_activations(teacher, student, batch, input_key, device)
+            student_act, teacher_act, shape = _measured_activations(teacher, student, batch, input_key, device)
             method = "measured"
         else:
-            student_act, teacher_act = _analytic_activations(teacher, student, batch, input_key)
+            student_act, teacher_act, shape = _analytic_activations(teacher, student, batch, input_key)
             if mixed_precision != "no":
                 student_act //= 2  # autocast keeps most saved activations in 16 bits
             method = "analytic"
@@ -76,6 +82,11 @@ def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[s
             b.copy_(buffers[name])
     scale = micro_batch / max(1, int(batch["labels"].shape[0]))
     student_act, teacher_act = int(student_act * scale), int(teacher_act * scale)
+    logits = 0
+    if len(shape) == 3:  # (batch, positions, vocabulary): a language model
+        per_row = shape[1] * shape[2] * 4
+        logits = per_row * micro_batch * ((teacher is not None) + 2 * (method == "analytic"))
+        logits += 6 * min(loss_chunk, micro_batch * shape[1]) * shape[2] * 4
     if not teacher_on_gpu:
         teacher_act = 0
     # The teacher's forward and the student's step run one after the other, and the teacher's
@@ -90,6 +101,7 @@ def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[s
         "optimizer": n_student * ADAMW_STATE_PER_PARAM,
         "activations": student_act + teacher_extra,
         "cuda_context": context,
+        "logits": logits,
     }
     return Estimate(**parts, total=sum(parts.values()), teacher_activations=teacher_extra, method=method)
 
@@ -125,6 +137,7 @@ def _analytic_activations(teacher, student, batch, input_key) -> tuple[int, int]
     student.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits = student_logits(student, batch, input_key)
+    shape = tuple(logits.shape)
     logits.float().sum().backward()
     student.zero_grad(set_to_none=True)
     student.train(was_training)
@@ -146,7 +159,7 @@ def _analytic_activations(teacher, student, batch, input_key) -> tuple[int, int]
         # Without autograd (inference mode) a layer's input and output (and a workspace) are alive at once,
         # not the whole graph.
         teacher_act = 3 * max(largest, default=0)
-    return sum(saved.values()), teacher_act
+    return sum(saved.values()), teacher_act, shape
 
 
 def _measured_activations(teacher, student, batch, input_key, device) -> tuple[int, int]:
@@ -163,13 +176,18 @@ def _measured_activations(teacher, student, batch, input_key, device) -> tuple[i
     if teacher is not None and next(teacher.parameters()).is_cuda:
         teacher_act = peak_of(lambda: teacher_logits(teacher, on_device))
 
+    shape: tuple[int, ...] = ()
+
     def student_step():
-        student_logits(student, on_device, input_key).float().sum().backward()
+        nonlocal shape
+        logits = student_logits(student, on_device, input_key)
+        shape = tuple(logits.shape)
+        logits.float().sum().backward()
 
     student_act = peak_of(student_step)
     student.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
-    return student_act, teacher_act
+    return student_act, teacher_act, shape
 
 
 def largest_fitting_micro_batch(effective: int, fits: Callable[[int], bool]) -> int:
@@ -203,8 +221,9 @@ def advice(est: Estimate, cfg: Any, budget: int, student: nn.Module) -> list[tup
         options.append(("train.mixed_precision: bf16 (or fp16 on older GPUs) halves activations", est.activations // 2))
     if cfg.data.modality == "audio":
         options.append((f"data.max_seconds: {cfg.data.max_seconds / 2:g} (shorter clips)", est.activations // 2))
-    elif cfg.data.modality == "text":
-        options.append((f"data.max_length: {max(1, cfg.data.max_length // 2)} (shorter inputs)", est.activations // 2))
+    elif cfg.data.modality in ("text", "causal_lm"):
+        options.append((f"data.max_length: {max(1, cfg.data.max_length // 2)} (shorter inputs)",
+                        (est.activations + est.logits) // 2))
     return sorted((o for o in options if o[1] > 0), key=lambda o: -o[1])
 
 
@@ -216,6 +235,8 @@ def format_estimate(est: Estimate, budget: int, free: int | None = None) -> str:
     rows = [("teacher weights", est.teacher_weights), ("student weights", est.student_weights),
             ("gradients", est.grads), ("optimizer state (AdamW)", est.optimizer),
             (f"activations ({est.method})", est.activations), ("CUDA context", est.cuda_context)]
+    if est.logits:
+        rows.insert(5, ("logits and loss (LM)", est.logits))
     lines = ["Pre-flight memory estimate (GPU)"]
     lines += [f"  {name:<26} {fmt(value):>10}" for name, value in rows]
     verdict = "fits" if est.total <= budget else "OVER BUDGET"

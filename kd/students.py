@@ -3,9 +3,9 @@
 - `logmel_cnn`: a small keyword-spotting CNN that turns raw audio into log-mel features inside its
   forward pass (torchaudio on the model's device), so the data path carries only waveforms
   (kd/logmel_cnn.py).
-- `hf`: any transformers classification model built from a config (a folder, a Hub id, or the
-  teacher's own config with overrides such as fewer layers), trained from scratch or initialised
-  from a subset of the teacher's layers, as DistilBERT was.
+- `hf`: any transformers classification model or causal LM built from a config (a folder, a Hub id,
+  or the teacher's own config with overrides such as fewer layers), trained from scratch or
+  initialised from a subset of the teacher's layers, as DistilBERT was.
 """
 
 from __future__ import annotations
@@ -58,9 +58,10 @@ def build_hf_student(cfg: StudentConfig, modality: str, label_names: list[str],
             raise ModelLoadError(f"student.config_overrides.{key}: not a field of the {config.model_type} config"
                                  + (f"; did you mean {close[0]}?" if close else ""))
     config.update(overrides)
-    config.num_labels = len(label_names)
-    config.id2label = dict(enumerate(label_names))
-    config.label2id = {name: i for i, name in enumerate(label_names)}
+    if modality != "causal_lm":  # a language model predicts tokens, not the dataset's labels
+        config.num_labels = len(label_names)
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: i for i, name in enumerate(label_names)}
     model = TASK_CLASSES[modality].from_config(config)
     if cfg.init_from_teacher:
         copy_teacher_layers(model, teacher, layers)

@@ -167,3 +167,76 @@ def save_random_ast(path: Path, labels: list[str], seed: int = 0) -> Path:
     ASTFeatureExtractor(max_length=128, num_mel_bins=128, sampling_rate=16000, mean=-6.845978,
                         std=5.5654526).save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Causal language models
+
+LM_SUBJECTS = ["the cat", "a dog", "the bird", "my friend", "the teacher", "a student"]
+LM_VERBS = ["sees", "likes", "finds", "follows", "helps", "calls"]
+LM_OBJECTS = ["the ball", "a tree", "the house", "the river", "a book", "the garden"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+LM_SPECIAL = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+
+
+def lm_sentences(n: int, seed: int = 0) -> list[str]:
+    """Short subject-verb-object sentences: a grammar small models learn in a few hundred steps."""
+    rng = np.random.default_rng(seed)
+    return [f"{rng.choice(LM_SUBJECTS)} {rng.choice(LM_VERBS)} {rng.choice(LM_OBJECTS)}." for _ in range(n)]
+
+
+def write_lm_dataset(folder: Path, shape: str = "text", sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """train.jsonl / validation.jsonl (/ test.jsonl) in one of the three causal_lm shapes (kd/lm_data.py)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (split, n) in enumerate((sizes or {"train": 48, "validation": 12}).items()):
+        rows = []
+        for i, sentence in enumerate(lm_sentences(n, seed + k)):
+            subject, rest = sentence.split(" ", 2)[:2], sentence.split(" ", 2)[2]
+            prompt = " ".join(subject)
+            if shape == "text":
+                rows.append({"text": sentence})
+            elif shape == "prompt_completion":
+                rows.append({"prompt": f"{prompt} ", "completion": rest})
+            else:
+                rows.append({"messages": [{"role": "user", "content": f"finish: {prompt}"},
+                                          {"role": "assistant", "content": rest}]})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def save_tiny_tokenizer(path: Path, seed: int = 0, vocab_size: int = 120) -> Any:
+    """A byte-level BPE tokenizer trained on the tiny LM grammar, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LM_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(lm_sentences(400, seed) + ["finish: "], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def save_tiny_llama(path: Path, seed: int = 0, layers: int = 4, hidden: int = 32, tokenizer_seed: int = 0,
+                    vocab_size: int = 300) -> Path:
+    """A random-weight Llama causal LM (milliseconds per step on a CPU) with the tiny BPE tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = save_tiny_tokenizer(path, tokenizer_seed, vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

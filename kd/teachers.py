@@ -21,6 +21,7 @@ from transformers import (
     AutoFeatureExtractor,
     AutoImageProcessor,
     AutoModelForAudioClassification,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -39,7 +40,10 @@ TASK_CLASSES = {
     "audio": AutoModelForAudioClassification,
     "text": AutoModelForSequenceClassification,
     "image": AutoModelForImageClassification,
+    "causal_lm": AutoModelForCausalLM,
 }
+TASK_NAMES = {"audio": "audio classifier", "text": "text classifier", "image": "image classifier",
+              "causal_lm": "causal language model"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HOW_TO_CONVERT = (
     "convert it once in a trusted environment: model = AutoModelFor...from_pretrained(path); "
@@ -141,7 +145,7 @@ def _load_teacher(spec: str, modality: str, revision: str | None, dtype: str) ->
                                         dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
-            f"teacher.model: cannot load {spec} as a {modality} classifier with safetensors weights "
+            f"teacher.model: cannot load {spec} as a {TASK_NAMES[modality]} with safetensors weights "
             f"({first_line(exc)}); if it ships pickle weights only, {HOW_TO_CONVERT}"
         ) from None
     return freeze(model)
@@ -192,7 +196,8 @@ def load_processor(spec: str, modality: str, revision: str | None = None, what: 
     `what` is the config key `spec` came from, so errors name what the user has to change.
     """
     source, _ = resolve_model_source(spec, what, need_weights=False)
-    loader = {"audio": AutoFeatureExtractor, "text": AutoTokenizer, "image": AutoImageProcessor}[modality]
+    loader = {"audio": AutoFeatureExtractor, "text": AutoTokenizer, "image": AutoImageProcessor,
+              "causal_lm": AutoTokenizer}[modality]
     try:
         return loader.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:

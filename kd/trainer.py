@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import send_to_device
+from accelerate.utils import DistributedType, send_to_device
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -27,9 +27,9 @@ from kd.config import save_config
 from kd.data import make_loader
 from kd.errors import KDError, TrainingError, first_line
 from kd.export import save_student
-from kd.losses import LOSS_PARTS, alpha_at, distillation_loss, per_sample_losses, raise_if_not_finite
+from kd.losses import LOSS_PARTS, alpha_at, raise_if_not_finite
 from kd.memory import GpuSampler, PhasePeaks, cuda_memory
-from kd.metrics import split_metrics
+from kd.objectives import make_objective
 from kd.soft_targets import ROLES, CachedTeacher, fill
 from kd.students import student_logits
 from kd.telemetry import TelemetryWriter
@@ -70,11 +70,14 @@ class Window:
         self.micro_batches = 0
         self.steps = 0
         self.samples = 0
+        self.tokens = torch.zeros((), device=self.device, dtype=torch.long)  # language models
         self.data_s = 0.0
         self.started = now
 
-    def add(self, parts: dict[str, torch.Tensor]) -> None:
+    def add(self, parts: dict[str, torch.Tensor], tokens: torch.Tensor | None) -> None:
         self.sums += torch.stack([parts[name].detach().float() for name in LOSS_PARTS])
+        if tokens is not None:
+            self.tokens += tokens
         self.micro_batches += 1
 
 
@@ -102,6 +105,7 @@ class Trainer:
         self.targets = run.soft_targets
         self.features = run.data.features
         self.num_classes = len(run.data.label_names)
+        self.objective = make_objective(self.cfg, self.num_classes)  # class labels or next tokens
         self.augment = None
         if self.cfg.augment.enabled:
             self.augment = WaveformAugment(self.cfg.augment, run.data.sampling_rate, self.num_classes,
@@ -243,7 +247,7 @@ class Trainer:
             window.data_s += time.perf_counter() - waited
             with acc.accumulate(self.student):
                 parts, grad_norm = self._micro_step(batch)
-            window.add(parts)
+            window.add(parts, self.objective.tokens(batch))
             state.batches_in_epoch += 1
             batch_samples = batch["labels"].shape[0] * acc.num_processes
             state.samples += batch_samples
@@ -272,8 +276,7 @@ class Trainer:
             t_logits = self.targets.logits(batch, "train") if self.targets is not None else None
             self._enter("student_forward")
             s_logits = student_logits(self.student, batch, self.run.input_key)
-        loss, parts = distillation_loss(s_logits, t_logits, targets, alpha, self.cfg.distillation.temperature,
-                                        batch.get("sample_weight"))
+        loss, parts = self.objective.loss(s_logits, t_logits, batch, targets, alpha)
         del s_logits, t_logits  # drop our references: only what backward needs stays alive
         self._enter("backward")
         self.acc.backward(loss)
@@ -441,6 +444,8 @@ class Trainer:
         rate = None
         if warm and window.steps and elapsed > 0:
             rate = {"samples_per_s": window.samples / elapsed, "steps_per_s": window.steps / elapsed}
+            if self.objective.unit == "tokens":  # all processes: each read as many tokens, about
+                rate["tokens_per_s"] = float(self.acc.reduce(window.tokens, reduction="sum")) / elapsed
         step_time = {"step_s": elapsed / max(1, window.steps), "data_s": window.data_s / max(1, window.steps)}
         lr = self.scheduler.get_last_lr()[0]
         gn = float(grad_norm) if grad_norm is not None else None
@@ -457,7 +462,8 @@ class Trainer:
             self.acc.log(scalars, step=self.state.step)
         postfix = {"loss": f"{values['total']:.3f}"}
         if rate:
-            postfix["samples/s"] = f"{rate['samples_per_s']:.0f}"
+            unit = self.objective.unit
+            postfix[f"{unit}/s"] = f"{rate[f'{unit}_per_s']:.0f}"
         bar.set_postfix(postfix, refresh=False)
         window.reset(now)
 
@@ -467,29 +473,22 @@ class Trainer:
         started = time.perf_counter()
         self.student.eval()
         self.peaks.enter("eval")
-        preds, labels, t_preds, losses = [], [], [], []
-        alpha, temperature = self.alpha(), self.cfg.distillation.temperature
+        scorer = self.objective.scorer(self.acc, self.targets is not None, self.alpha())
         for batch in self.eval_dls[role]:
             self._add_features(batch)
             with self.acc.autocast():
                 t_logits = self.targets.logits(batch, role) if self.targets is not None else None
                 s_logits = student_logits(self.student, batch, self.run.input_key)
-            loss = per_sample_losses(s_logits, t_logits, batch["labels"], alpha, temperature)["total"]
-            t_pred = t_logits.argmax(-1).to(s_logits.device) if t_logits is not None else torch.zeros_like(batch["labels"])
-            gathered = self.acc.gather_for_metrics((s_logits.argmax(-1), batch["labels"], t_pred, loss))
-            for bucket, value in zip((preds, labels, t_preds, losses), gathered):
-                bucket.append(value.cpu())
+            scorer.add(s_logits, t_logits, batch)
         self.student.train()
-        all_labels = torch.cat(labels)
-        metrics = split_metrics(torch.cat(preds), all_labels, self.num_classes,
-                                torch.cat(t_preds) if self.targets is not None else None,
-                                float(torch.cat(losses).float().mean()))
+        metrics = scorer.metrics()
         split = self.cfg.data.split_names()[role]
-        self.telemetry.emit("eval", self.state.step, split=split, metrics=metrics, samples=all_labels.numel(),
+        self.telemetry.emit("eval", self.state.step, split=split, metrics=metrics, samples=scorer.samples(),
                             duration_s=time.perf_counter() - started)
         if self.cfg.telemetry.report_to:
             self.acc.log({f"{role}/{k}": v for k, v in metrics.items() if v is not None}, step=self.state.step)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
+        shown = ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in metrics.items()
+                          if v is not None)
         if self.acc.is_main_process:
             tqdm.write(f"[step {self.state.step}] {split}: {shown}")
         self.metrics[role] = metrics
@@ -518,10 +517,15 @@ class Trainer:
         for role in self.eval_dls:
             self.evaluate(role)
         self.acc.wait_for_everyone()
+        started = time.perf_counter()
+        # Under FSDP or DeepSpeed each process may hold a shard: gathering the whole weights is a
+        # collective every process joins. Elsewhere the unwrapped model's own weights are saved.
+        sharded = self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        state = self.acc.get_state_dict(self.student) if sharded else None
         if self.acc.is_main_process:
-            started = time.perf_counter()
             path = save_student(self.acc.unwrap_model(self.student, keep_torch_compile=False), self.output_dir / STUDENT_DIR,
-                                self.run.data.label_names, self.run.processor if self.run.input_key == "inputs" else None)
+                                self.run.data.label_names, self.run.processor if self.run.input_key == "inputs" else None,
+                                state_dict=state)
             self.telemetry.emit("checkpoint", self.state.step, path=str(path), kind="final",
                                 duration_s=time.perf_counter() - started)
             self.acc.print(f"Saved the student to {path}")
@@ -552,6 +556,10 @@ def oom_advice(cfg: Any, phase: str, micro: int, accum: int, has_teacher: bool) 
         advice.append("train.mixed_precision=bf16 (or fp16) halves activation memory")
     if cfg.data.modality == "audio":
         advice.append(f"data.max_seconds below {cfg.data.max_seconds} shortens every input")
+    elif cfg.data.modality in ("text", "causal_lm"):
+        advice.append(f"data.max_length below {cfg.data.max_length} shortens every input")
+    if cfg.data.modality == "causal_lm":
+        advice.append(f"memory.loss_chunk below {cfg.memory.loss_chunk} shrinks the (chunk x vocabulary) loss tensors")
     return advice
 
 

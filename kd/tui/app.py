@@ -94,7 +94,7 @@ class MonitorApp(App):
                 yield from labelled_sparkline("in use", "vram_spark")
             with Vertical(classes="panel", id="rate_panel"):
                 yield Static(id="rate")
-                yield from labelled_sparkline("samples/s", "rate_spark")
+                yield from labelled_sparkline("samples/s", "rate_spark")  # tokens/s for language models
                 yield from labelled_sparkline("steps/s", "steps_spark")
             with Vertical(classes="panel", id="loss_panel"):
                 yield Static(id="loss")
@@ -116,7 +116,7 @@ class MonitorApp(App):
         self.title = "kd monitor"
         table = self.query_one("#evals", DataTable)
         table.border_title = "evaluation"
-        table.add_columns("step", "split", "acc", "F1", "teach", "agree", "loss")
+        table.add_columns("step", "split", "acc", "F1", "teach", "agree", "loss", "ppl")
         self.query_one("#events", RichLog).border_title = "events"
         for panel, title in (("vram_panel", "VRAM"), ("rate_panel", "throughput"), ("loss_panel", "losses"),
                              ("gpu_panel", "GPU")):
@@ -222,11 +222,12 @@ class MonitorApp(App):
                                                for p, v in phases.items() if isinstance(v, dict)))
         self.query_one("#vram", Static).update(vram)
         self._spark("#vram_spark", s.values("gpu_used") or s.values("mem_reserved"))
-        share = s.latest("data_share")
+        share, unit = s.latest("data_share"), s.rate_unit
         self.query_one("#rate", Static).update(
-            f"{fmt_num(s.latest('samples_per_s'), 4)} samples/s  {fmt_num(s.latest('steps_per_s'), 3)} steps/s\n"
+            f"{fmt_num(s.latest(f'{unit}_per_s'), 4)} {unit}/s  {fmt_num(s.latest('steps_per_s'), 3)} steps/s\n"
             f"waiting for data: {'-' if share is None else f'{100 * share:.0f}%'} of step time")
-        self._spark("#rate_spark", s.values("samples_per_s"))
+        self._spark("#rate_spark", s.values(f"{unit}_per_s"))
+        self.query_one("#rate_spark").parent.query_one(Label).update(f"{unit}/s")
         self._spark("#steps_spark", s.values("steps_per_s"))
         self.query_one("#loss", Static).update(
             f"total {fmt_num(s.latest('loss_total'))}  ce {fmt_num(s.latest('loss_ce'))}  "
@@ -259,7 +260,8 @@ class MonitorApp(App):
         for e in evals[self._shown_evals:]:
             split = {"validation": "val", "train": "train", "test": "test"}.get(str(e["split"]), str(e["split"]))
             table.add_row(str(e["step"]), split, _pct(e.get("student_acc")), _pct(e.get("student_f1")),
-                          _pct(e.get("teacher_acc")), _pct(e.get("agreement")), fmt_num(e.get("loss"), 4))
+                          _pct(e.get("teacher_acc")), _pct(e.get("agreement")), fmt_num(e.get("loss"), 4),
+                          fmt_num(e.get("perplexity"), 4))
         self._shown_evals = len(evals)
         log = self.query_one("#events", RichLog)
         entries = list(s.log)

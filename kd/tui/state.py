@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-SERIES = ("loss_total", "loss_ce", "loss_kd", "samples_per_s", "steps_per_s", "data_share", "mem_allocated",
+SERIES = ("loss_total", "loss_ce", "loss_kd", "samples_per_s", "tokens_per_s", "steps_per_s", "data_share", "mem_allocated",
           "mem_reserved", "mem_peak", "gpu_used", "gpu_util", "lr", "grad_norm", "alpha")
 END_STATUS = {"completed": "finished", "failed": "failed", "interrupted": "interrupted", "oom": "failed (out of memory)"}
 
@@ -96,7 +96,8 @@ class RunState:
         if timing.get("step_s"):
             data_share = (timing.get("data_s") or 0.0) / timing["step_s"]
         values = {"loss_total": loss.get("total"), "loss_ce": loss.get("ce"), "loss_kd": loss.get("kd"),
-                  "samples_per_s": rate.get("samples_per_s"), "steps_per_s": rate.get("steps_per_s"),
+                  "samples_per_s": rate.get("samples_per_s"), "tokens_per_s": rate.get("tokens_per_s"),
+                  "steps_per_s": rate.get("steps_per_s"),
                   "data_share": data_share, "mem_allocated": mem.get("allocated"),
                   "mem_reserved": mem.get("reserved"), "mem_peak": mem.get("peak_allocated"),
                   "gpu_used": gpu.get("used_bytes"), "gpu_util": gpu.get("util_pct"), "lr": e.get("lr"),
@@ -151,6 +152,11 @@ class RunState:
         if self.status == "running" and self.last_event_wall and now - self.last_event_wall > self.stall_after_s:
             return "stalled"
         return self.status
+
+    @property
+    def rate_unit(self) -> str:
+        """What throughput counts: tokens for a language-model run (data.modality: causal_lm), else samples."""
+        return "tokens" if (self.config.get("data") or {}).get("modality") == "causal_lm" else "samples"
 
     @property
     def total_steps(self) -> int | None:
@@ -227,6 +233,14 @@ def teacher_text(state: RunState) -> str | None:
     return f"teacher: filling the cache {done}/{total} (train {'/'.join(map(str, coverage.get('train', ['?', '?'])))})"
 
 
+def perplexity_text(e: dict[str, Any], prefix: str = "") -> str:
+    """ "perplexity 95.4 (teacher 12.3)" for a language model's eval, "" for a classifier's."""
+    if e.get("perplexity") is None:
+        return ""
+    teacher = e.get("teacher_perplexity")
+    return f"{prefix}perplexity {fmt_num(e['perplexity'], 4)}" + (f" (teacher {fmt_num(teacher, 4)})" if teacher else "")
+
+
 def summary_text(state: RunState, now: float | None = None) -> str:
     """The plain-text view used by `monitor_tui.py --once`."""
     lines = []
@@ -246,7 +260,8 @@ def summary_text(state: RunState, now: float | None = None) -> str:
     if teacher_text(state):
         lines.append(teacher_text(state))
     share = state.latest("data_share")
-    lines.append(f"throughput {fmt_num(state.latest('samples_per_s'), 4)} samples/s, "
+    unit = state.rate_unit
+    lines.append(f"throughput {fmt_num(state.latest(f'{unit}_per_s'), 4)} {unit}/s, "
                  f"{fmt_num(state.latest('steps_per_s'), 3)} steps/s"
                  + (f", {100 * share:.0f}% of step time waiting for data" if share is not None else ""))
     lines.append(f"loss total {fmt_num(state.latest('loss_total'))} ce {fmt_num(state.latest('loss_ce'))} "
@@ -256,7 +271,7 @@ def summary_text(state: RunState, now: float | None = None) -> str:
         e = state.evals[-1]
         lines.append(f"eval @ step {e['step']} ({e['split']}): student acc {fmt_num(e.get('student_acc'), 4)}, "
                      f"F1 {fmt_num(e.get('student_f1'), 4)}, teacher acc {fmt_num(e.get('teacher_acc'), 4)}, "
-                     f"agreement {fmt_num(e.get('agreement'), 4)}")
+                     f"agreement {fmt_num(e.get('agreement'), 4)}" + perplexity_text(e, ", "))
     for oom in state.ooms:
         lines.append(f"OOM at step {oom.get('step')} in {oom.get('phase')}: "
                      f"{'recovered' if oom.get('recovered') else 'NOT recovered'}; {oom.get('message')}")

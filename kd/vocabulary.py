@@ -1,0 +1,54 @@
+"""Token-level distillation compares two next-token distributions id by id: one vocabulary, checked first.
+
+A teacher and a student with different tokenizers give logits whose ids mean different strings;
+training on them runs without error and learns nothing useful (users meet this mid-run: TRL #3028,
+DistillKit #7/#12). So before anything trains, the two tokenizers are compared on their size, their
+special tokens and every id -> string mapping, and the two models' logit widths are compared; a
+mismatch is one error naming both models and the first differing tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kd.errors import ModelLoadError
+
+SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def vocabulary_differences(teacher_tok: Any, student_tok: Any, limit: int = 3) -> list[str]:
+    """What differs between two tokenizers (empty: they are the same vocabulary)."""
+    found: list[str] = []
+    t_size, s_size = len(teacher_tok), len(student_tok)
+    if t_size != s_size:
+        found.append(f"vocabulary size {t_size} vs {s_size}")
+    for name in SPECIAL:
+        a, b = getattr(teacher_tok, name, None), getattr(student_tok, name, None)
+        if a is not None and b is not None and (str(a), teacher_tok.convert_tokens_to_ids(str(a))) != (
+                str(b), student_tok.convert_tokens_to_ids(str(b))):
+            found.append(f"{name} {str(a)!r} (id {teacher_tok.convert_tokens_to_ids(str(a))}) vs {str(b)!r} "
+                         f"(id {student_tok.convert_tokens_to_ids(str(b))})")
+    t_ids = teacher_tok.convert_ids_to_tokens(list(range(min(t_size, s_size))))
+    s_ids = student_tok.convert_ids_to_tokens(list(range(min(t_size, s_size))))
+    differing = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(t_ids, s_ids)) if a != b]
+    if differing:
+        more = f" (and {len(differing) - limit} more)" if len(differing) > limit else ""
+        found.append("first differing token ids " + ", ".join(differing[:limit]) + more)
+    return found
+
+
+def check_shared_vocabulary(teacher_tok: Any, student_tok: Any | None, teacher_width: int, student_width: int,
+                            teacher_name: str, student_name: str) -> None:
+    """Raise ModelLoadError unless teacher and student share one tokenizer and one logit width.
+
+    `student_tok` None: the student has no tokenizer of its own (it reads the teacher's tokens), so
+    only the logit widths (config.vocab_size) are compared."""
+    found = vocabulary_differences(teacher_tok, student_tok) if student_tok is not None else []
+    if teacher_width != student_width:
+        found.append(f"logits over {teacher_width} vs {student_width} token ids (config.vocab_size)")
+    if found:
+        raise ModelLoadError(
+            f"teacher {teacher_name} and student {student_name} do not share a vocabulary ({'; '.join(found)}); "
+            "token-level KD compares their next-token distributions id by id, so both need the same tokenizer: "
+            "take a student of the teacher's family, or build it from the teacher's config (leave student.config "
+            "empty and shrink it with student.config_overrides)")
