@@ -365,6 +365,7 @@ def describe_environment(accelerator: Accelerator) -> dict[str, Any]:
         "gpu_total_bytes": gpu.total_memory if gpu else None,
         "mixed_precision": accelerator.mixed_precision,
         "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
         "device": str(device),
     }
 

@@ -323,3 +323,20 @@ def test_out_of_memory_in_the_loss_shrinks_the_micro_batch_and_names_lm_settings
     assert oom["action"] == "shrink" and (oom["new_micro_batch"], oom["new_grad_accum"]) == (2, 2)
     assert any("data.max_length" in a for a in oom["advice"]) and any("memory.loss_chunk" in a for a in oom["advice"])
     assert [e["samples"] for e in events if e["type"] == "step"] == [4, 8, 12]  # the step retried whole
+
+
+@pytest.mark.parametrize("name,kind,detail", [("ddp_2gpu", "MULTI_GPU", None), ("deepspeed_zero2", "DEEPSPEED", 2),
+                                              ("deepspeed_zero3", "DEEPSPEED", 3), ("fsdp2", "FSDP", 2)])
+def test_shipped_accelerate_configs_are_read_by_accelerate(name, kind, detail):
+    """configs/accelerate/*.yaml load with Accelerate's own reader (which refuses unknown keys) as the
+    kind their names say. (Accelerate runs FSDP on GPUs only, so FSDP2 itself is checked on a GPU.)"""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from conftest import ROOT
+
+    cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type.value == kind
+    if kind == "DEEPSPEED":
+        assert cfg.deepspeed_config["zero_stage"] == detail and cfg.deepspeed_config["offload_optimizer_device"] == "cpu"
+    if kind == "FSDP":
+        assert cfg.fsdp_config["fsdp_version"] == detail
