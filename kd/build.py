@@ -25,10 +25,12 @@ from kd.logmel_cnn import read_config as read_kit_config
 from kd.memory import cuda_index
 from kd.preflight import (Estimate, advice, choose_teacher_device, estimate_memory, fmt, format_estimate,
                           largest_fitting_micro_batch)
-from kd.soft_targets import CachedTeacher, SoftTargets, TeacherForward, cache_path, open_cache, teacher_identity
+from kd.soft_targets import (CachedTeacher, CachedTokenTeacher, SoftTargets, TeacherForward, cache_path, open_cache,
+                             teacher_identity)
 from kd.students import build_student, model_input_key, use_channels_last
 from kd.teacher_cache import CacheError
-from kd.teachers import check_label_space, count_parameters, is_kit_model, load_processor, load_teacher
+from kd.teachers import (check_label_space, count_parameters, is_kit_model, load_model_config, load_processor,
+                         load_teacher)
 from kd.vocabulary import check_shared_vocabulary
 
 
@@ -153,8 +155,10 @@ def open_teacher_cache(cfg: Config, accelerator: Accelerator, data: PreparedData
     dist, say = cfg.distillation, accelerator.print
     if dist.teacher_cache == "off":
         return None
-    if cfg.data.modality == "causal_lm":  # 'require' is a config error for causal_lm
-        say("Teacher cache off: causal_lm soft targets are computed online (the cache holds classifier outputs)")
+    lm = cfg.data.modality == "causal_lm"
+    if lm and dist.cache_top_k is None:  # 'require' without top-k is a config error for causal_lm
+        say("Teacher cache off: a language model's full next-token distributions are too large to store; set "
+            "distillation.cache_top_k (e.g. 64) to cache its top k per token")
         return None
     if cfg.augment.enabled:  # 'require' with augmentation is a config error (kd/config.py)
         say("Teacher cache off: augment.enabled changes the teacher's inputs every epoch, so its outputs "
@@ -163,12 +167,13 @@ def open_teacher_cache(cfg: Config, accelerator: Accelerator, data: PreparedData
     device_kind = "cpu" if cfg.teacher.device == "cpu" else accelerator.device.type
     identity = teacher_identity(cfg, processor, data.sampling_rate, device_kind, data.features is not None)
     sizes = {role: len(ds) for role, ds in data.splits.items()}
-    if not create and dist.teacher_cache == "auto" and not cache_path(cfg, identity, len(data.label_names)).is_file():
+    outputs = load_model_config(cfg.teacher.model, "teacher.model").vocab_size if lm else len(data.label_names)
+    if not create and dist.teacher_cache == "auto" and not cache_path(cfg, identity, outputs).is_file():
         return None  # planning: the teacher will run, so the plan counts it (require: open_cache refuses)
     with accelerator.main_process_first():  # one process creates the file and its tables
-        cache, split_ids = open_cache(cfg, identity, data.label_names, data.fingerprints, sizes,
+        cache, split_ids = open_cache(cfg, identity, outputs, data.label_names, data.fingerprints, sizes,
                                       may_create=precompute or dist.teacher_cache == "auto")
-    cached = CachedTeacher(cache, split_ids, sizes, teacher=None)
+    cached = (CachedTokenTeacher if lm else CachedTeacher)(cache, split_ids, sizes, teacher=None)
     coverage = ", ".join(f"{role} {cached.covered[role]}/{sizes[role]}" for role in split_ids)
     if dist.teacher_cache == "require" and not cached.complete() and not precompute:
         raise CacheError(f"distillation.teacher_cache is 'require' but the cache {cache.path} is incomplete "

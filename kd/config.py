@@ -396,8 +396,9 @@ def _check_values(cfg: Config) -> list[str]:
              student.channels, "must be a non-empty list of integers >= 1")
     need(0.0 <= student.dropout < 1.0, "student.dropout", student.dropout, "must be in [0, 1)")
     if data.modality == "causal_lm":
-        need(not (dist.enabled and dist.teacher_cache == "require"), "distillation.teacher_cache", dist.teacher_cache,
-             "causal_lm soft targets are computed online for now; use auto or off")
+        need(not (dist.enabled and dist.teacher_cache == "require" and dist.cache_top_k is None),
+             "distillation.teacher_cache", dist.teacher_cache,
+             "a language model's cache stores its top k per token: set distillation.cache_top_k (e.g. 64)")
     elif dist.divergence != "forward_kl":
         problems.append(f"distillation.divergence: {dist.divergence!r} is for causal_lm; classifiers use forward_kl "
                         f"(data.modality is {data.modality!r})")

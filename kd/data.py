@@ -195,18 +195,21 @@ def _prepare_lm(cfg: DataConfig, splits: dict[str, Dataset], tokenizer: Any) -> 
         raise DataError("causal_lm data needs a tokenizer: set teacher.model (or student.config) to a model folder "
                         "with tokenizer files")
     splits = prepare_lm_splits(splits, cfg, tokenizer)
+    # The teacher cache keys rows by the token rows the teacher reads and the positions learnt.
+    fingerprints = {role: content_fingerprint(ds, ["input_ids", "loss_mask"]) for role, ds in splits.items()}
     splits = {role: ds.add_column(INDEX, np.arange(len(ds), dtype=np.int64)) for role, ds in splits.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return PreparedData(splits, [], None, LMCollator(pad))
+    return PreparedData(splits, [], None, LMCollator(pad), fingerprints=fingerprints)
 
 
-def content_fingerprint(ds: Dataset, column: str) -> str:
+def content_fingerprint(ds: Dataset, columns: str | list[str]) -> str:
     """A hash of a split's inputs as stored (text, audio/image bytes, or file paths with their size and
     modification time), in order. Unlike the datasets fingerprint it is the same in every process and
     every run, so the teacher cache can key rows by it; any edit to an input changes it."""
+    columns = [columns] if isinstance(columns, str) else columns
     digest = hashlib.sha256()
-    for table in ds.select_columns([column]).with_format("arrow").iter(batch_size=1024):
-        for value in table.column(0).to_pylist():
+    for table in ds.select_columns(columns).with_format("arrow").iter(batch_size=1024):
+        for value in (v for name in columns for v in table.column(name).to_pylist()):
             if isinstance(value, dict):  # Audio / Image storage: {"bytes": ..., "path": ...}
                 if value.get("bytes"):
                     digest.update(hashlib.sha256(value["bytes"]).digest())

@@ -170,17 +170,24 @@ def token_distillation_loss(student_logits: torch.Tensor, teacher: torch.Tensor 
 
 
 @torch.no_grad()
-def token_eval_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+def token_eval_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | TopK | None, labels: torch.Tensor,
                     kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                     chunk_size: int = 1024) -> dict[str, torch.Tensor]:
     """Per-row sums for evaluation over the learnt positions, each (batch,): student and teacher
     negative log-likelihood, student and teacher top-1 correct, student/teacher top-1 agreement,
     the T^2-scaled divergence, and the number of positions. Per row, so multi-process evaluation
-    can gather rows and drop the duplicates of uneven shards."""
+    can gather rows and drop the duplicates of uneven shards.
+
+    A top-k teacher's probability of a token outside its k is its tail mass spread evenly over the
+    other V - k tokens (its perplexity is then an estimate; its top-1 is exact)."""
     batch, seq, vocab = student_logits.shape
     flat, flat_labels = student_logits.reshape(-1, vocab), labels.reshape(-1)
     positions = (flat_labels != IGNORE).nonzero().squeeze(-1)
-    t_flat = teacher_logits.reshape(-1, vocab) if teacher_logits is not None else None
+    if isinstance(teacher_logits, TopK):
+        t_flat = (teacher_logits.indices.reshape(-1, teacher_logits.indices.shape[-1]),
+                  teacher_logits.logprobs.reshape(-1, teacher_logits.logprobs.shape[-1]))
+    else:
+        t_flat = (teacher_logits.reshape(-1, vocab),) if teacher_logits is not None else None
     names = ("nll", "correct", "teacher_nll", "teacher_correct", "agree", "kd")
     sums = {name: torch.zeros(batch, device=flat.device) for name in names}
     for start in range(0, positions.numel(), chunk_size):
@@ -191,9 +198,18 @@ def token_eval_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor |
         sums["nll"].index_add_(0, owner, F.cross_entropy(s, y, reduction="none"))
         sums["correct"].index_add_(0, owner, (s_top == y).float())
         if t_flat is not None:
-            t = t_flat.index_select(0, rows.to(t_flat.device)).to(s.device).float()
-            t_top = t.argmax(-1)
-            sums["teacher_nll"].index_add_(0, owner, F.cross_entropy(t, y, reduction="none"))
+            parts = [part.index_select(0, rows.to(part.device)).to(s.device) for part in t_flat]
+            if len(parts) == 2:
+                t = TopK(parts[0].long(), parts[1].float())
+                t_top = t.indices.gather(-1, t.logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+                tail = _log1mexp(torch.logsumexp(t.logprobs, -1)) - math.log(max(1, vocab - t.indices.shape[-1]))
+                hit = t.indices == y.unsqueeze(-1)
+                t_logp_y = torch.where(hit.any(-1), (t.logprobs * hit).sum(-1), tail)
+                sums["teacher_nll"].index_add_(0, owner, -t_logp_y)
+            else:
+                t = parts[0].float()
+                t_top = t.argmax(-1)
+                sums["teacher_nll"].index_add_(0, owner, F.cross_entropy(t, y, reduction="none"))
             sums["teacher_correct"].index_add_(0, owner, (t_top == y).float())
             sums["agree"].index_add_(0, owner, (t_top == s_top).float())
             log_p, log_q = _bucket_log_probs(s, t, temperature)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kd.teacher_cache import CacheError, TeacherCache, cache_file, file_sha256
+from kd.lm_losses import IGNORE, TopK
+from kd.teacher_cache import CacheError, TeacherCache, TokenCache, cache_file, file_sha256
 from kd.teachers import resolve_model_source, teacher_logits
 
 ROLES = ("train", "eval", "test")
@@ -90,10 +91,17 @@ class CachedTeacher(SoftTargets):
         # the rows the cache lacks are stored.
         out = teacher_logits(self.teacher, batch)
         new = [k for k, i in enumerate(indices) if i not in found]
-        self.covered[role] += self.cache.put(split_id, [indices[k] for k in new], out[new])
+        self.covered[role] += self.store(role, batch, out, new)
         self._hits += len(found) * counted
         self._misses += len(new) * counted
         return out
+
+    def store(self, role: str, batch: dict[str, Any], logits: torch.Tensor, rows: list[int] | None = None) -> int:
+        """Store the teacher's outputs for `rows` of the batch (None: all); returns how many were new."""
+        rows = list(range(len(batch["index"]))) if rows is None else rows
+        if not rows:
+            return 0
+        return self.cache.put(self.split_ids[role], [int(batch["index"][k]) for k in rows], logits[rows])
 
     def drop_teacher(self) -> None:
         """Every split is covered: free the teacher's memory (weights, and on a GPU its cached blocks)."""
@@ -113,6 +121,56 @@ class CachedTeacher(SoftTargets):
     def describe(self) -> dict[str, Any]:
         return {"source": "cache" if self.teacher is None else "cache+teacher", "cache": str(self.cache.path),
                 "coverage": {r: [self.covered[r], self.sizes[r]] for r in self.split_ids}}
+
+
+class CachedTokenTeacher(CachedTeacher):
+    """A language-model teacher's top-k soft targets from the cache (kd.teacher_cache.TokenCache), as
+    `TopK` (batch, seq, k) for the token loss. When the teacher has to run for a batch, its full
+    logits are cut to the same top k, so the first epoch and the cached ones train on the same targets."""
+
+    def logits(self, batch: dict[str, Any], role: str) -> TopK:
+        split_id, labels = self.split_ids[role], batch["labels"]
+        indices = batch["index"].tolist()
+        found = self.cache.get(split_id, indices)
+        counted = role == "train"
+        if len(found) == len(indices):
+            self._hits += len(indices) * counted
+            return self._assemble(found, indices, labels)
+        if self.teacher is None:
+            raise CacheError(f"teacher cache {self.cache.path}: {len(indices) - len(found)} samples of split "
+                             f"{role} are missing and the teacher is not loaded; fill the cache with "
+                             "`python train_kd.py --config <your config> --precompute-teacher`")
+        out = teacher_logits(self.teacher, batch)
+        new = [k for k, i in enumerate(indices) if i not in found]
+        self.covered[role] += self.store(role, batch, out, new)
+        self._hits += len(found) * counted
+        self._misses += len(new) * counted
+        top, idx = torch.log_softmax(out.float(), dim=-1).topk(self.cache.top_k, dim=-1)
+        return TopK(idx.to(labels.device), top.to(labels.device))
+
+    def store(self, role: str, batch: dict[str, Any], logits: torch.Tensor, rows: list[int] | None = None) -> int:
+        rows = list(range(len(batch["index"]))) if rows is None else rows
+        if not rows:
+            return 0
+        return self.cache.put(self.split_ids[role], [int(batch["index"][k]) for k in rows], logits[rows],
+                              batch["labels"][rows])
+
+    def _assemble(self, found: dict[int, tuple[np.ndarray, np.ndarray]], indices: list[int],
+                  labels: torch.Tensor) -> TopK:
+        """Stored rows scattered back onto the learnt positions of the batch (others stay zero: unused)."""
+        k = self.cache.top_k
+        ids = torch.zeros((*labels.shape, k), dtype=torch.long)
+        logp = torch.zeros((*labels.shape, k), dtype=torch.float32)
+        learnt = (labels != IGNORE).cpu()
+        for r, i in enumerate(indices):
+            row_ids, row_logp = found[i]
+            positions = learnt[r].nonzero().squeeze(-1)
+            if len(positions) != len(row_ids):
+                raise self.cache.corrupt(f"row {i} holds {len(row_ids)} positions but the sample has "
+                                         f"{len(positions)} learnt ones (the data changed under the same key)")
+            ids[r, positions] = torch.from_numpy(row_ids.astype(np.int64))
+            logp[r, positions] = torch.from_numpy(row_logp)
+        return TopK(ids.to(labels.device), logp.to(labels.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +219,11 @@ def teacher_identity(cfg: Any, processor: Any, sampling_rate: int | None, device
         "features_on_device": features_on_device if processor is not None else None,
         "sampling_rate": sampling_rate,
         "max_seconds": cfg.data.max_seconds if cfg.data.modality == "audio" else None,
-        "max_length": cfg.data.max_length if cfg.data.modality == "text" else None,
+        "max_length": cfg.data.max_length if cfg.data.modality in ("text", "causal_lm") else None,
+        # causal_lm: the splits' fingerprints hash the token rows the teacher reads (template, packing
+        # and truncation included); the chat template is named here too for a readable identity
+        "chat_template": (hashlib.sha256(str(getattr(processor, "chat_template", "")).encode()).hexdigest()[:16]
+                          if cfg.data.modality == "causal_lm" else None),
     }
 
 
@@ -171,18 +233,22 @@ def cache_path(cfg: Any, identity: dict[str, Any], num_labels: int) -> Path:
     return cache_file(dist.cache_folder(), identity, num_labels, dist.cache_dtype, dist.cache_top_k)
 
 
-def open_cache(cfg: Any, identity: dict[str, Any], label_names: list[str], fingerprints: dict[str, str],
-               sizes: dict[str, int], may_create: bool = True) -> tuple[TeacherCache, dict[str, str]]:
+def open_cache(cfg: Any, identity: dict[str, Any], num_outputs: int, label_names: list[str],
+               fingerprints: dict[str, str], sizes: dict[str, int], may_create: bool = True
+               ) -> tuple[TeacherCache, dict[str, str]]:
     """The cache file of this identity and the split ids of the configured splits (`require` outside
-    --precompute-teacher refuses to create one)."""
+    --precompute-teacher refuses to create one). `num_outputs`: labels, or a language model's vocabulary."""
     dist = cfg.distillation
-    path = cache_path(cfg, identity, len(label_names))
+    path = cache_path(cfg, identity, num_outputs)
     if not may_create and not path.is_file():
         raise CacheError(f"distillation.teacher_cache is 'require' but there is no cache for this teacher and "
                          f"preprocessing ({path} does not exist); fill it with `python train_kd.py --config "
                          "<your config> --precompute-teacher`, or set distillation.teacher_cache: auto")
-    cache = TeacherCache(dist.cache_folder(), identity, len(label_names), label_names, dist.cache_dtype,
-                         dist.cache_top_k)
+    if cfg.data.modality == "causal_lm":
+        cache = TokenCache(dist.cache_folder(), identity, num_outputs, dist.cache_dtype, dist.cache_top_k)
+    else:
+        cache = TeacherCache(dist.cache_folder(), identity, num_outputs, label_names, dist.cache_dtype,
+                             dist.cache_top_k)
     names = cfg.data.split_names()
     split_ids = {role: cache.register_split(names[role], fingerprints[role], sizes[role]) for role in fingerprints}
     return cache, split_ids
@@ -207,8 +273,7 @@ def fill(targets: CachedTeacher, role: str, missing: list[int], dataset: Any, ma
               dynamic_ncols=True) as bar:
         for batch in loader:
             batch = prepare(batch)
-            logits = teacher_logits(targets.teacher, batch)
-            written += targets.cache.put(targets.split_ids[role], batch["index"].tolist(), logits)
+            written += targets.store(role, batch, teacher_logits(targets.teacher, batch))
             bar.update(len(batch["index"]))
     return written
 

@@ -7,7 +7,9 @@ Layout (one SQLite file per teacher identity, in `distillation.cache_dir`):
       splits(split_id, name, fingerprint, size)
       logits(split_id, idx, data)  data: num_labels little-endian float16 or float32 logits, or with
                                    top_k: k int32 class indices, their k log-probabilities and the
-                                   log of the probability mass left to the other classes
+                                   log of the probability mass left to the other classes.
+                                   Language models (TokenCache): an int32 count n of learnt positions,
+                                   then n x k int32 token ids and n x k log-probabilities (top_k only)
 
 The identity is everything that can change a teacher's output: the content hash of its
 safetensors files (not their path), its dtype, the device kind when the dtype is half precision
@@ -163,7 +165,7 @@ class TeacherCache:
             return self.num_labels * self.dtype.itemsize
         return self.top_k * 4 + (self.top_k + 1) * self.dtype.itemsize
 
-    def encode(self, logits: torch.Tensor) -> list[bytes]:
+    def encode(self, logits: torch.Tensor, labels: torch.Tensor | None = None) -> list[bytes]:
         """Rows as stored: the logits, or (top_k) indices, log-probabilities and the rest's log-mass."""
         if self.top_k is None:
             values = logits.detach().float().cpu().numpy().astype(self.dtype)
@@ -187,8 +189,12 @@ class TeacherCache:
         row[idx] = values[:k]
         return row
 
-    def get(self, split_id: str, indices: Iterable[int]) -> dict[int, np.ndarray]:
-        """The stored logits of those samples that are cached (float32 arrays)."""
+    def check_row(self, split_id: str, idx: int, blob: bytes) -> None:
+        if len(blob) != self.row_bytes:
+            raise self.corrupt(f"row {split_id}/{idx} holds {len(blob)} bytes, expected {self.row_bytes}")
+
+    def get(self, split_id: str, indices: Iterable[int]) -> dict[int, Any]:
+        """The stored rows of those samples that are cached, decoded (float32 logits here)."""
         wanted = [int(i) for i in indices]
         out: dict[int, np.ndarray] = {}
         for start in range(0, len(wanted), 900):  # SQLite's limit on bound parameters is 999 in old builds
@@ -197,14 +203,14 @@ class TeacherCache:
             rows = self._run(lambda c: c.execute(
                 f"SELECT idx, data FROM logits WHERE split_id = ? AND idx IN ({marks})", (split_id, *chunk)).fetchall())
             for idx, blob in rows:
-                if len(blob) != self.row_bytes:
-                    raise self.corrupt(f"row {split_id}/{idx} holds {len(blob)} bytes, expected {self.row_bytes}")
+                self.check_row(split_id, idx, blob)
                 out[idx] = self.decode(blob)
         return out
 
-    def put(self, split_id: str, indices: Iterable[int], logits: torch.Tensor) -> int:
-        """Store rows (one transaction); rows already there are kept. Returns how many were new."""
-        rows = [(split_id, int(i), blob) for i, blob in zip(indices, self.encode(logits))]
+    def put(self, split_id: str, indices: Iterable[int], logits: torch.Tensor, labels: torch.Tensor | None = None) -> int:
+        """Store rows (one transaction); rows already there are kept. Returns how many were new.
+        `labels`: language models only (which positions are learnt)."""
+        rows = [(split_id, int(i), blob) for i, blob in zip(indices, self.encode(logits, labels))]
 
         def write(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN IMMEDIATE")
@@ -221,3 +227,42 @@ class TeacherCache:
             return fn(self._connect())
         except sqlite3.DatabaseError as exc:
             raise self.corrupt(str(exc)) from None
+
+
+class TokenCache(TeacherCache):
+    """A language-model teacher's soft targets: per sample, the top-k next-token log-probabilities at
+    each learnt position (labels != -100), in order. Prompt and padding positions are not stored; a
+    row's length therefore varies and is written at its start. Per position k x (4 + 2 or 4) bytes
+    (k = 64, fp16: 384 B, against 98 kB for SmolLM2's full fp16 distribution)."""
+
+    def __init__(self, folder: Path, identity: dict[str, Any], vocab_size: int, dtype: str = "fp32",
+                 top_k: int = 64):
+        super().__init__(folder, identity, vocab_size, [], dtype, top_k)
+        if self.top_k is None:
+            raise CacheError(f"a language-model cache needs top_k below the vocabulary size ({vocab_size})")
+
+    def check_row(self, split_id: str, idx: int, blob: bytes) -> None:
+        n = int(np.frombuffer(blob[:4], dtype="<i4")[0]) if len(blob) >= 4 else -1
+        if n < 0 or len(blob) != 4 + n * self.top_k * (4 + self.dtype.itemsize):
+            raise self.corrupt(f"row {split_id}/{idx} holds {len(blob)} bytes, which does not match its "
+                               f"{n} positions of top {self.top_k}")
+
+    def encode(self, logits: torch.Tensor, labels: torch.Tensor | None = None) -> list[bytes]:
+        from kd.lm_losses import IGNORE
+
+        assert labels is not None, "a token cache stores the learnt positions: labels are needed"
+        rows = []
+        for r in range(logits.shape[0]):
+            learnt = (labels[r] != IGNORE).nonzero().squeeze(-1).to(logits.device)
+            logp = torch.log_softmax(logits[r].index_select(0, learnt).float(), dim=-1)
+            top, idx = logp.topk(self.top_k, dim=-1)
+            rows.append(np.int32(len(learnt)).astype("<i4").tobytes() + idx.cpu().numpy().astype("<i4").tobytes()
+                        + top.cpu().numpy().astype(self.dtype).tobytes())
+        return rows
+
+    def decode(self, blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, log-probabilities), each (learnt positions, k)."""
+        n, k = int(np.frombuffer(blob[:4], dtype="<i4")[0]), self.top_k
+        idx = np.frombuffer(blob[4:4 + 4 * n * k], dtype="<i4").reshape(n, k)
+        logp = np.frombuffer(blob[4 + 4 * n * k:], dtype=self.dtype).astype(np.float32).reshape(n, k)
+        return idx, logp

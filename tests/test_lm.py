@@ -297,7 +297,7 @@ def test_two_cpu_processes_train_and_evaluate_a_language_model(tmp_path, tiny_ll
 
 @pytest.mark.parametrize("change,fragment", [
     ({"data": {"modality": "audio"}, "distillation": {"divergence": "jsd"}}, "distillation.divergence: 'jsd' is for causal_lm"),
-    ({"distillation": {"teacher_cache": "require"}}, "causal_lm soft targets are computed online"),
+    ({"distillation": {"teacher_cache": "require"}}, "set distillation.cache_top_k"),
     ({"distillation": {"jsd_beta": 1.5}}, "distillation.jsd_beta"),
     ({"memory": {"loss_chunk": 0}}, "memory.loss_chunk"),
 ])
@@ -340,3 +340,66 @@ def test_shipped_accelerate_configs_are_read_by_accelerate(name, kind, detail):
         assert cfg.deepspeed_config["zero_stage"] == detail and cfg.deepspeed_config["offload_optimizer_device"] == "cpu"
     if kind == "FSDP":
         assert cfg.fsdp_config["fsdp_version"] == detail
+
+
+def test_token_cache_stores_top_k_at_learnt_positions_only(tmp_path):
+    from kd.teacher_cache import CacheError, TokenCache
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 50)
+    labels = torch.tensor([[IGNORE, 3, 4, IGNORE, IGNORE], [1, 2, 3, 4, IGNORE]])
+    cache = TokenCache(tmp_path, {"teacher": "lm"}, 50, "fp32", top_k=8)
+    split = cache.register_split("train", "fp", 2)
+    assert cache.put(split, [0, 1], logits, labels) == 2
+    rows = cache.get(split, [0, 1])
+    assert rows[0][0].shape == (2, 8) and rows[1][0].shape == (4, 8)  # prompt/padding positions not stored
+    top = logits[0, 1:3].log_softmax(-1).topk(8)
+    assert (rows[0][0] == top.indices.numpy()).all() and torch.allclose(torch.from_numpy(rows[0][1]), top.values)
+    with pytest.raises(CacheError, match="top_k"):
+        TokenCache(tmp_path, {"teacher": "x"}, 50, "fp32", top_k=None)
+    import sqlite3
+
+    with sqlite3.connect(cache.path) as db:
+        db.execute("UPDATE logits SET data = substr(data, 1, 20) WHERE idx = 1")
+    with pytest.raises(CacheError, match="does not match its 4 positions"):
+        cache.get(split, [1])
+
+
+def test_top_k_teacher_in_evaluation_with_k_equal_to_vocabulary_is_exact():
+    from kd.lm_losses import TopK, token_eval_sums
+
+    torch.manual_seed(1)
+    student, teacher = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
+    labels = torch.tensor([[1, 2, IGNORE, 3], [IGNORE, 0, 8, 5]])
+    full = token_eval_sums(student, teacher, labels, "jsd", 0.5, 1.0)  # top-k tempering is exact at T = 1
+    top = teacher.log_softmax(-1).topk(9)
+    as_top_k = token_eval_sums(student, TopK(top.indices, top.values), labels, "jsd", 0.5, 1.0)
+    for name in full:
+        assert torch.allclose(full[name], as_top_k[name], atol=1e-5), name
+
+
+def test_cached_top_k_teacher_trains_like_its_first_epoch_and_require_needs_no_teacher(tmp_path, tiny_llama):
+    """distillation.cache_top_k: epoch 1 stores the teacher's top k per learnt token (and fills the
+    eval split), epoch 2 trains from the cache; a `require` run after --precompute-teacher never
+    loads the teacher and gives the same losses."""
+    data = write_lm_dataset(tmp_path / "data", "prompt_completion", {"train": 16, "validation": 4})
+    base = {"teacher_cache": "auto", "cache_top_k": 16, "cache_dir": str(tmp_path / "cache")}
+    losses = {}
+    for name, mode in (("auto", "auto"), ("require", "require")):
+        cfg = lm_config(data, tiny_llama, tmp_path / name, distillation={**base, "teacher_cache": mode},
+                        student={"init_from_teacher": False, "teacher_layers": None,
+                                 "config_overrides": {"num_hidden_layers": 1}},
+                        train={"max_steps": 8, "eval_every": 8})
+        config = write_config(tmp_path / f"{name}.yaml", cfg)
+        if mode == "require":
+            pre = run_cli(["--config", str(config), "--precompute-teacher"])
+            assert pre.returncode == 0 and "0 soft targets computed" in pre.stdout, pre.stderr[-2000:]
+        result = run_cli(["--config", str(config)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        events = read_events(tmp_path / name / "telemetry.jsonl")
+        losses[name] = [e["loss"]["total"] for e in events if e["type"] == "step"]
+        steps = [e for e in events if e["type"] == "step"]
+        assert steps[-1]["cache"]["source"] == "cache" and steps[-1]["cache"]["covered"]["train"] == [16, 16]
+        if mode == "require":
+            assert events[0]["params"]["teacher"] is None
+    assert losses["require"] == pytest.approx(losses["auto"], rel=1e-5)

@@ -98,7 +98,8 @@ def test_require_with_incomplete_cache_refuses_and_never_loads_the_teacher(tmp_p
     data = prepare_data(cfg.data, processor, processor.sampling_rate)
     identity = teacher_identity(cfg, processor, data.sampling_rate, "cpu", data.features is not None)
     sizes = {role: len(ds) for role, ds in data.splits.items()}
-    cache, split_ids = open_cache(cfg, identity, data.label_names, data.fingerprints, sizes, may_create=True)
+    cache, split_ids = open_cache(cfg, identity, len(data.label_names), data.label_names, data.fingerprints, sizes,
+                                  may_create=True)
     cache.put(split_ids["train"], [0, 1], torch.zeros(2, len(data.label_names)))
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(CacheError, match=r"is incomplete \(train 2/24, eval 0/12, test 0/12\)"):
