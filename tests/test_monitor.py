@@ -197,3 +197,31 @@ async def test_app_starts_over_when_the_file_is_replaced(tmp_path):
         title = str(app.query_one("#title", Static).content)
         assert "again" in title and "step 1/9" in title
         assert app.query_one("#evals", DataTable).row_count == 0
+
+
+@pytest.mark.asyncio
+async def test_app_shows_tokens_per_second_and_perplexity_for_a_language_model_run(tmp_path):
+    from textual.widgets import DataTable, Label, Sparkline, Static
+
+    from kd.tui.app import MonitorApp
+
+    path = tmp_path / "telemetry.jsonl"
+    lm_start = start()
+    lm_start["config"] = {"run": {"name": "lm"}, "data": {"modality": "causal_lm"}}
+    rates = [{"samples_per_s": 8.0, "tokens_per_s": 1000.0 * n, "steps_per_s": 1.0} for n in (1, 2, 3)]
+    write_lines(path, lm_start, *(step(n, rate=r) for n, r in zip((1, 2, 3), rates)),
+                {"type": "eval", "ts": 1003.5, "step": 3, "split": "validation",
+                 "metrics": {"student_acc": 0.4, "teacher_acc": 0.6, "agreement": 0.5, "loss": 2.0,
+                             "perplexity": 12.5, "teacher_perplexity": 4.25}})
+    app = MonitorApp(path, poll_s=0.05)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await pilot.pause(0.4)
+        assert "3000 tokens/s" in str(app.query_one("#rate", Static).content)
+        spark = app.query_one("#rate_spark", Sparkline)
+        assert list(spark.data) == [1000.0, 2000.0, 3000.0]
+        assert str(spark.parent.query_one(Label).content) == "tokens/s"
+        row = app.query_one("#evals", DataTable).get_row_at(0)
+        assert row[-1] == "12.5" and row[2] == "40.0%"
+        await pilot.press("q")
+    text = summary_text(app.state)
+    assert "3000 tokens/s" in text and "perplexity 12.5 (teacher 4.25)" in text
