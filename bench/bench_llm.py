@@ -10,9 +10,10 @@ What it does, all offline:
    every Python install carries, so the benchmark needs no download and is the same on every machine
    with the same Python). Modules are split by a hash of their name: the test modules' text is never
    trained on;
-3. trains the same student twice with train_kd.py, same initialisation (teacher layers, DistilBERT
-   style), same data order and steps: with the teacher's soft targets (forward KL, alpha 0.5, T 1)
-   and on next-token CE alone;
+3. trains the same student three times with train_kd.py, same initialisation (teacher layers,
+   DistilBERT style), same data order and steps: with the teacher's soft targets online (forward KL,
+   alpha 0.5, T 1), with its top-64 soft targets from the teacher cache (filled in epoch 1, then the
+   teacher is released), and on next-token CE alone;
 4. reads both runs' telemetry and prints teacher / KD student / CE student: held-out perplexity,
    next-token agreement with the teacher, parameters, tokens/s, peak memory (GPU runs).
 
@@ -28,6 +29,7 @@ import inspect
 import json
 import math
 import pkgutil
+import shutil
 import subprocess
 import sys
 import time
@@ -94,7 +96,7 @@ def write_corpus(folder: Path) -> dict[str, int]:
     return {split: len(docs) for split, docs in splits.items()}
 
 
-def train(name: str, teacher: Path, corpus: Path, args, distil: bool) -> Path:
+def train(name: str, teacher: Path, corpus: Path, args, distil: bool, extra: tuple[str, ...] = ()) -> Path:
     out = WORK / "runs" / name
     overrides = [
         f"run.name={name}", f"run.output_dir={out}", "run.seed=0",
@@ -107,7 +109,7 @@ def train(name: str, teacher: Path, corpus: Path, args, distil: bool) -> Path:
         f"train.batch_size={args.batch}", "train.epochs=null", f"train.max_steps={args.steps}",
         f"train.lr={args.lr}", "train.warmup_ratio=0.05", f"train.eval_every={args.steps}",
         f"train.mixed_precision={args.precision}", f"memory.vram_budget_gb={args.budget}",
-        "telemetry.log_every=10",
+        "telemetry.log_every=10", *extra,
     ]
     config = ROOT / "configs" / "smollm2_kd.yaml"
     subprocess.run([sys.executable, str(ROOT / "train_kd.py"), "--config", str(config), *overrides],
@@ -121,9 +123,12 @@ def summarise(run: Path) -> dict:
     events = read_events(run / "telemetry.jsonl")
     start = next(e for e in events if e["type"] == "run_start")
     test = [e for e in events if e["type"] == "eval" and e["split"] == "test"][-1]["metrics"]
-    rates = [e["rate"]["tokens_per_s"] for e in events if e["type"] == "step" and e.get("rate")]
+    steps = [e for e in events if e["type"] == "step" and e.get("rate")]
+    rates = [e["rate"]["tokens_per_s"] for e in steps]
+    later = [e["rate"]["tokens_per_s"] for e in steps if e["step"] > start["plan"]["steps_per_epoch"] + 10]
     end = next(e for e in events if e["type"] == "run_end")
     return {"params": start["params"], "test": test, "tokens_per_s": sum(rates) / len(rates) if rates else None,
+            "tokens_per_s_after_epoch_1": sum(later) / len(later) if later else None,
             "peak_allocated": (end.get("peak") or {}).get("allocated"), "duration_s": end["duration_s"],
             "env": start["env"]}
 
@@ -172,6 +177,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-rows", type=int, default=48, help="packed rows of validation and test evaluated")
+    parser.add_argument("--top-k", type=int, default=64, help="k of the cached-teacher run")
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--budget", type=float, default=5.5, help="memory.vram_budget_gb")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md")
@@ -180,17 +186,25 @@ def main() -> int:
     teacher = teacher_folder()
     sizes = write_corpus(WORK / "llm-corpus")
     print(f"Corpus: Python {sys.version.split()[0]} standard-library docstrings, {sizes}")
+    cache = WORK / "teacher_cache"
+    shutil.rmtree(cache, ignore_errors=True)  # the cached run fills it in its first epoch, as a first run would
     runs = {"kd": train("llm-kd", teacher, WORK / "llm-corpus", args, distil=True),
+            "kd_cached": train("llm-kd-cached", teacher, WORK / "llm-corpus", args, distil=True,
+                               extra=("distillation.teacher_cache=auto", f"distillation.cache_top_k={args.top_k}",
+                                      "distillation.cache_dtype=fp16", f"distillation.cache_dir={cache}")),
             "ce": train("llm-ce", teacher, WORK / "llm-corpus", args, distil=False)}
-    kd, ce = summarise(runs["kd"]), summarise(runs["ce"])
+    summaries = {name: summarise(run) for name, run in runs.items()}
     scores = evaluate({name: run / "student" for name, run in runs.items()}, teacher, WORK / "llm-corpus", args)
-    kd["bench_eval"], ce["bench_eval"] = scores["kd"], scores["ce"]
+    for name, summary in summaries.items():
+        summary["bench_eval"] = scores[name]
+    kd, ce = summaries["kd"], summaries["ce"]
     t_params = kd["params"]["teacher"]
-    rows = [("teacher SmolLM2-135M-Instruct", t_params, scores["kd"]["teacher_perplexity"], 1.0, None, None),
-            ("student, KD (forward KL, alpha 0.5)", kd["params"]["student"], scores["kd"]["perplexity"],
-             scores["kd"]["agreement"], kd["tokens_per_s"], kd["peak_allocated"]),
-            ("student, CE only", ce["params"]["student"], scores["ce"]["perplexity"], scores["ce"]["agreement"],
-             ce["tokens_per_s"], ce["peak_allocated"])]
+    labels = {"kd": "student, KD online (forward KL, alpha 0.5)",
+              "kd_cached": f"student, KD from the top-{args.top_k} cache (epoch 1 fills it)",
+              "ce": "student, CE only"}
+    rows = [("teacher SmolLM2-135M-Instruct", t_params, scores["kd"]["teacher_perplexity"], 1.0, None, None)]
+    rows += [(labels[name], summaries[name]["params"]["student"], scores[name]["perplexity"], scores[name]["agreement"],
+              summaries[name]["tokens_per_s"], summaries[name]["peak_allocated"]) for name in labels]
     lines = [f"| model | parameters | test perplexity | top-1 agreement with teacher | train tokens/s | peak allocated |",
              "|---|---|---|---|---|---|"]
     for name, params, ppl, agree, rate, peak in rows:
@@ -201,12 +215,16 @@ def main() -> int:
                  f"{args.precision}; device {env.get('gpu_name') or env.get('device')}, torch {env['torch']}, "
                  f"transformers {env['transformers']}; {time.time() - started:.0f} s in all; test split: "
                  f"{scores['kd']['tokens']} tokens of modules never trained on.")
+    cached = summaries["kd_cached"]
+    if cached["tokens_per_s_after_epoch_1"]:
+        lines.append(f"Cached KD after its first epoch (teacher released): {cached['tokens_per_s_after_epoch_1']:.0f} "
+                     f"tokens/s, against {kd['tokens_per_s']:.0f} online and {ce['tokens_per_s']:.0f} for CE only.")
     lines.append(f"KD student / CE student perplexity: {scores['kd']['perplexity'] / scores['ce']['perplexity']:.3f}; "
                  f"student / teacher parameters: {kd['params']['student'] / t_params:.3f}")
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps({"kd": kd, "ce": ce, "args": vars(args) | {"out": str(args.out)},
+        (args.out / "results.json").write_text(json.dumps({**summaries, "args": vars(args) | {"out": str(args.out)},
                                                            "corpus": sizes}, indent=2, default=str))
         (args.out / "results.md").write_text("\n".join(lines) + "\n")
     return 0

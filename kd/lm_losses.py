@@ -134,7 +134,8 @@ def token_loss_sums(student_logits: torch.Tensor, teacher: torch.Tensor | TopK |
         if label_chunk is not None:
             ce = F.cross_entropy(s_chunk.float(), label_chunk, reduction="sum")
         if t_parts:
-            t_chunk = TopK(*t_parts) if len(t_parts) == 2 else t_parts[0].to(s_chunk.device)
+            moved = [part.to(s_chunk.device) for part in t_parts]  # the teacher may run on another device
+            t_chunk = TopK(*moved) if len(moved) == 2 else moved[0]
             log_p, log_q = _bucket_log_probs(s_chunk, t_chunk, temperature)
             kd = divergence(log_p, log_q, kind, beta).sum()
         return torch.stack([ce, kd])

@@ -78,11 +78,10 @@ class CachedTeacher(SoftTargets):
         split_id = self.split_ids[role]
         indices = batch["index"].tolist()
         found = self.cache.get(split_id, indices)
-        device = batch["labels"].device
         counted = role == "train"  # step telemetry reports the training batches
         if len(found) == len(indices):
             self._hits += len(indices) * counted
-            return torch.from_numpy(np.stack([found[i] for i in indices])).to(device)
+            return self.from_rows(found, indices, batch)
         if self.teacher is None:
             raise CacheError(f"teacher cache {self.cache.path}: {len(indices) - len(found)} samples of split "
                              f"{role} are missing and the teacher is not loaded; fill the cache with "
@@ -94,14 +93,24 @@ class CachedTeacher(SoftTargets):
         self.covered[role] += self.store(role, batch, out, new)
         self._hits += len(found) * counted
         self._misses += len(new) * counted
+        return self.from_teacher(out)
+
+    def from_rows(self, found: dict[int, Any], indices: list[int], batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's soft targets from stored rows."""
+        return torch.from_numpy(np.stack([found[i] for i in indices])).to(batch["labels"].device)
+
+    def from_teacher(self, out: torch.Tensor) -> torch.Tensor:
+        """The batch's soft targets from the teacher's fresh outputs (as the stored ones will read)."""
         return out
 
     def store(self, role: str, batch: dict[str, Any], logits: torch.Tensor, rows: list[int] | None = None) -> int:
-        """Store the teacher's outputs for `rows` of the batch (None: all); returns how many were new."""
+        """Store the teacher's outputs for `rows` of the batch (None: all); returns how many were new.
+        The labels go along: a language model's cache stores the learnt positions only."""
         rows = list(range(len(batch["index"]))) if rows is None else rows
         if not rows:
             return 0
-        return self.cache.put(self.split_ids[role], [int(batch["index"][k]) for k in rows], logits[rows])
+        return self.cache.put(self.split_ids[role], [int(batch["index"][k]) for k in rows], logits[rows],
+                              batch["labels"][rows])
 
     def drop_teacher(self) -> None:
         """Every split is covered: free the teacher's memory (weights, and on a GPU its cached blocks)."""
@@ -128,36 +137,14 @@ class CachedTokenTeacher(CachedTeacher):
     `TopK` (batch, seq, k) for the token loss. When the teacher has to run for a batch, its full
     logits are cut to the same top k, so the first epoch and the cached ones train on the same targets."""
 
-    def logits(self, batch: dict[str, Any], role: str) -> TopK:
-        split_id, labels = self.split_ids[role], batch["labels"]
-        indices = batch["index"].tolist()
-        found = self.cache.get(split_id, indices)
-        counted = role == "train"
-        if len(found) == len(indices):
-            self._hits += len(indices) * counted
-            return self._assemble(found, indices, labels)
-        if self.teacher is None:
-            raise CacheError(f"teacher cache {self.cache.path}: {len(indices) - len(found)} samples of split "
-                             f"{role} are missing and the teacher is not loaded; fill the cache with "
-                             "`python train_kd.py --config <your config> --precompute-teacher`")
-        out = teacher_logits(self.teacher, batch)
-        new = [k for k, i in enumerate(indices) if i not in found]
-        self.covered[role] += self.store(role, batch, out, new)
-        self._hits += len(found) * counted
-        self._misses += len(new) * counted
+    def from_teacher(self, out: torch.Tensor) -> TopK:
         top, idx = torch.log_softmax(out.float(), dim=-1).topk(self.cache.top_k, dim=-1)
-        return TopK(idx.to(labels.device), top.to(labels.device))
+        return TopK(idx, top)
 
-    def store(self, role: str, batch: dict[str, Any], logits: torch.Tensor, rows: list[int] | None = None) -> int:
-        rows = list(range(len(batch["index"]))) if rows is None else rows
-        if not rows:
-            return 0
-        return self.cache.put(self.split_ids[role], [int(batch["index"][k]) for k in rows], logits[rows],
-                              batch["labels"][rows])
-
-    def _assemble(self, found: dict[int, tuple[np.ndarray, np.ndarray]], indices: list[int],
-                  labels: torch.Tensor) -> TopK:
+    def from_rows(self, found: dict[int, tuple[np.ndarray, np.ndarray]], indices: list[int],
+                  batch: dict[str, Any]) -> TopK:
         """Stored rows scattered back onto the learnt positions of the batch (others stay zero: unused)."""
+        labels = batch["labels"]
         k = self.cache.top_k
         ids = torch.zeros((*labels.shape, k), dtype=torch.long)
         logp = torch.zeros((*labels.shape, k), dtype=torch.float32)

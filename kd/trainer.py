@@ -444,7 +444,7 @@ class Trainer:
         rate = None
         if warm and window.steps and elapsed > 0:
             rate = {"samples_per_s": window.samples / elapsed, "steps_per_s": window.steps / elapsed}
-            if self.objective.unit == "tokens":  # all processes: each read as many tokens, about
+            if self.objective.unit == "tokens":  # the tokens every process read, summed
                 rate["tokens_per_s"] = float(self.acc.reduce(window.tokens, reduction="sum")) / elapsed
         step_time = {"step_s": elapsed / max(1, window.steps), "data_s": window.data_s / max(1, window.steps)}
         lr = self.scheduler.get_last_lr()[0]
