@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,17 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train_kd.py")] + args
-    return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # Its own process group: on a timeout every process it started (accelerate's workers too) is
+    # killed, so a hung rank cannot outlive the test and slow the rest of the suite.
+    with subprocess.Popen(cmd, cwd=cwd or ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def accelerate_launch(num_processes: int = 1, config_file: Path | None = None) -> list[str]:
