@@ -50,6 +50,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype: str = "fp32") -> 
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"{src}: cannot read it as a causal language model ({first_line(exc)}); transformers "
                              "reads GGUF for the architectures listed in its GGUF documentation") from None
+    fixed = repair_special_tokens(tokenizer, src)
     # The weights are dequantised now: the folder must not claim a GGUF quantisation it no longer has.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -58,7 +59,33 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype: str = "fp32") -> 
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
     return {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
-            "vocab_size": model.config.vocab_size, "dtype": dtype, "seconds": time.perf_counter() - started}
+            "vocab_size": model.config.vocab_size, "dtype": dtype, "seconds": time.perf_counter() - started,
+            "special_tokens_fixed": fixed}
+
+
+GGUF_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                "pad_token": "padding_token_id"}
+
+
+def repair_special_tokens(tokenizer, gguf_path: Path) -> list[str]:
+    """Set the tokenizer's special tokens to the ids the GGUF metadata names.
+
+    transformers 5.17 reads SmolLM2's GGUF tokenizer with eos = '<|im_start|>' (id 1) although the
+    file says eos_token_id 2 ('<|im_end|>'): every sample would then end with the wrong token and
+    generation would not stop. Returns what was changed, as "eos_token: '<|im_start|>' -> '<|im_end|>'"."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(gguf_path)).fields
+    changed = []
+    for attr, key in GGUF_SPECIAL.items():
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is None:
+            continue
+        token = tokenizer.convert_ids_to_tokens(int(field.contents()))
+        if token is not None and getattr(tokenizer, attr) != token:
+            changed.append(f"{attr}: {getattr(tokenizer, attr)!r} -> {token!r}")
+            setattr(tokenizer, attr, token)
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for change in info["special_tokens_fixed"]:
+        print(f"Tokenizer special token set from the GGUF metadata: {change}")
     print(f"Wrote {args.out_dir}: {info['architecture']}, {info['parameters'] / 1e6:.1f}M parameters, vocabulary "
           f"{info['vocab_size']}, {info['dtype']}, in {info['seconds']:.0f} s. Use it as teacher.model: {args.out_dir}")
     return 0

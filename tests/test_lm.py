@@ -186,7 +186,7 @@ def test_different_vocabularies_are_refused_before_training(tmp_path, tiny_llama
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "telemetry.jsonl").exists()
 
 
-def write_gguf_from_hf(folder: Path, out: Path) -> Path:
+def write_gguf_from_hf(folder: Path, out: Path, eos_token_id: int | None = None) -> Path:
     """A GGUF file as llama.cpp's converter writes one (F32 tensors, q/k rows permuted, a gpt2 BPE
     tokenizer in the metadata) from a transformers Llama folder."""
     import gguf
@@ -215,7 +215,7 @@ def write_gguf_from_hf(folder: Path, out: Path) -> Path:
     w.add_token_types([3 if t in specials else 1 for t in tokens])
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
     w.add_bos_token_id(c.bos_token_id)
-    w.add_eos_token_id(c.eos_token_id)
+    w.add_eos_token_id(c.eos_token_id if eos_token_id is None else eos_token_id)
     w.add_pad_token_id(c.pad_token_id)
     sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
 
@@ -247,13 +247,15 @@ def test_gguf_converts_to_a_safetensors_teacher_with_the_same_outputs(tmp_path, 
     from kd.convert_gguf import main
     from kd.teachers import load_teacher
 
-    gguf_file = write_gguf_from_hf(tiny_llama, tmp_path / "tiny.gguf")
+    end = AutoTokenizer.from_pretrained(tiny_llama).convert_tokens_to_ids("<|end|>")
+    gguf_file = write_gguf_from_hf(tiny_llama, tmp_path / "tiny.gguf", eos_token_id=end)
     assert main([str(gguf_file), str(tmp_path / "converted")]) == 0
     assert (tmp_path / "converted" / "model.safetensors").is_file()
     teacher = load_teacher(str(tmp_path / "converted"), "causal_lm")  # the safetensors-only loader accepts it
     original = AutoModelForCausalLM.from_pretrained(tiny_llama)
     tok = AutoTokenizer.from_pretrained(tmp_path / "converted")
     assert tok.get_vocab() == AutoTokenizer.from_pretrained(tiny_llama).get_vocab()
+    assert tok.eos_token == "<|end|>" and tok.eos_token_id == end  # the special tokens the GGUF file names
     x = tok("the cat sees a tree.", return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(teacher(**x).logits, original(**x).logits, atol=1e-5)
