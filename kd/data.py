@@ -172,7 +172,8 @@ def resolve_labels(splits: dict[str, Dataset], column: str) -> tuple[dict[str, D
 
 def prepare_data(cfg: DataConfig, processor: Any = None, sampling_rate: int | None = None) -> PreparedData:
     """Load, check, subsample, preprocess (cached) and describe the configured splits; every sample
-    carries its index in the split (batch["index"]), and every split its datasets fingerprint."""
+    carries its index in the split (batch["index"]), and every split a content hash of its inputs
+    (the teacher cache's split key)."""
     splits = load_raw_splits(cfg)
     if cfg.modality == "causal_lm":
         return _prepare_lm(cfg, _subsample(cfg, splits), processor)

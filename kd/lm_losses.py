@@ -43,6 +43,20 @@ class TopK:
     def select(self, mask: torch.Tensor) -> "TopK":
         return TopK(self.indices[mask], self.logprobs[mask])
 
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int) -> "TopK":
+        """The k most likely tokens of full logits (..., V), with their log-probabilities."""
+        logprobs, indices = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+        return cls(indices, logprobs)
+
+
+def _flat_parts(teacher: torch.Tensor | TopK | None) -> tuple[torch.Tensor, ...]:
+    """The teacher as 2-D (positions, ...) tensors: (logits,), (indices, logprobs), or () for none."""
+    if isinstance(teacher, TopK):
+        return (teacher.indices.reshape(-1, teacher.indices.shape[-1]),
+                teacher.logprobs.reshape(-1, teacher.logprobs.shape[-1]))
+    return (teacher.reshape(-1, teacher.shape[-1]),) if teacher is not None else ()
+
 
 def _log1mexp(log_x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(log_x)) for log_x <= 0, stable at both ends, finite (at worst the smallest float)."""
@@ -120,13 +134,7 @@ def token_loss_sums(student_logits: torch.Tensor, teacher: torch.Tensor | TopK |
     if positions.numel() == 0:
         return zero.float(), zero.float(), count
     flat_labels = labels.reshape(-1) if labels is not None else None
-    if isinstance(teacher, TopK):
-        t_flat: tuple[torch.Tensor, ...] = (teacher.indices.reshape(-1, teacher.indices.shape[-1]),
-                                            teacher.logprobs.reshape(-1, teacher.logprobs.shape[-1]))
-    elif teacher is not None:
-        t_flat = (teacher.reshape(-1, teacher.shape[-1]),)
-    else:
-        t_flat = ()
+    t_flat = _flat_parts(teacher)
 
     def chunk_sums(s_chunk: torch.Tensor, label_chunk: torch.Tensor | None, *t_parts: torch.Tensor) -> torch.Tensor:
         ce = s_chunk.new_zeros((), dtype=torch.float32)
@@ -184,11 +192,7 @@ def token_eval_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor |
     batch, seq, vocab = student_logits.shape
     flat, flat_labels = student_logits.reshape(-1, vocab), labels.reshape(-1)
     positions = (flat_labels != IGNORE).nonzero().squeeze(-1)
-    if isinstance(teacher_logits, TopK):
-        t_flat = (teacher_logits.indices.reshape(-1, teacher_logits.indices.shape[-1]),
-                  teacher_logits.logprobs.reshape(-1, teacher_logits.logprobs.shape[-1]))
-    else:
-        t_flat = (teacher_logits.reshape(-1, vocab),) if teacher_logits is not None else None
+    t_flat = _flat_parts(teacher_logits)
     names = ("nll", "correct", "teacher_nll", "teacher_correct", "agree", "kd")
     sums = {name: torch.zeros(batch, device=flat.device) for name in names}
     for start in range(0, positions.numel(), chunk_size):
@@ -198,7 +202,7 @@ def token_eval_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor |
         s_top = s.argmax(-1)
         sums["nll"].index_add_(0, owner, F.cross_entropy(s, y, reduction="none"))
         sums["correct"].index_add_(0, owner, (s_top == y).float())
-        if t_flat is not None:
+        if t_flat:
             parts = [part.index_select(0, rows.to(part.device)).to(s.device) for part in t_flat]
             if len(parts) == 2:
                 t = TopK(parts[0].long(), parts[1].float())

@@ -138,8 +138,7 @@ class CachedTokenTeacher(CachedTeacher):
     logits are cut to the same top k, so the first epoch and the cached ones train on the same targets."""
 
     def from_teacher(self, out: torch.Tensor) -> TopK:
-        top, idx = torch.log_softmax(out.float(), dim=-1).topk(self.cache.top_k, dim=-1)
-        return TopK(idx, top)
+        return TopK.from_logits(out, self.cache.top_k)
 
     def from_rows(self, found: dict[int, tuple[np.ndarray, np.ndarray]], indices: list[int],
                   batch: dict[str, Any]) -> TopK:

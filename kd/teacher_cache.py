@@ -248,16 +248,16 @@ class TokenCache(TeacherCache):
                                f"{n} positions of top {self.top_k}")
 
     def encode(self, logits: torch.Tensor, labels: torch.Tensor | None = None) -> list[bytes]:
-        from kd.lm_losses import IGNORE
+        from kd.lm_losses import IGNORE, TopK
 
         assert labels is not None, "a token cache stores the learnt positions: labels are needed"
         rows = []
         for r in range(logits.shape[0]):
             learnt = (labels[r] != IGNORE).nonzero().squeeze(-1).to(logits.device)
-            logp = torch.log_softmax(logits[r].index_select(0, learnt).float(), dim=-1)
-            top, idx = logp.topk(self.top_k, dim=-1)
-            rows.append(np.int32(len(learnt)).astype("<i4").tobytes() + idx.cpu().numpy().astype("<i4").tobytes()
-                        + top.cpu().numpy().astype(self.dtype).tobytes())
+            top = TopK.from_logits(logits[r].index_select(0, learnt), self.top_k)
+            rows.append(np.int32(len(learnt)).astype("<i4").tobytes()
+                        + top.indices.cpu().numpy().astype("<i4").tobytes()
+                        + top.logprobs.cpu().numpy().astype(self.dtype).tobytes())
         return rows
 
     def decode(self, blob: bytes) -> tuple[np.ndarray, np.ndarray]:
