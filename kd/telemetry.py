@@ -102,6 +102,9 @@ class TelemetryTailer:
         self.offset = 0
         self.malformed = 0
         self.reset = False
+        # The file's modification time at the last read: no line in it was written later, so it
+        # dates the run's last sign of life (a cut file's lines are as old as its mtime, not "now").
+        self.mtime: float | None = None
         self._inode: int | None = None
 
     def read_new(self, max_bytes: int | None = None) -> list[dict[str, Any]]:
@@ -114,6 +117,7 @@ class TelemetryTailer:
             self.malformed = 0
             self.reset = True
         self._inode = st.st_ino
+        self.mtime = st.st_mtime
         if st.st_size <= self.offset:
             return []
         with open(self.path, "rb") as f:
@@ -169,7 +173,7 @@ def load_history(tailer: TelemetryTailer, keep_steps: int) -> list[dict[str, Any
         else:
             keep[i] = True
     events = list(tailer._parse(b"\n".join(line for line, k in zip(lines, keep) if k)))
-    tailer.offset, tailer._inode = end + 1, st.st_ino
+    tailer.offset, tailer._inode, tailer.mtime = end + 1, st.st_ino, st.st_mtime
     return events
 
 

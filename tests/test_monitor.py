@@ -225,3 +225,38 @@ async def test_app_shows_tokens_per_second_and_perplexity_for_a_language_model_r
         await pilot.press("q")
     text = summary_text(app.state)
     assert "3000 tokens/s" in text and "perplexity 12.5 (teacher 4.25)" in text
+
+
+def test_a_quiet_run_stops_its_clock_and_says_how_long_it_has_been_quiet():
+    s = feed(RunState(stall_after_s=30), start(), step(1))  # last line read at wall 2000, run began at ts 1000
+    assert s.elapsed(now=2010.0) == pytest.approx(1010.0)
+    assert s.elapsed(now=3 * 86400) == pytest.approx(1000.0)  # stalled: the clock stopped at the last line
+    assert s.status_text(now=2000.0 + 2 * 86400 + 3600) == "stalled (no new line for 2 d 1:00:00)"
+
+
+@pytest.mark.asyncio
+async def test_app_judges_a_cut_file_by_its_modification_time(tmp_path):
+    """A finished-but-cut file (no run_end, last written days ago) is stalled from the first frame."""
+    import os
+    import time
+
+    from textual.widgets import Static
+
+    from kd.tui.app import MonitorApp
+
+    path = tmp_path / "telemetry.jsonl"
+    days_ago = time.time() - 4 * 86400
+    first = start()
+    first["ts"] = days_ago - 600.0
+    write_lines(path, first, step(1, ts=days_ago - 300.0), step(2, ts=days_ago))
+    os.utime(path, (days_ago, days_ago))
+    app = MonitorApp(path, poll_s=0.05)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await pilot.pause(0.4)
+        title = str(app.query_one("#title", Static).content)
+        assert "stalled (no new line for 4 d" in title, title
+        assert "elapsed 10:00" in title, title  # the run's own 600 s, not the days since
+        await pilot.press("q")
+    once = subprocess.run([sys.executable, str(ROOT / "monitor_tui.py"), str(path), "--once"],
+                          capture_output=True, text=True, timeout=60)
+    assert "[stalled (no new line for 4 d" in once.stdout and "elapsed 10:00" in once.stdout, once.stdout

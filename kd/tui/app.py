@@ -135,9 +135,9 @@ class MonitorApp(App):
         worker = get_current_worker()
         history = load_history(tailer, keep_steps=self.state.history)  # bounded work, however big the file
         with self.lock:
-            now = time.time()
+            wall = tailer.mtime or time.time()  # an old, cut file is stale from the start
             for event in history:
-                self.state.apply(event, now)
+                self.state.apply(event, wall)
         while not worker.is_cancelled:
             if self.paused:
                 time.sleep(self.poll_s)
@@ -147,9 +147,9 @@ class MonitorApp(App):
                 if tailer.reset:  # the file was truncated or replaced: start over
                     tailer.reset = False
                     self.state = RunState(history=self.state.history, stall_after_s=self.state.stall_after_s)
-                now = time.time()
+                wall = tailer.mtime or time.time()
                 for event in events:
-                    self.state.apply(event, now)
+                    self.state.apply(event, wall)
                 self.state.malformed = max(self.state.malformed, tailer.malformed)
             if not events:
                 time.sleep(self.poll_s)
@@ -178,7 +178,7 @@ class MonitorApp(App):
         self._render_tables(s)
 
     def _render_title(self, s: RunState) -> None:
-        status = s.shown_status()
+        status = s.status_text()
         if self.paused:
             status += " (paused)"
         title = Text.assemble(

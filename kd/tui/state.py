@@ -166,15 +166,25 @@ class RunState:
     def budget_bytes(self) -> int | None:
         return self.plan.get("vram_budget_bytes")
 
+    def status_text(self, now: float | None = None) -> str:
+        """The shown status, with how long ago the last line came when the run has gone quiet."""
+        now = time.time() if now is None else now
+        status = self.shown_status(now)
+        if status == "stalled":
+            status += f" (no new line for {fmt_duration(now - self.last_event_wall)})"
+        return status
+
     def elapsed(self, now: float | None = None) -> float | None:
+        """Run time so far: up to run_end, or to the last line of a run that has gone quiet."""
         if self.started_ts is None:
             return None
-        end = self.ended_ts or (time.time() if now is None else now)
+        now = time.time() if now is None else now
+        end = self.ended_ts or (self.last_event_wall if self.shown_status(now) == "stalled" else now)
         return max(0.0, end - self.started_ts)
 
     def eta(self) -> float | None:
         rates = self.series["steps_per_s"]
-        if self.status != "running" or not rates or not self.total_steps:
+        if self.shown_status() != "running" or not rates or not self.total_steps:
             return None
         recent = [v for _, v in list(rates)[-5:] if v > 0]
         if not recent:
@@ -200,9 +210,10 @@ def _secs(value: Any) -> str:
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    seconds = int(seconds)
+    days, seconds = divmod(int(seconds), 86400)
     hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+    clock = f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours or days else f"{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days} d {clock}" if days else clock
 
 
 def fmt_bytes(value: float | None) -> str:
@@ -245,7 +256,7 @@ def summary_text(state: RunState, now: float | None = None) -> str:
     """The plain-text view used by `monitor_tui.py --once`."""
     lines = []
     total = state.total_steps
-    lines.append(f"run {state.name} [{state.shown_status(now)}] step {state.step}/{total or '?'} "
+    lines.append(f"run {state.name} [{state.status_text(now)}] step {state.step}/{total or '?'} "
                  f"epoch {state.epoch:.2f} elapsed {fmt_duration(state.elapsed(now))} ETA {fmt_duration(state.eta())}")
     budget = state.budget_bytes
     used = state.vram_used()
