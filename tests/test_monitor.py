@@ -57,7 +57,7 @@ def test_state_tracks_a_run():
     assert s.name == "kws" and s.status == "running" and s.step == 2 and s.total_steps == 100
     assert s.values("loss_total") == [2.0, 1.5] and s.values("loss_ce") == [4.0, 3.0]
     assert s.latest("data_share") == pytest.approx(0.2)
-    assert s.eta() == pytest.approx(9.8)
+    assert s.eta(now=2000.0) == pytest.approx(9.8) and s.eta(now=9999.0) is None  # none once stalled
     assert s.evals[-1]["student_acc"] == 0.5
 
 

@@ -182,9 +182,9 @@ class RunState:
         end = self.ended_ts or (self.last_event_wall if self.shown_status(now) == "stalled" else now)
         return max(0.0, end - self.started_ts)
 
-    def eta(self) -> float | None:
+    def eta(self, now: float | None = None) -> float | None:
         rates = self.series["steps_per_s"]
-        if self.shown_status() != "running" or not rates or not self.total_steps:
+        if self.shown_status(now) != "running" or not rates or not self.total_steps:
             return None
         recent = [v for _, v in list(rates)[-5:] if v > 0]
         if not recent:
@@ -257,7 +257,7 @@ def summary_text(state: RunState, now: float | None = None) -> str:
     lines = []
     total = state.total_steps
     lines.append(f"run {state.name} [{state.status_text(now)}] step {state.step}/{total or '?'} "
-                 f"epoch {state.epoch:.2f} elapsed {fmt_duration(state.elapsed(now))} ETA {fmt_duration(state.eta())}")
+                 f"epoch {state.epoch:.2f} elapsed {fmt_duration(state.elapsed(now))} ETA {fmt_duration(state.eta(now))}")
     budget = state.budget_bytes
     used = state.vram_used()
     if used is not None:
