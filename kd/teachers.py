@@ -81,16 +81,23 @@ def resolve_model_source(spec: str, what: str = "teacher.model", need_weights: b
         return str(path), None
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        if pickles:
-            raise ModelLoadError(
-                f"{what}: {spec} holds only pickle weights ({', '.join(pickles)}), which can execute code "
-                f"when loaded; only safetensors are accepted ({HOW_TO_CONVERT})"
-            )
+        refuse_pickle_only(path, what)
         raise ModelLoadError(f"{what}: {spec} has a config.json but no *.safetensors weights")
     for w in weights:
         check_safetensors(w, what)
     return str(path), None
+
+
+def refuse_pickle_only(folder: Path, what: str) -> None:
+    """Refuse a folder whose weights are pickles only (and no safetensors)."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{what}: {folder} holds only pickle weights ({', '.join(pickles)}), which can execute code "
+            f"when loaded; only safetensors are accepted ({HOW_TO_CONVERT})"
+        )
 
 
 def check_safetensors(path: Path, what: str) -> None:
@@ -196,6 +203,8 @@ def load_processor(spec: str, modality: str, revision: str | None = None, what: 
     `what` is the config key `spec` came from, so errors name what the user has to change.
     """
     source, _ = resolve_model_source(spec, what, need_weights=False)
+    if what == "teacher.model":  # its weights come next: a pickle is the graver problem, so it is named first
+        refuse_pickle_only(Path(source), what)
     loader = {"audio": AutoFeatureExtractor, "text": AutoTokenizer, "image": AutoImageProcessor,
               "causal_lm": AutoTokenizer}[modality]
     try:

@@ -256,3 +256,21 @@ def test_utterance_front_end_ignores_recording_level_and_zero_padding_level():
     assert torch.isfinite(model.features(torch.zeros(1, 8000))).all()  # digital silence: no NaN
     legacy = LogMelCNN(4, sample_rate=8000, n_mels=16, channels=[8, 16], normalize="batch").eval()
     assert (legacy.features(wave * 10) - legacy.features(wave)).abs().max() > 1.0  # what it fixes
+
+
+def test_teacher_with_pickle_weights_and_no_preprocessor_is_refused_for_the_pickle(tmp_path, tone_data, tiny_teacher,
+                                                                                   capsys):
+    """Both are wrong; the pickle is named first, since it is the graver problem (and the run stops there)."""
+    from conftest import tiny_config, write_config
+    from train_kd import main
+
+    folder = tmp_path / "legacy"
+    shutil.copytree(tiny_teacher, folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "preprocessor_config.json").unlink()
+    torch.save({}, folder / "pytorch_model.bin")
+    config = write_config(tmp_path / "run.yaml", tiny_config(tone_data, folder, tmp_path / "run"))
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "only pickle weights (pytorch_model.bin)" in err and "preprocessor" not in err, err
+    assert not (tmp_path / "run" / "telemetry.jsonl").exists()
