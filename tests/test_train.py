@@ -37,7 +37,8 @@ def launched_run(tmp_path_factory, tone_data, tiny_teacher):
     """One distillation run under `accelerate launch`, shared by the assertions below."""
     tmp = tmp_path_factory.mktemp("launched")
     cfg = tiny_config(tone_data, tiny_teacher, tmp / "run", train={"max_steps": 6, "eval_every": 3,
-                                                                    "checkpoint_every": 3})
+                                                                    "checkpoint_every": 3},
+                      telemetry={"report_to": ["tensorboard"]})
     result = run_cli(["--config", str(write_config(tmp / "c.yaml", cfg))], launcher=accelerate_launch(1))
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "run", result
@@ -256,3 +257,27 @@ def test_image_classification_uses_the_same_code(tmp_path):
     assert evals and evals[-1]["samples"] == 6 and evals[-1]["metrics"]["teacher_acc"] is not None
     model, labels = load_student(tmp_path / "run" / "student")
     assert model.config.num_hidden_layers == 1 and labels == ["blue", "red"]
+
+
+def test_tensorboard_gets_losses_lr_alpha_and_eval_metrics_at_their_steps(launched_run):
+    """telemetry.report_to: [tensorboard] end to end: the event file, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = launched_run
+    files = sorted((run_dir / "tiny").glob("events.out.tfevents.*"))  # <output_dir>/<run.name>/ (hparams below it)
+    assert len(files) == 1, files
+    board = EventAccumulator(str(files[0]))
+    board.Reload()
+    scalars = {tag: {e.step: e.value for e in board.Scalars(tag)} for tag in board.Tags()["scalars"]}
+    events = read_events(run_dir / "telemetry.jsonl")
+    for e in (e for e in events if e["type"] == "step"):
+        for part in ("total", "ce", "kd"):
+            assert scalars[f"train/{part}"][e["step"]] == pytest.approx(e["loss"][part], rel=1e-5)
+        assert scalars["train/lr"][e["step"]] == pytest.approx(e["lr"], rel=1e-5)
+        assert scalars["train/alpha"][e["step"]] == pytest.approx(e["alpha"])
+    evals = [e for e in events if e["type"] == "eval"]
+    assert evals
+    for e in evals:
+        role = "test" if e["split"] == "test" else "eval"
+        for name in ("student_acc", "teacher_acc", "agreement", "loss"):
+            assert scalars[f"{role}/{name}"][e["step"]] == pytest.approx(e["metrics"][name], rel=1e-5)
