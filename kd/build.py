@@ -275,6 +275,11 @@ def check_device(cfg: Config, gpu_settings: bool = True) -> None:
     if missing:
         raise ConfigError([f"telemetry.report_to: {name!r} is not installed (pip install {TRACKER_PACKAGES[name]}) "
                            "or remove it from the list" for name in missing])
+    if cfg.export.onnx:  # checked now, not after hours of training
+        absent = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+        if absent:
+            raise ConfigError([f"export.onnx: true needs {', '.join(absent)} (pip install -e '.[onnx]'), "
+                               "or set export.onnx: false"])
 
 
 def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teacher: torch.nn.Module | None,

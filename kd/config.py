@@ -170,6 +170,16 @@ class TelemetryConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What is written beside the final student's safetensors (kd/onnx_export.py)."""
+
+    onnx: bool = False  # model.onnx (audio: raw waveform in, logits out), checked against PyTorch
+    int8: bool = False  # model.int8.onnx too (log-mel CNN): static int8, calibrated on training clips
+    check_samples: int = 64  # validation inputs the ONNX logits are compared on (atol 1e-4)
+    calibration_samples: int = 256  # training clips the int8 activation ranges are measured on
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,6 +190,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def output_dir(self) -> Path:
@@ -464,6 +475,13 @@ def _check_values(cfg: Config) -> list[str]:
          "must be an integer >= 1 (positions per chunk of the LM loss)")
     need(cfg.memory.min_micro_batch >= 1, "memory.min_micro_batch", cfg.memory.min_micro_batch,
          "must be an integer >= 1 (the smallest micro-batch an out-of-memory shrink may reach)")
+    exp = cfg.export
+    if exp.int8:
+        need(exp.onnx, "export.int8", True, "needs export.onnx: true (the int8 model is made from the fp32 one)")
+        need(student.type == "logmel_cnn", "export.int8", True,
+             f"int8 quantisation is available for student.type: logmel_cnn, not {student.type!r}; set export.int8: false")
+    for key in ("check_samples", "calibration_samples"):
+        need(getattr(exp, key) >= 1, f"export.{key}", getattr(exp, key), "must be an integer >= 1")
     need(tel.log_every >= 1, "telemetry.log_every", tel.log_every, "must be an integer >= 1")
     need(tel.warmup_steps >= 0, "telemetry.warmup_steps", tel.warmup_steps, "must be >= 0")
     need(tel.gpu_sample_s > 0, "telemetry.gpu_sample_s", tel.gpu_sample_s, "must be > 0 (seconds between NVML readings)")

@@ -526,9 +526,27 @@ class Trainer:
             path = save_student(self.acc.unwrap_model(self.student, keep_torch_compile=False), self.output_dir / STUDENT_DIR,
                                 self.run.data.label_names, self.run.processor if self.run.input_key == "inputs" else None,
                                 state_dict=state)
-            self.telemetry.emit("checkpoint", self.state.step, path=str(path), kind="final",
-                                duration_s=time.perf_counter() - started)
             self.acc.print(f"Saved the student to {path}")
+            onnx = self._export_onnx(path) if self.cfg.export.onnx else None
+            self.telemetry.emit("checkpoint", self.state.step, path=str(path), kind="final",
+                                duration_s=time.perf_counter() - started, **({"onnx": asdict(onnx)} if onnx else {}))
+
+    def _export_onnx(self, folder: Path):
+        """model.onnx (and model.int8.onnx) beside the saved student, made from the saved folder itself
+        (so what ships is what was saved, whatever wrapped the model in training)."""
+        from kd.export import load_student
+        from kd.onnx_export import ExportError, export_student
+
+        cfg = self.cfg
+        model, labels = load_student(folder, cfg.data.modality)
+        try:
+            return export_student(model, self.run.processor if self.run.input_key == "inputs" else None, folder,
+                              self.run.data, label_names=labels, modality=cfg.data.modality,
+                              max_seconds=cfg.data.max_seconds, int8=cfg.export.int8,
+                              check_samples=cfg.export.check_samples,
+                              calibration_samples=cfg.export.calibration_samples, say=self.acc.print)
+        except ExportError as exc:
+            raise ExportError(f"{exc} (the student itself is saved in {folder})") from None
 
 
 class OutOfMemoryFailure(TrainingError):

@@ -108,7 +108,7 @@ def lm_run(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("lmrun")
     data = write_lm_dataset(tmp / "data", "prompt_completion", {"train": 24, "validation": 8})
     cfg = lm_config(data, tiny_llama, tmp / "run", distillation={"divergence": "jsd", "jsd_beta": 0.3},
-                    memory={"loss_chunk": 7})
+                    memory={"loss_chunk": 7}, export={"onnx": True, "check_samples": 4})
     result = run_cli(["--config", str(write_config(tmp / "c.yaml", cfg))], launcher=accelerate_launch(1))
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "run", result
@@ -145,6 +145,17 @@ def test_lm_student_saves_with_tokenizer_and_generates(lm_run, tokenizer):
     prompt = tok("the cat ", return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > prompt["input_ids"].shape[1]
+
+    # export.onnx: (input_ids, attention_mask) -> logits at every position, dynamic batch and length
+    from kd.onnx_export import ATOL, session
+
+    batch = tok(["the cat sat on", "a dog"], return_tensors="pt", padding=True)
+    sess = session(folder / "model.onnx")
+    got = sess.run(["logits"], {k: v.numpy() for k, v in batch.items() if k in ("input_ids", "attention_mask")})[0]
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.numpy()
+    real = batch["attention_mask"].bool().numpy()
+    assert abs(got - want)[real].max() <= ATOL
 
 
 def test_monitor_once_shows_tokens_per_second_and_perplexity(lm_run):

@@ -141,10 +141,12 @@ def test_two_cpu_processes_shard_data_and_write_telemetry_once(tmp_path, tone_da
 def test_supervised_hf_model_with_batch_of_one(tmp_path, tone_data, tiny_teacher):
     """distillation.enabled: false trains a transformers model on labels (how the demo trains its teacher)."""
     cfg = tiny_config(tone_data, None, tmp_path / "run", student={"type": "hf", "config": str(tiny_teacher)},
-                      train={"batch_size": 1, "max_steps": 3, "eval_every": 100}, data={"max_eval_samples": 2})
+                      train={"batch_size": 1, "max_steps": 3, "eval_every": 100}, data={"max_eval_samples": 2},
+                      export={"onnx": True, "check_samples": 2})
     result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
     assert result.returncode == 0, result.stderr[-3000:]
     events = read_events(tmp_path / "run")
+    assert_onnx_export(events, ["waveform"])  # wav2vec2's input normalisation inside the graph
     steps = [e for e in events if e["type"] == "step"]
     assert len(steps) == 3 and all(e["loss"]["kd"] == 0.0 and e["alpha"] == 0.0 for e in steps)
     assert events[0]["params"]["teacher"] is None
@@ -199,10 +201,20 @@ def train_hf_student(tmp_path: Path, data: dict, teacher: Path, layer: int) -> l
         "student": {"type": "hf", "init_from_teacher": True, "teacher_layers": [layer]},
         "train": {"batch_size": 4, "epochs": None, "max_steps": 3, "eval_every": 100},
         "telemetry": {"log_every": 1},
+        "export": {"onnx": True, "check_samples": 4},
     }
     result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
     assert result.returncode == 0, result.stderr[-3000:]
     return read_events(tmp_path / "run")
+
+
+def assert_onnx_export(events: list[dict], input_names: list[str]) -> None:
+    """export.onnx wrote a model taking `input_names`, checked against PyTorch (kd/onnx_export.py)."""
+    from kd.onnx_export import ATOL, session
+
+    report = [e for e in events if e["type"] == "checkpoint" and e["kind"] == "final"][0]["onnx"]
+    assert report["checked"] >= 1 and report["max_abs_diff"] <= ATOL and 0 <= report["accuracy"] <= 1
+    assert [i.name for i in session(report["path"]).get_inputs()] == input_names
 
 
 def test_text_classification_uses_the_same_code(tmp_path):
@@ -220,6 +232,7 @@ def test_text_classification_uses_the_same_code(tmp_path):
     model, labels = load_student(tmp_path / "run" / "student")
     assert model.config.num_hidden_layers == 1 and labels == ["neg", "pos"]
     assert (tmp_path / "run" / "student" / "tokenizer.json").is_file()
+    assert_onnx_export(events, ["input_ids", "token_type_ids", "attention_mask"])
 
 
 def test_ctrl_c_writes_run_end_interrupted(tmp_path, tone_data, tiny_teacher):
@@ -257,6 +270,7 @@ def test_image_classification_uses_the_same_code(tmp_path):
     assert evals and evals[-1]["samples"] == 6 and evals[-1]["metrics"]["teacher_acc"] is not None
     model, labels = load_student(tmp_path / "run" / "student")
     assert model.config.num_hidden_layers == 1 and labels == ["blue", "red"]
+    assert_onnx_export(events, ["pixel_values"])
 
 
 def test_tensorboard_gets_losses_lr_alpha_and_eval_metrics_at_their_steps(launched_run):
