@@ -67,7 +67,7 @@ class OnnxReport:
 
     def lines(self) -> list[str]:
         out = [f"ONNX: {self.path} ({self.size_bytes / 1e3:.1f} kB); logits match PyTorch on {self.checked} "
-               f"validation inputs (largest difference {self.max_abs_diff:.1e}, tolerance {ATOL:.0e}), argmax identical"]
+               f"inputs (largest difference {self.max_abs_diff:.1e}, tolerance {ATOL:.0e}), argmax identical"]
         if self.accuracy is not None:
             out.append(f"ONNX fp32 test accuracy {100 * self.accuracy:.2f}%")
         if self.int8_path is not None:
@@ -280,7 +280,8 @@ def export_student(model: nn.Module, processor: Any, folder: str | Path, data: A
         window = int(round(max_seconds * data.sampling_rate))
         metadata.update({"kd.sample_rate": data.sampling_rate, "kd.window_samples": window,
                          "kd.hop_samples": int(round(DEFAULT_HOP_S * data.sampling_rate))})
-    say(f"Exporting the student to ONNX and checking it on {len(check_batch['labels'])} {check_role} inputs ...")
+    split = {"eval": "validation"}.get(check_role, check_role)
+    say(f"Exporting the student to ONNX and checking it on {len(check_batch['labels'])} {split} inputs ...")
     graph, report = export_onnx(model, processor, check_batch, folder, metadata)
     classifier = modality != "causal_lm"
     test_role = "test" if "test" in data.splits else check_role
