@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from kd.config import load_config  # noqa: E402
 from kd.data import prepare_data  # noqa: E402
-from kd.detect import KeywordModel, detect  # noqa: E402
+from kd.detect import KeywordModel, detect, ort_session  # noqa: E402
 from kd.export import load_student  # noqa: E402
-from kd.onnx_export import INT8_NAME, ONNX_NAME, Graph, onnx_predictions, session  # noqa: E402
+from kd.onnx_export import INT8_NAME, ONNX_NAME, Graph, onnx_predictions, split_batches  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -73,7 +73,7 @@ def main() -> int:
     # Latency: batch 1, one thread
     torch.set_num_threads(1)
     clip = np.asarray(data.collate([test[0]])["waveform"][:, :window], dtype=np.float32)
-    fp32, int8 = session(folder / ONNX_NAME, threads=1), session(folder / INT8_NAME, threads=1)
+    fp32, int8 = ort_session(folder / ONNX_NAME, threads=1), ort_session(folder / INT8_NAME, threads=1)
     eager = model.eval()
     tensor = torch.from_numpy(clip)
 
@@ -87,12 +87,10 @@ def main() -> int:
 
     # Accuracy on the test split
     graph = Graph(model, ["waveform"])
-    batches = lambda: (data.collate([test[i] for i in range(s, min(s + 64, len(test)))])  # noqa: E731
-                       for s in range(0, len(test), 64))
-    p32, truth = onnx_predictions(session(folder / ONNX_NAME), graph, batches())
-    p8, _ = onnx_predictions(session(folder / INT8_NAME), graph, batches())
+    p32, truth = onnx_predictions(ort_session(folder / ONNX_NAME), graph, split_batches(data, "test"))
+    p8, _ = onnx_predictions(ort_session(folder / INT8_NAME), graph, split_batches(data, "test"))
     with torch.inference_mode():
-        pt = np.concatenate([eager(b["waveform"]).argmax(-1).numpy() for b in batches()])
+        pt = np.concatenate([eager(b["waveform"]).argmax(-1).numpy() for b in split_batches(data, "test")])
     accuracy = {"pytorch": float((pt == truth).mean()), "onnx_fp32": float((p32 == truth).mean()),
                 "onnx_int8": float((p8 == truth).mean()), "int8_same_label_as_fp32": float((p8 == p32).mean()),
                 "test_clips": int(len(truth))}

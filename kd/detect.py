@@ -51,13 +51,8 @@ class KeywordModel:
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None) -> "KeywordModel":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            sess = ort_session(path, threads)
         except Exception as exc:  # onnxruntime raises its own exception types for missing or bad files
             raise DetectError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
         meta = sess.get_modelmeta().custom_metadata_map
@@ -69,20 +64,32 @@ class KeywordModel:
         return cls(sess, json.loads(meta["kd.labels"]), int(meta["kd.sample_rate"]), window,
                    int(meta.get("kd.hop_samples", max(1, window // 10))))
 
-    def probabilities(self, audio: np.ndarray, hop: int) -> tuple[np.ndarray, np.ndarray]:
-        """(window start samples, softmax probabilities per window) over `audio`, zero-padded at the end."""
+    def classify(self, audio: np.ndarray, hop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per window over `audio` (zero-padded at the end): start sample, softmax probabilities, level in dBFS."""
         count = max(1, int(np.ceil(max(0, audio.size - self.window) / hop)) + 1)
         padded = np.zeros((count - 1) * hop + self.window, np.float32)
         padded[: audio.size] = audio
         starts = np.arange(count) * hop
-        probs = []
+        probs, levels = [], []
         for first in range(0, count, BATCH):
-            idx = starts[first: first + BATCH, None] + np.arange(self.window)
-            logits = self.session.run(["logits"], {"waveform": padded[idx]})[0].astype(np.float64)
+            windows = padded[starts[first: first + BATCH, None] + np.arange(self.window)]
+            logits = self.session.run(["logits"], {"waveform": windows})[0].astype(np.float64)
             logits -= logits.max(axis=1, keepdims=True)
             p = np.exp(logits)
             probs.append(p / p.sum(axis=1, keepdims=True))
-        return starts, np.concatenate(probs)
+            levels.append(10 * np.log10(np.mean(np.square(windows, dtype=np.float64), axis=1) + 1e-20))
+        return starts, np.concatenate(probs), np.concatenate(levels)
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session (`threads`: intra-op threads, one inter-op; None: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class DetectError(Exception):
@@ -91,12 +98,9 @@ class DetectError(Exception):
 
 def detect(model: KeywordModel, audio: np.ndarray, hop: int, threshold: float = 0.8, refractory_s: float = 1.0,
            min_dbfs: float = -50.0, ignore: tuple[str, ...] = (), smooth_s: float = 0.3) -> list[Detection]:
-    starts, probs = model.probabilities(audio, hop)
+    starts, probs, level = model.classify(audio, hop)
     probs = smooth(probs, max(1, int(round(smooth_s * model.sample_rate / hop))))
     top, best = probs.argmax(axis=1), probs.max(axis=1)
-    padded = np.zeros(starts[-1] + model.window, np.float32)
-    padded[: audio.size] = audio
-    level = np.array([_dbfs(padded[s: s + model.window]) for s in starts])
     ignored = {i for i, name in enumerate(model.labels) if name in ignore}
     fired = (best >= threshold) & (level >= min_dbfs) & ~np.isin(top, list(ignored))
     found: list[Detection] = []
@@ -129,10 +133,6 @@ def smooth(probs: np.ndarray, width: int) -> np.ndarray:
     kernel = np.ones(width)
     count = np.convolve(np.ones(len(probs)), kernel, mode="same")
     return np.stack([np.convolve(probs[:, k], kernel, mode="same") / count for k in range(probs.shape[1])], axis=1)
-
-
-def _dbfs(x: np.ndarray) -> float:
-    return float(10 * np.log10(np.mean(np.square(x, dtype=np.float64)) + 1e-20))
 
 
 def read_audio(source: str, rate: int) -> tuple[np.ndarray, str | None]:

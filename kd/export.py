@@ -45,6 +45,21 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it replaces `target` in one rename."""
+    target = Path(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_student(model: torch.nn.Module, path: str | Path, label_names: list[str], processor: Any = None,
                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the student to `path` (atomically); `load_student(path)` gives it back. `state_dict`: the

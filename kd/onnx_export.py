@@ -27,11 +27,12 @@ bits). Its accuracy on the test split is reported next to the float32 model's, w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import json
-import os
 import sys
-import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -40,7 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from kd.detect import ort_session
 from kd.errors import KDError
+from kd.export import atomic_file
 from kd.logmel_cnn import LogMelCNN
 
 ONNX_NAME = "model.onnx"
@@ -160,7 +163,7 @@ def export_onnx(model: nn.Module, processor: Any, check_batch: dict[str, Any], f
     inputs = graph.inputs(check_batch)
     with torch.no_grad():
         expected = graph.module(*inputs.values()).float().numpy()
-    with _temporary(folder, ONNX_NAME) as tmp:
+    with atomic_file(folder / ONNX_NAME) as tmp:
         try:
             with _quiet():
                 torch.onnx.export(graph.module, tuple(inputs.values()), str(tmp), dynamo=True,
@@ -171,7 +174,7 @@ def export_onnx(model: nn.Module, processor: Any, check_batch: dict[str, Any], f
         proto = onnx.load(str(tmp))
         onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
         onnx.save(proto, str(tmp))
-        got = run_onnx(session(tmp), {k: v.numpy() for k, v in inputs.items()})
+        got = run_onnx(ort_session(tmp), {k: v.numpy() for k, v in inputs.items()})
         diff = check_logits(got, expected, inputs.get("attention_mask"))
     path = folder / ONNX_NAME
     return graph, OnnxReport(str(path), path.stat().st_size, len(expected), diff)
@@ -200,16 +203,6 @@ def check_logits(got: np.ndarray, expected: np.ndarray, mask: torch.Tensor | Non
         raise ExportError(f"ONNX and PyTorch predict different labels on {disagree} of {int(keep.sum())} inputs "
                           f"(largest logit difference {largest:.3g})")
     return largest
-
-
-def session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(sess, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -247,7 +240,7 @@ def quantize_int8(folder: str | Path, graph: Graph, calibration: Iterable[dict[s
             return next(self.batches, None)
 
     folder = Path(folder)
-    with _temporary(folder, INT8_NAME) as tmp:
+    with atomic_file(folder / INT8_NAME) as tmp:
         prepared = tmp.with_name(tmp.name + ".pre.onnx")
         try:
             with _quiet():
@@ -274,7 +267,7 @@ def export_student(model: nn.Module, processor: Any, folder: str | Path, data: A
                    calibration_samples: int = 256, say=print) -> OnnxReport:
     """Export a student to ONNX beside its safetensors (`data`: kd.data.PreparedData of its run)."""
     check_role = "eval" if "eval" in data.splits else "test" if "test" in data.splits else "train"
-    check_batch = _collate(data, check_role, check_samples)
+    check_batch = next(split_batches(data, check_role, check_samples, limit=check_samples))
     metadata: dict[str, Any] = {"kd.modality": modality, "kd.labels": label_names}
     if data.sampling_rate:
         window = int(round(max_seconds * data.sampling_rate))
@@ -286,11 +279,11 @@ def export_student(model: nn.Module, processor: Any, folder: str | Path, data: A
     classifier = modality != "causal_lm"
     test_role = "test" if "test" in data.splits else check_role
     if classifier:
-        pred, true = onnx_predictions(session(report.path), graph, _batches(data, test_role))
+        pred, true = onnx_predictions(ort_session(report.path), graph, split_batches(data, test_role))
         report.accuracy = float((pred == true).mean())
     if int8:
-        path = quantize_int8(folder, graph, _collate(data, "train", calibration_samples, batch_size=32))
-        pred8, _ = onnx_predictions(session(path), graph, _batches(data, test_role))
+        path = quantize_int8(folder, graph, split_batches(data, "train", 32, limit=calibration_samples))
+        pred8, _ = onnx_predictions(ort_session(path), graph, split_batches(data, test_role))
         report.int8_path, report.int8_size_bytes = str(path), path.stat().st_size
         report.int8_accuracy, report.int8_agreement = float((pred8 == true).mean()), float((pred8 == pred).mean())
     for line in report.lines():
@@ -298,56 +291,20 @@ def export_student(model: nn.Module, processor: Any, folder: str | Path, data: A
     return report
 
 
-def _collate(data: Any, role: str, n: int, batch_size: int | None = None):
-    """The first `n` samples of a split, collated (one batch, or a list of `batch_size` batches)."""
+def split_batches(data: Any, role: str, batch_size: int = 64, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """A split's samples in order, collated `batch_size` at a time (the first `limit` only, if given)."""
     ds = data.splits[role]
-    rows = [ds[i] for i in range(min(n, len(ds)))]
-    if batch_size is None:
-        return data.collate(rows)
-    return [data.collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    end = len(ds) if limit is None else min(limit, len(ds))
+    for start in range(0, end, batch_size):
+        yield data.collate([ds[i] for i in range(start, min(start + batch_size, end))])
 
 
-def _batches(data: Any, role: str, batch_size: int = 64) -> Iterator[dict[str, Any]]:
-    ds = data.splits[role]
-    for start in range(0, len(ds), batch_size):
-        yield data.collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
-
-
-class _temporary:
-    """A temporary file beside `folder/name`, renamed onto it when the block succeeds."""
-
-    def __init__(self, folder: Path, name: str):
-        self.target = folder / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        self.tmp = Path(tmp)
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def __exit__(self, kind, value, tb) -> None:
-        if kind is None:
-            os.replace(self.tmp, self.target)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-class _quiet:
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     """Silence the exporter's and quantiser's progress prints (the kit says what happened itself)."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-        import warnings
-
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-        self._stack.enter_context(warnings.catch_warnings())
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
+        yield
 
 
 # ---------------------------------------------------------------------------------------------

@@ -523,15 +523,15 @@ class Trainer:
         sharded = self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         state = self.acc.get_state_dict(self.student) if sharded else None
         if self.acc.is_main_process:
+            processor = self.run.processor if self.run.input_key == "inputs" else None  # the student's own inputs
             path = save_student(self.acc.unwrap_model(self.student, keep_torch_compile=False), self.output_dir / STUDENT_DIR,
-                                self.run.data.label_names, self.run.processor if self.run.input_key == "inputs" else None,
-                                state_dict=state)
+                                self.run.data.label_names, processor, state_dict=state)
             self.acc.print(f"Saved the student to {path}")
-            onnx = self._export_onnx(path) if self.cfg.export.onnx else None
+            onnx = self._export_onnx(path, processor) if self.cfg.export.onnx else None
             self.telemetry.emit("checkpoint", self.state.step, path=str(path), kind="final",
                                 duration_s=time.perf_counter() - started, **({"onnx": asdict(onnx)} if onnx else {}))
 
-    def _export_onnx(self, folder: Path):
+    def _export_onnx(self, folder: Path, processor: Any):
         """model.onnx (and model.int8.onnx) beside the saved student, made from the saved folder itself
         (so what ships is what was saved, whatever wrapped the model in training)."""
         from kd.export import load_student
@@ -540,11 +540,10 @@ class Trainer:
         cfg = self.cfg
         model, labels = load_student(folder, cfg.data.modality)
         try:
-            return export_student(model, self.run.processor if self.run.input_key == "inputs" else None, folder,
-                              self.run.data, label_names=labels, modality=cfg.data.modality,
-                              max_seconds=cfg.data.max_seconds, int8=cfg.export.int8,
-                              check_samples=cfg.export.check_samples,
-                              calibration_samples=cfg.export.calibration_samples, say=self.acc.print)
+            return export_student(model, processor, folder, self.run.data, label_names=labels,
+                                  modality=cfg.data.modality, max_seconds=cfg.data.max_seconds, int8=cfg.export.int8,
+                                  check_samples=cfg.export.check_samples,
+                                  calibration_samples=cfg.export.calibration_samples, say=self.acc.print)
         except ExportError as exc:
             raise ExportError(f"{exc} (the student itself is saved in {folder})") from None
 

@@ -147,10 +147,11 @@ def test_lm_student_saves_with_tokenizer_and_generates(lm_run, tokenizer):
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
     # export.onnx: (input_ids, attention_mask) -> logits at every position, dynamic batch and length
-    from kd.onnx_export import ATOL, session
+    from kd.detect import ort_session
+    from kd.onnx_export import ATOL
 
     batch = tok(["the cat sat on", "a dog"], return_tensors="pt", padding=True)
-    sess = session(folder / "model.onnx")
+    sess = ort_session(folder / "model.onnx")
     got = sess.run(["logits"], {k: v.numpy() for k, v in batch.items() if k in ("input_ids", "attention_mask")})[0]
     with torch.no_grad():
         want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.numpy()

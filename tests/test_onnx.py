@@ -13,7 +13,8 @@ import torch
 
 from conftest import TONE_LABELS, run_cli, tiny_config, write_config
 from kd.export import load_student
-from kd.onnx_export import ATOL, ExportError, check_logits, session
+from kd.detect import ort_session
+from kd.onnx_export import ATOL, ExportError, check_logits
 from kd.telemetry import read_events
 
 pytest.importorskip("onnxruntime")
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def metadata(path: Path) -> dict[str, str]:
-    return dict(session(path).get_modelmeta().custom_metadata_map)
+    return dict(ort_session(path).get_modelmeta().custom_metadata_map)
 
 
 def noise_clips(n: int, rate: int = 16000, seed: int = 0) -> np.ndarray:
@@ -51,7 +52,7 @@ def test_export_writes_a_checked_waveform_model_with_its_metadata(exported_run):
     assert "checking it on 4 validation inputs" in result.stdout and "logits match PyTorch on 4 inputs" in result.stdout
 
     model, _ = load_student(student)
-    sess = session(student / "model.onnx")
+    sess = ort_session(student / "model.onnx")
     assert [i.name for i in sess.get_inputs()] == ["waveform"]
     for batch, samples in ((1, 16000), (5, 16000), (2, 8000)):  # dynamic batch and clip length
         clips = noise_clips(batch, samples)
@@ -80,8 +81,8 @@ def test_int8_model_keeps_the_front_end_in_float_and_mostly_agrees(exported_run)
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "STFT" in ops
     assert metadata(student / "model.int8.onnx") == metadata(student / "model.onnx")
     clips = noise_clips(16)
-    fp32 = session(student / "model.onnx").run(["logits"], {"waveform": clips})[0]
-    int8 = session(student / "model.int8.onnx").run(["logits"], {"waveform": clips})[0]
+    fp32 = ort_session(student / "model.onnx").run(["logits"], {"waveform": clips})[0]
+    int8 = ort_session(student / "model.int8.onnx").run(["logits"], {"waveform": clips})[0]
     assert np.abs(int8 - fp32).max() < 0.5 * np.abs(fp32).max()  # quantised, not broken
 
 

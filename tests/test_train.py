@@ -210,11 +210,12 @@ def train_hf_student(tmp_path: Path, data: dict, teacher: Path, layer: int) -> l
 
 def assert_onnx_export(events: list[dict], input_names: list[str]) -> None:
     """export.onnx wrote a model taking `input_names`, checked against PyTorch (kd/onnx_export.py)."""
-    from kd.onnx_export import ATOL, session
+    from kd.detect import ort_session
+    from kd.onnx_export import ATOL
 
     report = [e for e in events if e["type"] == "checkpoint" and e["kind"] == "final"][0]["onnx"]
     assert report["checked"] >= 1 and report["max_abs_diff"] <= ATOL and 0 <= report["accuracy"] <= 1
-    assert [i.name for i in session(report["path"]).get_inputs()] == input_names
+    assert [i.name for i in ort_session(report["path"]).get_inputs()] == input_names
 
 
 def test_text_classification_uses_the_same_code(tmp_path):
