@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="print the memory estimate and advice, then exit without training (no GPU needed)")
     parser.add_argument("--precompute-teacher", action="store_true",
                         help="fill the teacher-output cache (distillation.teacher_cache) for every split, then exit")
+    parser.add_argument("--cache-read-only", action="store_true",
+                        help="remote teacher: use cached answers, never write to the cache (teacher.endpoint.cache_read_only)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser.parse_args(argv)
 
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.cache_read_only:
+            if cfg.teacher.endpoint is None:
+                raise KDError("--cache-read-only is for a remote teacher, and this config has no teacher.endpoint")
+            cfg.teacher.endpoint.cache_read_only = True
         resume = resolve_resume(args.resume, cfg.output_dir)
         from kd.build import build_run
         from kd.trainer import Trainer

@@ -98,8 +98,12 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
     else:
         say(f"Data: {len(data.splits['train'])} training samples, {len(data.label_names)} labels")
 
-    teacher, cached = None, None
-    if cfg.distillation.enabled:
+    teacher, cached, remote = None, None, None
+    if cfg.remote_teacher:  # soft targets from a server; a local teacher is loaded only to initialise the student
+        remote = open_remote_teacher(cfg, processor, data, accelerator)
+        if cfg.student.init_from_teacher:
+            teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
+    elif cfg.distillation.enabled:
         cached = open_teacher_cache(cfg, accelerator, data, processor, create=not plan_only, precompute=precompute)
         if cached is None or not cached.complete() or cfg.student.init_from_teacher:
             teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
@@ -111,7 +115,7 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
                             teacher, cfg.teacher.model)
     if cfg.data.modality == "causal_lm":
         prepare_language_models(cfg, processor, teacher, student)
-    if not cfg.distillation.enabled or (cached is not None and cached.complete()):
+    if not cfg.distillation.enabled or remote is not None or (cached is not None and cached.complete()):
         teacher = None  # loaded only to initialise the student from it (no KD, or every soft target on disk)
     if data.features is not None:
         data.features.to(accelerator.device)
@@ -137,7 +141,7 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
     params = {"teacher": count_parameters(teacher) if teacher is not None else None,
               "student": count_parameters(student)}
     say(f"Parameters: teacher {_fmt_count(params['teacher'])}, student {_fmt_count(params['student'])}")
-    soft_targets: SoftTargets | None = None
+    soft_targets: SoftTargets | None = remote
     if cached is not None:
         cached.teacher = teacher
         soft_targets = cached
@@ -184,10 +188,39 @@ def open_teacher_cache(cfg: Config, accelerator: Accelerator, data: PreparedData
     return cached
 
 
+def open_remote_teacher(cfg: Config, tokenizer: Any, data: PreparedData, accelerator: Accelerator):
+    """teacher.endpoint: probe the server (or, when it is down, fall back on the cached answers and
+    train on the samples they cover, saying how many are missing)."""
+    from kd.remote_teacher import RemoteTeacher
+
+    remote = RemoteTeacher(cfg, tokenizer, say=accelerator.print)
+    if remote.offline:
+        for role, ds in list(data.splits.items()):
+            missing = set(remote.missing(ds, data.collate))
+            if len(missing) == len(ds) and role == "train":
+                remote.close()
+                raise TrainingError(f"the remote teacher is unreachable and none of the {len(ds)} training samples "
+                                    "has a cached answer; start the server and run again")
+            if len(missing) == len(ds):
+                del data.splits[role]
+                accelerator.print(f"Remote teacher offline: no {role} sample is cached, so this run has no {role} "
+                                  "evaluation")
+                continue
+            if missing:
+                data.splits[role] = ds.select([i for i in range(len(ds)) if i not in missing])
+            accelerator.print(f"Remote teacher offline: {role} split {len(ds) - len(missing)}/{len(ds)} samples "
+                              f"cached, {len(missing)} missing (left out of this run)")
+    return remote
+
+
 def prepare_language_models(cfg: Config, tokenizer: Any, teacher: torch.nn.Module | None,
                             student: torch.nn.Module) -> None:
     """Causal LMs: one vocabulary for teacher and student (checked before anything trains), and no
     KV cache in training forwards (it would only hold memory: every forward sees whole sequences)."""
+    if cfg.remote_teacher and len(tokenizer) > student.config.vocab_size:
+        raise ModelLoadError(f"the student's logits cover {student.config.vocab_size} token ids but the tokenizer "
+                             f"shared with the remote teacher has {len(tokenizer)}; build the student with "
+                             "that tokenizer's vocabulary size")
     if teacher is not None:
         check_shared_vocabulary(tokenizer, student_tokenizer(cfg), teacher.config.vocab_size,
                                 student.config.vocab_size, cfg.teacher.model, cfg.student.config or
@@ -226,6 +259,8 @@ def processor_source(cfg: Config) -> tuple[str | None, str | None]:
     The teacher's when distilling; otherwise the transformers student's own folder (or the teacher
     folder it is built from). The kit's log-mel CNN, teacher or student, needs none: it takes waveforms.
     """
+    if cfg.remote_teacher and not cfg.teacher.model:  # the tokenizer shared with the server: the student's
+        return cfg.student.config, "student.config"
     if cfg.distillation.enabled:
         if is_kit_model(cfg.teacher.model):
             return None, None
@@ -271,6 +306,10 @@ def check_device(cfg: Config, gpu_settings: bool = True) -> None:
         raise ConfigError(["train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on the CPU"])
     if cfg.teacher.device == "cuda" and not has_cuda:
         raise ConfigError(["teacher.device: 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'"])
+    if cfg.remote_teacher:
+        from kd.remote_teacher import api_key
+
+        api_key(cfg.teacher.endpoint)  # the key's variable is set (its value is never printed or stored)
     missing = [name for name in cfg.telemetry.report_to if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None]
     if missing:
         raise ConfigError([f"telemetry.report_to: {name!r} is not installed (pip install {TRACKER_PACKAGES[name]}) "

@@ -66,11 +66,32 @@ class DataConfig:
 
 
 @dataclass
+class EndpointConfig:
+    """A teacher behind an OpenAI-compatible server (kd/remote_teacher.py); causal_lm only. It scores
+    the data's text (echo + logprobs on /completions): token-level KD on existing data."""
+
+    url: str = ""  # base URL including /v1, e.g. http://127.0.0.1:8000/v1
+    model: str = ""  # the model id the server answers to (GET <url>/models lists them)
+    api_key_env: str | None = None  # name of the environment variable holding the key (the key is never stored)
+    top_k: int = 20  # top_logprobs per position (hosted APIs allow at most 20)
+    min_top_k: int = 10  # k while rate-limited; back to top_k after 10 successes in a row
+    concurrency: int = 8  # requests in flight at once
+    prefetch_batches: int = 4  # training batches whose requests are sent ahead of the one training (0: none)
+    timeout_s: float = 60.0  # per request
+    max_retries: int = 6  # per request, for 429, 5xx, timeouts and broken connections
+    backoff_s: float = 0.5  # first retry delay; doubles each retry (with jitter) up to max_backoff_s
+    max_backoff_s: float = 30.0
+    cache_ttl_days: float | None = None  # null: cached responses never expire
+    cache_read_only: bool = False  # use cached responses, never write (also --cache-read-only)
+
+
+@dataclass
 class TeacherConfig:
     model: str | None = None
     revision: str | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    endpoint: EndpointConfig | None = None  # a remote teacher; teacher.model then only names its tokenizer
 
 
 @dataclass
@@ -196,6 +217,10 @@ class Config:
     def output_dir(self) -> Path:
         return Path(self.run.output_dir or Path("runs") / self.run.name)
 
+    @property
+    def remote_teacher(self) -> bool:
+        return self.distillation.enabled and self.teacher.endpoint is not None
+
     def uses_gpu_only_settings(self) -> list[str]:
         """The settings that only a CUDA GPU can honour, as `key: value` (empty when none)."""
         found = []
@@ -317,12 +342,23 @@ def _build_section(name: str, cls: type, values: dict[str, Any], problems: list[
         if key not in hints:
             problems.append(_unknown(str(key), hints, prefix=f"{name}."))
             continue
+        nested = _nested_section(hints[key])
+        if nested is not None and isinstance(value, dict):  # a section inside a section (teacher.endpoint)
+            kwargs[key] = _build_section(f"{name}.{key}", nested, value, problems)
+            continue
         ok, converted, expected = _coerce(value, hints[key])
         if ok:
             kwargs[key] = converted
         else:
             problems.append(f"{name}.{key}: {_show(value)} is not valid; expected {expected}")
     return cls(**kwargs)
+
+
+def _nested_section(tp: Any) -> type | None:
+    """The dataclass of a field typed `SomeConfig | None`, else None."""
+    candidates = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or (
+        [tp] if dataclasses.is_dataclass(tp) else [])
+    return candidates[0] if candidates else None
 
 
 def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
@@ -369,6 +405,8 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
         return True, items, ""
     if origin is dict:
         return isinstance(value, dict), value, "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return False, value, "a mapping of keys"
     raise TypeError(f"unsupported annotation {tp!r}")  # a bug in this module, not user input
 
 
@@ -427,9 +465,12 @@ def _check_values(cfg: Config) -> list[str]:
         need(student.type == "hf", "student.init_from_teacher", True, "needs student.type: hf")
         need(teacher.model is not None, "student.init_from_teacher", True, "needs teacher.model")
 
-    if dist.enabled:
+    if dist.enabled and teacher.endpoint is None:
         need(teacher.model is not None, "teacher.model", teacher.model,
-             "required when distillation.enabled is true: a Hub id, a model folder or a .safetensors file")
+             "required when distillation.enabled is true: a Hub id, a model folder or a .safetensors file "
+             "(or teacher.endpoint for a remote teacher)")
+    if teacher.endpoint is not None:
+        problems.extend(_check_endpoint(teacher.endpoint, cfg))
     need(0.0 <= dist.alpha <= 1.0, "distillation.alpha", dist.alpha, "must be in [0, 1]")
     need(dist.temperature > 0, "distillation.temperature", dist.temperature, "must be > 0")
     for key in ("alpha_start", "alpha_end"):
@@ -485,6 +526,37 @@ def _check_values(cfg: Config) -> list[str]:
     need(tel.log_every >= 1, "telemetry.log_every", tel.log_every, "must be an integer >= 1")
     need(tel.warmup_steps >= 0, "telemetry.warmup_steps", tel.warmup_steps, "must be >= 0")
     need(tel.gpu_sample_s > 0, "telemetry.gpu_sample_s", tel.gpu_sample_s, "must be > 0 (seconds between NVML readings)")
+    return problems
+
+
+def _check_endpoint(ep: EndpointConfig, cfg: Config) -> list[str]:
+    problems: list[str] = []
+
+    def need(cond: bool, key: str, value: Any, allowed: str) -> None:
+        if not cond:
+            problems.append(f"teacher.endpoint.{key}: {_show(value)} is not allowed; {allowed}")
+
+    need(bool(re.match(r"https?://[^/\s]+", ep.url)), "url", ep.url,
+         "the server's base URL with its scheme, e.g. http://127.0.0.1:8000/v1")
+    need(bool(ep.model.strip()), "model", ep.model, "the model id the server serves (GET <url>/models lists them)")
+    need(ep.api_key_env is None or bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ep.api_key_env)), "api_key_env",
+         ep.api_key_env, "the NAME of an environment variable holding the key (never the key itself)")
+    need(1 <= ep.top_k <= 20, "top_k", ep.top_k, "must be in [1, 20] (OpenAI-compatible servers allow at most 20)")
+    need(1 <= ep.min_top_k <= ep.top_k, "min_top_k", ep.min_top_k, f"must be in [1, top_k={ep.top_k}]")
+    need(ep.concurrency >= 1, "concurrency", ep.concurrency, "must be an integer >= 1")
+    need(ep.prefetch_batches >= 0, "prefetch_batches", ep.prefetch_batches,
+         "must be an integer >= 0 (0: a batch's requests are sent when it trains)")
+    need(ep.max_retries >= 0, "max_retries", ep.max_retries, "must be >= 0")
+    for key in ("timeout_s", "backoff_s", "max_backoff_s"):
+        need(getattr(ep, key) > 0, key, getattr(ep, key), "must be > 0 (seconds)")
+    need(ep.cache_ttl_days is None or ep.cache_ttl_days > 0, "cache_ttl_days", ep.cache_ttl_days,
+         "must be null (never expire) or > 0")
+    if not cfg.teacher.model and not cfg.student.config:
+        problems.append("teacher.endpoint: the student needs the teacher's tokenizer; set teacher.model (a folder "
+                        "or Hub id with the tokenizer; weights only for student.init_from_teacher) or student.config")
+    if cfg.data.modality != "causal_lm":
+        problems.append(f"teacher.endpoint: a remote teacher gives next-token log-probabilities, so it needs "
+                        f"data.modality: causal_lm (not {cfg.data.modality!r})")
     return problems
 
 

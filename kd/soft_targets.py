@@ -14,7 +14,7 @@ import gc
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -30,9 +30,20 @@ ROLES = ("train", "eval", "test")
 class SoftTargets:
     source = "teacher"
     teacher: torch.nn.Module | None = None
+    telemetry_key = "cache"  # the step event's field for `stats()`
 
     def logits(self, batch: dict[str, Any], role: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def prefetch(self, batches: Iterable[dict[str, Any]], upcoming: Iterator[list[dict[str, Any]]]
+                 ) -> Iterator[dict[str, Any]]:
+        """The batches in order. `upcoming` yields the dataset rows of the same batches, in the same
+        order, without loading them through the DataLoader: a source that fetches (a remote teacher)
+        asks for later batches while the loop trains on the current one."""
+        return iter(batches)
+
+    def close(self) -> None:
+        """Release what the source holds open (connections, threads)."""
 
     def stats(self) -> dict[str, Any] | None:
         """Counts since the last call (None: nothing to report)."""

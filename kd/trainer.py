@@ -30,6 +30,7 @@ from kd.export import save_student
 from kd.losses import LOSS_PARTS, alpha_at, raise_if_not_finite
 from kd.memory import GpuSampler, PhasePeaks, cuda_memory
 from kd.objectives import make_objective
+from kd.remote_client import RemoteTeacherError
 from kd.soft_targets import ROLES, CachedTeacher, fill
 from kd.students import student_logits
 from kd.telemetry import TelemetryWriter
@@ -180,6 +181,8 @@ class Trainer:
             self.telemetry.emit("run_end", self.state.step, status=status, duration_s=time.time() - started,
                                 metrics=self.metrics, peak=self.peaks.run_peak(), error=error)
             self.telemetry.close()
+            if self.targets is not None:
+                self.targets.close()
             if self.gpu is not None:
                 self.gpu.close()
             self.acc.end_training()
@@ -222,6 +225,8 @@ class Trainer:
                     epoch_done = self._train_epoch(window, bar)
                 except torch.OutOfMemoryError as exc:
                     oom = first_line(exc, default="CUDA out of memory")
+                except RemoteTeacherError as exc:
+                    raise RemoteTeacherError(f"{exc}; {self._save_before_failing()}") from None
                 if oom is not None:
                     # Outside the except block: the traceback, and with it every tensor of the failed
                     # step, is gone by now, so emptying the cache below really frees memory.
@@ -243,7 +248,7 @@ class Trainer:
         if state.batches_in_epoch:
             loader = acc.skip_first_batches(self.train_dl, state.batches_in_epoch)
         waited = time.perf_counter()
-        for batch in loader:
+        for batch in self._ahead(loader, self.train_dl, "train", state.batches_in_epoch):
             window.data_s += time.perf_counter() - waited
             with acc.accumulate(self.student):
                 parts, grad_norm = self._micro_step(batch)
@@ -263,6 +268,20 @@ class Trainer:
                     return False
             waited = time.perf_counter()
         return True
+
+    def _ahead(self, loader, full_loader, role: str, skip: int = 0):
+        """The loader's batches; a soft-target source that fetches (a remote teacher) is told which
+        rows come next, read from the loader's batch sampler (the same order: same sampler, same epoch)."""
+        if self.targets is None:
+            return loader
+        split = self.run.data.splits[role]
+
+        def upcoming():
+            for b, indices in enumerate(full_loader.batch_sampler):
+                if b >= skip:
+                    yield [split[int(i)] for i in indices]
+
+        return self.targets.prefetch(loader, upcoming())
 
     def _micro_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         labels = batch["labels"]
@@ -379,6 +398,13 @@ class Trainer:
         if self.acc.sync_gradients:  # injected faults hit the micro-batch that completes the step
             self.fault.maybe_raise(self.state.step + 1, phase)
 
+    def _save_before_failing(self) -> str:
+        """Drop the unfinished step and checkpoint the state after the last finished one."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.batches_in_epoch, self.state.samples = self._step_start
+        path = self.save_checkpoint()
+        return f"the state after step {self.state.step} is saved in {path} (continue with --resume)"
+
     def _recover_from_oom(self, message: str, phase: str) -> None:
         """Drop the failed step, then retry it smaller (shrink) or checkpoint and stop (fail)."""
         state, mcfg = self.state, self.cfg.memory
@@ -455,7 +481,8 @@ class Trainer:
                             samples=self.state.samples, loss=values, alpha=alpha,
                             temperature=self.cfg.distillation.temperature, lr=lr, grad_norm=gn, rate=rate,
                             time=step_time, mem=self.peaks.snapshot(), gpu=self.gpu.read() if self.gpu else None,
-                            memory=self.peaks.epoch_peaks(), **({"cache": cache} if cache else {}))
+                            memory=self.peaks.epoch_peaks(),
+                            **({self.targets.telemetry_key: cache} if cache else {}))
         if self.cfg.telemetry.report_to:
             scalars = {f"train/{k}": v for k, v in values.items()}
             scalars.update({"train/lr": lr, "train/alpha": alpha})
@@ -474,7 +501,7 @@ class Trainer:
         self.student.eval()
         self.peaks.enter("eval")
         scorer = self.objective.scorer(self.acc, self.targets is not None, self.alpha())
-        for batch in self.eval_dls[role]:
+        for batch in self._ahead(self.eval_dls[role], self.eval_dls[role], role):
             self._add_features(batch)
             with self.acc.autocast():
                 t_logits = self.targets.logits(batch, role) if self.targets is not None else None

@@ -260,3 +260,39 @@ async def test_app_judges_a_cut_file_by_its_modification_time(tmp_path):
     once = subprocess.run([sys.executable, str(ROOT / "monitor_tui.py"), str(path), "--once"],
                           capture_output=True, text=True, timeout=60)
     assert "[stalled (no new line for 4 d" in once.stdout and "elapsed 10:00" in once.stdout, once.stdout
+
+
+def remote_figures(requests: int, retries: int = 0, rate_limited: int = 0, k: int = 20, hits: int = 0,
+                   fetched: int = 8) -> dict:
+    """A step line's remote_teacher field, as kd/remote_teacher.py writes it."""
+    return {"source": "remote", "requests": requests, "ok": requests - retries, "retries": retries,
+            "rate_limited": rate_limited, "errors": 0, "latency_p50_s": 0.041, "latency_p95_s": 0.065, "k": k,
+            "in_flight": 8, "max_in_flight": 8, "cache_hits": hits, "fetched": fetched,
+            "hit_rate": hits / (hits + fetched), "queue": 12, "wait_s": 0.25, "offline": False}
+
+
+@pytest.mark.asyncio
+async def test_remote_teacher_panel_sums_requests_and_shows_the_last_figures(tmp_path):
+    from textual.widgets import Static
+
+    from kd.tui.app import MonitorApp
+
+    path = tmp_path / "telemetry.jsonl"
+    targets = {"source": "remote", "url": "http://127.0.0.1:8000/v1", "model": "smollm2", "offline": False}
+    write_lines(path, start(soft_targets=targets), step(1, remote_teacher=remote_figures(10)),
+                step(2, remote_teacher=remote_figures(6, retries=2, rate_limited=2, k=10, hits=4, fetched=4)))
+    app = MonitorApp(path, poll_s=0.05)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await pilot.pause(0.3)
+        panel = app.query_one("#remote_panel")
+        assert panel.display and panel.border_title == "remote teacher"
+        text = str(app.query_one("#remote", Static).content)
+        assert "requests 16  retries 2  rate-limited 2  cache hits 25%" in text  # 4 of 16 rows from the cache
+        assert "p50 41 ms p95 65 ms  k 10  in flight 8  queue 12  loop waited 0.5 s" in text
+        assert "teacher: remote smollm2 at http://127.0.0.1:8000/v1" in str(app.query_one("#title", Static).content)
+    local = tmp_path / "local.jsonl"
+    write_lines(local, start(), step(1))
+    app = MonitorApp(local, poll_s=0.05)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await pilot.pause(0.3)
+        assert not app.query_one("#remote_panel").display  # no panel for a local teacher

@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Footer, Label, RichLog, Sparkline, Static
 from textual.worker import get_current_worker
 
 from kd.telemetry import TelemetryTailer, load_history
-from kd.tui.state import RunState, fmt_bytes, fmt_duration, fmt_num, teacher_text
+from kd.tui.state import RunState, fmt_bytes, fmt_duration, fmt_num, remote_text, teacher_text
 
 CHUNK_BYTES = 4 * 2**20  # read at most this much per pass: history arrives in slices, the UI keeps up
 STATUS_STYLE = {"running": "bold green", "finished": "bold cyan", "stalled": "bold yellow", "waiting": "dim",
@@ -56,6 +56,8 @@ class MonitorApp(App):
     #oom.shown { display: block; }
     #panels { grid-size: 2; grid-gutter: 0 1; height: auto; padding: 0 1; }
     .panel { height: auto; border: round $primary-darken-2; padding: 0 1; }
+    #remote_panel { column-span: 2; display: none; }
+    #remote_panel.shown { display: block; }
     .sparkrow { height: 1; }
     .sparklabel { width: 10; color: $text-muted; }
     .panel Sparkline { height: 1; margin: 0; width: 1fr; }
@@ -103,6 +105,8 @@ class MonitorApp(App):
                 yield from labelled_sparkline("kd", "kd_spark")
             with Vertical(classes="panel", id="gpu_panel"):
                 yield Static(id="gpu")
+            with Vertical(classes="panel", id="remote_panel"):  # shown for a teacher behind a server
+                yield Static(id="remote")
         with Grid(id="bottom"):
             yield DataTable(id="evals", show_cursor=False, zebra_stripes=True)
             yield RichLog(id="events", wrap=True, markup=False, max_lines=500, min_width=20)
@@ -119,7 +123,7 @@ class MonitorApp(App):
         table.add_columns("step", "split", "acc", "F1", "teach", "agree", "loss", "ppl")
         self.query_one("#events", RichLog).border_title = "events"
         for panel, title in (("vram_panel", "VRAM"), ("rate_panel", "throughput"), ("loss_panel", "losses"),
-                             ("gpu_panel", "GPU")):
+                             ("gpu_panel", "GPU"), ("remote_panel", "remote teacher")):
             self.query_one(f"#{panel}").border_title = title
         self.follow()
         self._timer = self.set_interval(self.poll_s, self.render_state)
@@ -244,6 +248,10 @@ class MonitorApp(App):
             device = s.env.get("gpu_name") or s.env.get("device") or "-"
             text = f"{device}\nno NVML readings in telemetry"
         self.query_one("#gpu", Static).update(text)
+        remote = remote_text(s)
+        self.query_one("#remote_panel").set_class(remote is not None, "shown")
+        if remote is not None:
+            self.query_one("#remote", Static).update(remote)
 
     def _spark(self, selector: str, values: list[float]) -> None:
         """A sparkline with no data (no GPU readings, KD off) is hidden with its label, not drawn flat."""

@@ -18,6 +18,7 @@ from typing import Any
 
 SERIES = ("loss_total", "loss_ce", "loss_kd", "samples_per_s", "tokens_per_s", "steps_per_s", "data_share", "mem_allocated",
           "mem_reserved", "mem_peak", "gpu_used", "gpu_util", "lr", "grad_norm", "alpha")
+REMOTE_TOTALS = ("requests", "retries", "rate_limited", "errors", "cache_hits", "fetched", "wait_s")
 END_STATUS = {"completed": "finished", "failed": "failed", "interrupted": "interrupted", "oom": "failed (out of memory)"}
 
 
@@ -37,6 +38,8 @@ class RunState:
     params: dict[str, Any] = field(default_factory=dict)
     estimate: dict[str, Any] | None = None
     soft_targets: dict[str, Any] | None = None  # {source, coverage}: teacher online, filling, or cached
+    remote: dict[str, Any] | None = None  # the last step's remote_teacher figures (a teacher behind a server)
+    remote_totals: dict[str, float] = field(default_factory=dict)  # requests, retries, 429s, ... since the start
     step: int = 0
     epoch: float = 0.0
     samples: int = 0
@@ -90,6 +93,11 @@ class RunState:
         cache = e.get("cache")
         if isinstance(cache, dict):
             self.soft_targets = {"source": cache.get("source"), "coverage": cache.get("covered") or {}}
+        remote = e.get("remote_teacher")
+        if isinstance(remote, dict):
+            self.remote = remote
+            for key in REMOTE_TOTALS:
+                self.remote_totals[key] = self.remote_totals.get(key, 0) + (remote.get(key) or 0)
         loss, rate, timing = e.get("loss") or {}, e.get("rate") or {}, e.get("time") or {}
         mem, gpu = e.get("mem") or {}, e.get("gpu") or {}
         data_share = None
@@ -236,12 +244,31 @@ def teacher_text(state: RunState) -> str | None:
         return None
     if targets.get("source") == "teacher":
         return "teacher: online (a forward on every batch)"
+    if targets.get("source") == "remote":
+        return f"teacher: remote {targets.get('model')} at {targets.get('url')}" + (
+            " (offline: cached answers only)" if targets.get("offline") else "")
     coverage = targets.get("coverage") or {}
     done = sum(int(n) for n, _ in coverage.values())
     total = sum(int(t) for _, t in coverage.values())
     if targets.get("source") == "cache":
         return f"teacher: cached {done}/{total} (not in memory)"
     return f"teacher: filling the cache {done}/{total} (train {'/'.join(map(str, coverage.get('train', ['?', '?'])))})"
+
+
+def remote_text(state: RunState) -> str | None:
+    """A remote teacher's figures: requests, retries and rate limits so far; latency, k, what is in
+    flight and how long the loop waited, from the last step line. None for other teachers."""
+    r, t = state.remote, state.remote_totals
+    if r is None:
+        return None
+    seen = t.get("cache_hits", 0) + t.get("fetched", 0)
+    hit = f"{100 * t.get('cache_hits', 0) / seen:.0f}%" if seen else "-"
+    ms = lambda v: "-" if v is None else f"{1000 * v:.0f} ms"  # noqa: E731
+    return (f"requests {int(t.get('requests', 0))}  retries {int(t.get('retries', 0))}  rate-limited "
+            f"{int(t.get('rate_limited', 0))}  cache hits {hit}\n"
+            f"latency p50 {ms(r.get('latency_p50_s'))} p95 {ms(r.get('latency_p95_s'))}  k {r.get('k', '-')}  "
+            f"in flight {r.get('in_flight', '-')}  queue {r.get('queue', '-')}  loop waited "
+            f"{t.get('wait_s', 0.0):.1f} s")
 
 
 def perplexity_text(e: dict[str, Any], prefix: str = "") -> str:
@@ -270,6 +297,8 @@ def summary_text(state: RunState, now: float | None = None) -> str:
         lines.append(f"pre-flight estimate {fmt_bytes(state.estimate['total'])}")
     if teacher_text(state):
         lines.append(teacher_text(state))
+    if remote_text(state):
+        lines.extend("remote teacher: " + line for line in remote_text(state).splitlines())
     share = state.latest("data_share")
     unit = state.rate_unit
     lines.append(f"throughput {fmt_num(state.latest(f'{unit}_per_s'), 4)} {unit}/s, "

@@ -1,0 +1,174 @@
+"""A remote teacher on a real LM: SmolLM2-135M served over the OpenAI-compatible API, scored by the kit.
+
+    python bench/bench_remote.py                       # serves .bench/smollm2-135m with kd.serve_teacher
+    python bench/bench_remote.py --url http://127.0.0.1:8001/v1 --model /path/served   # any server (vLLM)
+
+Needs the converted teacher (`make demo-llm` writes .bench/smollm2-135m and .bench/llm-corpus). Measures,
+in one run on this machine:
+1. agreement of the server's top-k with the local teacher's (same weights, loaded here): top-1 ids,
+   top-k id sets, largest log-probability difference, over rows of the validation corpus;
+2. the client alone: requests/s and latency p50/p95 at the configured concurrency;
+3. training through train_kd.py from a cold cache with prefetch on (4 batches ahead) and off:
+   tokens/s and the time the loop waited for the teacher (the server shares this machine's cores).
+Writes bench/remote/results.json; the figures go to bench/RESULTS.md by hand, with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+WORK = ROOT / ".bench"
+
+from kd.config import EndpointConfig  # noqa: E402
+from kd.lm_losses import TopK  # noqa: E402
+from kd.openai_api import completion_logprobs, score_request  # noqa: E402
+from kd.remote_client import EndpointClient  # noqa: E402
+
+
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "kd.serve_teacher", "--model", str(folder), "--port", str(port)],
+                            cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(1)
+    proc.kill()
+    sys.exit("error: the teacher server did not start within 300 s")
+
+
+def rows(tokenizer, corpus: Path, n: int, seq: int) -> list[list[int]]:
+    texts = [json.loads(line)["text"] for line in (corpus / "validation.jsonl").read_text().splitlines()]
+    ids = [t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+    return [ids[i * seq:(i + 1) * seq] for i in range(n)]
+
+
+def agreement(client: EndpointClient, model_id: str, folder: Path, samples: list[list[int]], k: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    top1 = overlap = positions = 0
+    worst = 0.0
+    for ids in samples:
+        answer, _ = client.call(client.post("/completions", lambda kk: score_request(model_id, ids, k)))
+        _, _, top = completion_logprobs(answer)
+        remote = [sorted(((v, int(t.split(":")[1])) for t, v in entry.items()), reverse=True)[:k]
+                  for entry in top[1:len(ids)]]
+        with torch.no_grad():
+            local = TopK.from_logits(model(torch.tensor([ids])).logits[0, :-1], k)
+        for p, entry in enumerate(remote):
+            r_ids = [i for _, i in entry]
+            l_ids = local.indices[p].tolist()
+            top1 += r_ids[0] == l_ids[0]
+            overlap += len(set(r_ids) & set(l_ids)) / k
+            l_map = dict(zip(l_ids, local.logprobs[p].tolist()))
+            worst = max([worst] + [abs(v - l_map[i]) for v, i in entry if i in l_map])
+            positions += 1
+    return {"positions": positions, "top1_agreement": top1 / positions, "topk_overlap": overlap / positions,
+            "max_abs_logprob_diff": worst}
+
+
+def client_speed(url: str, model_id: str, samples: list[list[int]], k: int, concurrency: int) -> dict:
+    client = EndpointClient(EndpointConfig(url=url, model=model_id, top_k=k, min_top_k=min(10, k),
+                                           concurrency=concurrency, timeout_s=300), None)
+    try:
+        started = time.perf_counter()
+        futures = [client.submit(client.post("/completions", lambda kk, ids=ids: score_request(model_id, ids, k)))
+                   for ids in samples]
+        for f in futures:
+            f.result()
+        elapsed = time.perf_counter() - started
+        figures = client.snapshot()
+    finally:
+        client.close()
+    return {"requests": len(samples), "requests_per_s": len(samples) / elapsed, "latency_p50_s": figures["latency_p50_s"],
+            "latency_p95_s": figures["latency_p95_s"], "concurrency": concurrency}
+
+
+def train(name: str, url: str, model_id: str, prefetch: int, args) -> dict:
+    from kd.telemetry import read_events
+
+    out, cache = WORK / "runs" / name, WORK / "remote-cache" / name
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)  # a cold cache: every answer comes from the server
+    overrides = [f"run.name={name}", f"run.output_dir={out}", f"teacher.endpoint.url={url}",
+                 f"teacher.endpoint.model={model_id}", f"teacher.endpoint.prefetch_batches={prefetch}",
+                 f"distillation.cache_dir={cache}", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
+                 "data.max_eval_samples=8", "data.test_split=null", f"data.max_length={args.seq}",
+                 f"train.batch_size={args.batch}", "telemetry.log_every=5", "telemetry.warmup_steps=2"]
+    subprocess.run([sys.executable, str(ROOT / "train_kd.py"), "--config", str(ROOT / "configs" / "remote_teacher.yaml"),
+                    *overrides], check=True, cwd=ROOT)
+    steps = [e for e in read_events(out / "telemetry.jsonl") if e["type"] == "step"]
+    timed = [e for e in steps if e.get("rate")]
+    waited = sum(e["remote_teacher"]["wait_s"] for e in steps)
+    step_time = sum(e["time"]["step_s"] * 5 for e in timed)  # log_every 5 steps per line
+    return {"prefetch_batches": prefetch, "tokens_per_s": sum(e["rate"]["tokens_per_s"] for e in timed) / len(timed),
+            "waited_s": waited, "requests": sum(e["remote_teacher"]["requests"] for e in steps),
+            "wait_share": waited / step_time if step_time else None}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="an external server's base URL (default: start kd.serve_teacher here)")
+    parser.add_argument("--model", help="the external server's model id")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--rows", type=int, default=16, help="rows scored for agreement and speed")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="training steps per prefetch setting")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", default="bench/remote")
+    args = parser.parse_args()
+    folder, corpus = WORK / "smollm2-135m", WORK / "llm-corpus"
+    if not (folder / "model.safetensors").is_file() or not corpus.is_dir():
+        sys.exit("error: run `make demo-llm` first (it writes .bench/smollm2-135m and .bench/llm-corpus)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    server = None
+    url, model_id = args.url, args.model
+    if url is None:
+        server = start_server(folder, args.port)
+        url, model_id = f"http://127.0.0.1:{args.port}/v1", folder.name
+    try:
+        samples = rows(tokenizer, corpus, args.rows, args.seq)
+        client = EndpointClient(EndpointConfig(url=url, model=model_id, top_k=args.k, min_top_k=min(10, args.k),
+                                               timeout_s=300), None)
+        try:
+            agree = agreement(client, model_id, folder, samples[:4], args.k)
+        finally:
+            client.close()
+        speed = {c: client_speed(url, model_id, samples, args.k, c) for c in (1, 8)}
+        runs = {p: train(f"remote-prefetch-{p}", url, model_id, p, args) for p in (4, 0)}
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+    result = {"server": "kd.serve_teacher" if args.url is None else args.url, "model": model_id, "k": args.k,
+              "seq": args.seq, "agreement": agree, "client": speed, "training": runs,
+              "prefetch_speedup": runs[4]["tokens_per_s"] / runs[0]["tokens_per_s"],
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+              "date": time.strftime("%Y-%m-%d")}
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
