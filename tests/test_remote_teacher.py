@@ -341,3 +341,62 @@ def test_cache_read_only_needs_a_remote_teacher(tmp_path, capsys):
     cfg = write_config(tmp_path / "c.yaml", {"data": {"dataset": "json"}, "distillation": {"enabled": False}})
     assert train_kd.main(["--config", str(cfg), "--cache-read-only"]) == 2
     assert "--cache-read-only is for a remote teacher" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The answer store
+
+
+def answer(seed: int):
+    import numpy as np
+
+    from kd.openai_api import Scored
+
+    rng = np.random.default_rng(seed)
+    return Scored(rng.integers(0, 300, 12).astype(np.int32), rng.integers(0, 300, (12, 5)).astype(np.int32),
+                  rng.standard_normal((12, 5)).astype(np.float32))
+
+
+def test_answer_store_survives_concurrent_writers_and_honours_ttl_and_read_only(tmp_path):
+    import multiprocessing
+    import threading
+
+    import numpy as np
+
+    from kd.response_cache import ResponseCache
+
+    identity = {"model": "tiny", "tokenizer": "abc"}
+    cache = ResponseCache(tmp_path, identity)
+    threads = [threading.Thread(target=lambda t=t: [cache.put(cache.key({"prompt": [t, i]}), answer(t * 100 + i))
+                                                    for i in range(40)]) for t in range(6)]
+    procs = [multiprocessing.get_context("spawn").Process(target=_write_answers, args=(str(tmp_path), identity, p))
+             for p in range(2)]
+    for worker in threads + procs:
+        worker.start()
+    for worker in threads + procs:
+        worker.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs)
+    assert cache.count() == 6 * 40 + 2 * 40
+    with sqlite3.connect(cache.path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    got = cache.get(cache.key({"prompt": [3, 7]}))
+    assert np.array_equal(got.top_logprobs, answer(307).top_logprobs) and np.array_equal(got.ids, answer(307).ids)
+    # Another identity (a new revision of the weights) reads nothing of this one's.
+    assert ResponseCache(tmp_path, dict(identity, reported={"kd_revision": "new"})).get(
+        ResponseCache(tmp_path, dict(identity, reported={"kd_revision": "new"})).key({"prompt": [3, 7]})) is None
+    # TTL: an answer older than the limit counts as absent
+    short = ResponseCache(tmp_path, identity, ttl_s=0.2)
+    time.sleep(0.3)
+    assert short.get(short.key({"prompt": [3, 7]})) is None
+    # Read-only: reads, never writes
+    reader = ResponseCache(tmp_path, identity, read_only=True)
+    assert reader.get(reader.key({"prompt": [3, 7]})) is not None
+    assert reader.put(reader.key({"prompt": ["new"]}), answer(1)) is False and cache.count() == 320
+
+
+def _write_answers(folder: str, identity: dict, p: int) -> None:
+    from kd.response_cache import ResponseCache
+
+    cache = ResponseCache(Path(folder), identity)
+    for i in range(40):
+        cache.put(cache.key({"prompt": ["process", p, i]}), answer(10_000 + p * 100 + i))
