@@ -33,7 +33,7 @@ WORK = ROOT / ".bench"
 
 from kd.config import EndpointConfig  # noqa: E402
 from kd.lm_losses import TopK  # noqa: E402
-from kd.openai_api import completion_logprobs, score_request  # noqa: E402
+from kd.openai_api import TokenMap, completion_logprobs, score_request  # noqa: E402
 from kd.remote_client import EndpointClient  # noqa: E402
 
 
@@ -57,26 +57,25 @@ def rows(tokenizer, corpus: Path, n: int, seq: int) -> list[list[int]]:
     return [ids[i * seq:(i + 1) * seq] for i in range(n)]
 
 
-def agreement(client: EndpointClient, model_id: str, folder: Path, samples: list[list[int]], k: int) -> dict:
+def agreement(client: EndpointClient, model_id: str, folder: Path, tokenizer, samples: list[list[int]], k: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokens = TokenMap(tokenizer, kind="ids")  # the requests ask for token ids (return_tokens_as_token_ids)
     top1 = overlap = positions = 0
     worst = 0.0
     for ids in samples:
         answer, _ = client.call(client.post("/completions", lambda kk: score_request(model_id, ids, k)))
         _, _, top = completion_logprobs(answer)
-        remote = [sorted(((v, int(t.split(":")[1])) for t, v in entry.items()), reverse=True)[:k]
-                  for entry in top[1:len(ids)]]
+        r_ids, r_lps = tokens.top(top[1:len(ids)], k)
         with torch.no_grad():
             local = TopK.from_logits(model(torch.tensor([ids])).logits[0, :-1], k)
-        for p, entry in enumerate(remote):
-            r_ids = [i for _, i in entry]
+        for p in range(len(r_ids)):
             l_ids = local.indices[p].tolist()
-            top1 += r_ids[0] == l_ids[0]
-            overlap += len(set(r_ids) & set(l_ids)) / k
+            top1 += int(r_ids[p, 0]) == l_ids[0]
+            overlap += len(set(r_ids[p].tolist()) & set(l_ids)) / k
             l_map = dict(zip(l_ids, local.logprobs[p].tolist()))
-            worst = max([worst] + [abs(v - l_map[i]) for v, i in entry if i in l_map])
+            worst = max([worst] + [abs(float(v) - l_map[int(i)]) for v, i in zip(r_lps[p], r_ids[p]) if int(i) in l_map])
             positions += 1
     return {"positions": positions, "top1_agreement": top1 / positions, "topk_overlap": overlap / positions,
             "max_abs_logprob_diff": worst}
@@ -149,7 +148,7 @@ def main() -> int:
         client = EndpointClient(EndpointConfig(url=url, model=model_id, top_k=args.k, min_top_k=min(10, args.k),
                                                timeout_s=300), None)
         try:
-            agree = agreement(client, model_id, folder, samples[:4], args.k)
+            agree = agreement(client, model_id, folder, tokenizer, samples[:4], args.k)
         finally:
             client.close()
         speed = {c: client_speed(url, model_id, samples, args.k, c) for c in (1, 8)}

@@ -196,7 +196,7 @@ def open_remote_teacher(cfg: Config, tokenizer: Any, data: PreparedData, acceler
     remote = RemoteTeacher(cfg, tokenizer, say=accelerator.print)
     if remote.offline:
         for role, ds in list(data.splits.items()):
-            missing = set(remote.missing(ds, data.collate))
+            missing = set(remote.missing(ds))
             if len(missing) == len(ds) and role == "train":
                 remote.close()
                 raise TrainingError(f"the remote teacher is unreachable and none of the {len(ds)} training samples "

@@ -410,12 +410,19 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
     raise TypeError(f"unsupported annotation {tp!r}")  # a bug in this module, not user input
 
 
-def _check_values(cfg: Config) -> list[str]:
-    problems: list[str] = []
+def _requirement(problems: list[str], prefix: str = ""):
+    """`need(cond, key, value, allowed)`: records "<prefix><key>: <value> is not allowed; <allowed>" unless cond."""
 
     def need(cond: bool, key: str, value: Any, allowed: str) -> None:
         if not cond:
-            problems.append(f"{key}: {_show(value)} is not allowed; {allowed}")
+            problems.append(f"{prefix}{key}: {_show(value)} is not allowed; {allowed}")
+
+    return need
+
+
+def _check_values(cfg: Config) -> list[str]:
+    problems: list[str] = []
+    need = _requirement(problems)
 
     run, data, teacher, student = cfg.run, cfg.data, cfg.teacher, cfg.student
     dist, train, tel = cfg.distillation, cfg.train, cfg.telemetry
@@ -531,10 +538,7 @@ def _check_values(cfg: Config) -> list[str]:
 
 def _check_endpoint(ep: EndpointConfig, cfg: Config) -> list[str]:
     problems: list[str] = []
-
-    def need(cond: bool, key: str, value: Any, allowed: str) -> None:
-        if not cond:
-            problems.append(f"teacher.endpoint.{key}: {_show(value)} is not allowed; {allowed}")
+    need = _requirement(problems, prefix="teacher.endpoint.")
 
     need(bool(re.match(r"https?://[^/\s]+", ep.url)), "url", ep.url,
          "the server's base URL with its scheme, e.g. http://127.0.0.1:8000/v1")

@@ -63,7 +63,6 @@ class RemoteTeacher(SoftTargets):
         self.say = say
         self.tokens = TokenMap(tokenizer)
         self.client = EndpointClient(ep, api_key(ep), seed=cfg.run.seed)
-        self.read_only = ep.cache_read_only
         self.tokenizer_hash = preprocessing_identity(tokenizer)
         self.offline = False
         ttl = ep.cache_ttl_days * 86400 if ep.cache_ttl_days else None
@@ -77,9 +76,8 @@ class RemoteTeacher(SoftTargets):
                 raise RemoteTeacherError(f"{exc}; and no answers of {ep.model} are cached to train on") from None
             self.offline = True
             say(f"Remote teacher unreachable ({exc}); training on the answers cached earlier")
-        self.cache = ResponseCache(folder, identity, ttl, read_only=self.read_only or self.offline)
+        self.cache = ResponseCache(folder, identity, ttl, read_only=ep.cache_read_only or self.offline)
         self.cache.remember_identity(self._endpoint_name())
-        self.identity = identity
         self.pending: dict[str, Future] = {}
         self.counts = {"cache_hits": 0, "fetched": 0, "wait_s": 0.0, "queue": 0}
         self.client.snapshot()  # step telemetry counts training's requests, not the probe's
@@ -206,14 +204,9 @@ class RemoteTeacher(SoftTargets):
         return TopK(top_ids.to(labels.device), top_lps.to(labels.device))
 
     # -- coverage and figures --------------------------------------------------------------------
-    def missing(self, dataset: Any, collate) -> list[int]:
+    def missing(self, dataset: Any) -> list[int]:
         """Indices of a split whose answers are not cached (to train on the rest when offline)."""
-        out = []
-        for i in range(len(dataset)):
-            batch = collate([dataset[i]])
-            if self._lookup(row_tokens(batch)[0]) is None:
-                out.append(i)
-        return out
+        return [i for i, row in enumerate(dataset) if self._lookup(list(row["input_ids"])) is None]
 
     def stats(self) -> dict[str, Any]:
         client = self.client.snapshot()

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from kd.openai_api import Scored
-from kd.teacher_cache import CacheError
+from kd.teacher_cache import CacheError, open_sqlite
 
 FILE_NAME = "remote_teacher.sqlite"
 
@@ -58,13 +58,7 @@ class ResponseCache:
     def _connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            if self.read_only:
-                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=120.0, isolation_level=None)
-            else:
-                conn = sqlite3.connect(self.path, timeout=120.0, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
+            conn = self._local.conn = open_sqlite(self.path, self.read_only)
         return conn
 
     def _create(self, conn: sqlite3.Connection) -> None:
@@ -101,7 +95,7 @@ class ResponseCache:
         if not path.is_file():
             return None
         try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=120.0)
+            conn = open_sqlite(path, read_only=True)
             try:
                 row = conn.execute("SELECT identity FROM endpoints WHERE name = ?", (endpoint,)).fetchone()
             finally:

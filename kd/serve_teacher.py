@@ -97,11 +97,15 @@ class TeacherLM:
 
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> list[Answer]:
-        prompt_logp = self._score([j.ids for j in jobs])
-        answers = []
+        # One forward over the prompts that need it (echo, or a single next token); longer answers
+        # come from generate, which reads its prompt itself.
+        scored = [j for j in jobs if j.echo or j.max_tokens <= 1]
+        prompt_logp = dict(zip(map(id, scored), self._score([j.ids for j in scored]))) if scored else {}
         continuing = [j for j in jobs if j.max_tokens > 1]
-        generated = dict(zip(map(id, continuing), self._generate(continuing))) if continuing else {}
-        for job, logp in zip(jobs, prompt_logp):
+        generated = self._generate(continuing) if continuing else {}
+        answers = []
+        for job in jobs:
+            logp = prompt_logp.get(id(job))
             tokens, values, top = [], [], []
             if job.echo:
                 tokens = list(job.ids)
@@ -138,9 +142,9 @@ class TeacherLM:
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         return [logp[i, :len(r)] for i, r in enumerate(rows)]
 
-    def _generate(self, jobs: list[Job]) -> list[list[tuple[int, torch.Tensor]]]:
-        """(token, log-probabilities it was drawn from) per new token, one left-padded generate call
-        per temperature."""
+    def _generate(self, jobs: list[Job]) -> dict[int, list[tuple[int, torch.Tensor]]]:
+        """Per job (keyed by id(job)): (token, log-probabilities it was drawn from) per new token, one
+        left-padded generate call per temperature."""
         out: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for temperature in sorted({j.temperature for j in jobs}):
             group = [j for j in jobs if j.temperature == temperature]
@@ -162,7 +166,7 @@ class TeacherLM:
             for i, j in enumerate(group):
                 n = min(j.max_tokens, new.shape[1])
                 out[id(j)] = [(int(new[i, s]), logp[i, s]) for s in range(n)]
-        return [out[id(j)] for j in jobs]
+        return out
 
     @staticmethod
     def _pick(row: torch.Tensor, temperature: float) -> int:

@@ -63,6 +63,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def open_sqlite(path: Path, read_only: bool = False) -> sqlite3.Connection:
+    """A connection for one thread: autocommit (transactions are explicit), a long busy timeout so
+    concurrent writers wait instead of failing, WAL; read-only opens never create or change the file."""
+    if read_only:
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=120.0, isolation_level=None)
+    conn = sqlite3.connect(path, timeout=120.0, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash loses at most the last commit
+    return conn
+
+
 def identity_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -98,10 +109,7 @@ class TeacherCache:
     def _connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=120.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash loses at most the last commit
-            self._local.conn = conn
+            conn = self._local.conn = open_sqlite(self.path)
         return conn
 
     def corrupt(self, why: str) -> CacheError:
