@@ -9,7 +9,10 @@ in one run on this machine:
    top-k id sets, largest log-probability difference, over rows of the validation corpus;
 2. the client alone: requests/s and latency p50/p95 at the configured concurrency;
 3. training through train_kd.py from a cold cache with prefetch on (4 batches ahead) and off:
-   tokens/s and the time the loop waited for the teacher (the server shares this machine's cores).
+   tokens/s and the time the loop waited for the teacher (the server shares this machine's cores);
+4. generate mode (`--generate`), on /completions and /chat/completions: the rows the kit builds
+   from the server's answers against the local teacher: answers equal to local greedy decoding,
+   top-1 agreement and largest log-probability difference at every answer position.
 Writes bench/remote/results.json; the figures go to bench/RESULTS.md by hand, with the machine.
 """
 
@@ -81,6 +84,65 @@ def agreement(client: EndpointClient, model_id: str, folder: Path, tokenizer, sa
             "max_abs_logprob_diff": worst}
 
 
+PROMPTS = ["What is a Python generator?", "Explain recursion in one sentence.", "Name three prime numbers.",
+           "What does HTTP stand for?", "Give a synonym for 'quick'.", "Why is the sky blue?",
+           "Write a haiku about autumn.", "What is the capital of France?"]
+
+
+def generate_agreement(url: str, model_id: str, folder: Path, tokenizer, api: str, k: int, new_tokens: int) -> dict:
+    """The kit's generate-mode batch (prompt + the server's answer, its top k per answer token)
+    against the local teacher on the same rows."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from kd.config import DataConfig, config_from_dict
+    from kd.lm_data import LMCollator, prepare_prompt_splits
+    from kd.remote_teacher import RemoteTeacher
+
+    with tempfile.TemporaryDirectory() as cache:
+        cfg = config_from_dict({
+            "data": {"dataset": "json", "data_dir": "x", "modality": "causal_lm", "max_length": 256},
+            "teacher": {"model": str(folder), "endpoint": {"url": url, "model": model_id, "top_k": k, "mode": "generate",
+                                                           "api": api, "max_new_tokens": new_tokens, "timeout_s": 600}},
+            "student": {"type": "hf"}, "distillation": {"cache_dir": cache}})
+        split = prepare_prompt_splits({"train": Dataset.from_dict({"prompt": PROMPTS})},
+                                      DataConfig(dataset="json", modality="causal_lm", max_length=256), tokenizer,
+                                      chat=api == "chat", budget=256 - new_tokens - 1)["train"]
+        rows = [split[i] for i in range(len(split))]
+        batch = LMCollator(tokenizer.pad_token_id)(rows)
+        remote = RemoteTeacher(cfg, tokenizer, say=print)
+        try:
+            started = time.perf_counter()
+            got = next(iter(remote.prefetch([batch], iter([rows]))))
+            elapsed = time.perf_counter() - started
+        finally:
+            remote.close()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids, mask, labels = got["inputs"]["input_ids"], got["inputs"]["attention_mask"], got["labels"]
+    same_answer = 0
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        for r, row in enumerate(rows):
+            prompt = list(row["input_ids"])
+            greedy = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+            seq = ids[r][mask[r].bool()].tolist()[len(prompt):]
+            same_answer += greedy[:len(seq)] == seq
+    top = got["soft_targets"]
+    # Positions with a one-hot target (an end token appended by the kit) have no server distribution.
+    learnt = (labels != -100) & (top.logprobs[..., 1] > -1e3)
+    local_top1 = logp.argmax(-1)
+    return {"api": api, "prompts": len(rows), "answer_tokens": int(learnt.sum()),
+            "one_hot_end_positions": int(((labels != -100) & ~learnt).sum()),
+            "answers_equal_local_greedy": same_answer / len(rows),
+            "stopped": sum(int((labels[r] == tokenizer.eos_token_id).any()) for r in range(len(rows))),
+            "top1_agreement": float((top.indices[..., 0] == local_top1)[learnt].float().mean()),
+            "max_abs_logprob_diff": float((top.logprobs - logp.gather(-1, top.indices)).abs()[learnt].max()),
+            "seconds": elapsed, "answer_tokens_per_s": int(learnt.sum()) / elapsed}
+
+
 def client_speed(url: str, model_id: str, samples: list[list[int]], k: int, concurrency: int) -> dict:
     client = EndpointClient(EndpointConfig(url=url, model=model_id, top_k=k, min_top_k=min(10, k),
                                            concurrency=concurrency, timeout_s=300), None)
@@ -131,6 +193,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="training steps per prefetch setting")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", default="bench/remote")
+    parser.add_argument("--generate", action="store_true", help="only the generate-mode check (both APIs)")
+    parser.add_argument("--new-tokens", type=int, default=48, help="generate: answer length")
     args = parser.parse_args()
     folder, corpus = WORK / "smollm2-135m", WORK / "llm-corpus"
     if not (folder / "model.safetensors").is_file() or not corpus.is_dir():
@@ -143,6 +207,21 @@ def main() -> int:
     if url is None:
         server = start_server(folder, args.port)
         url, model_id = f"http://127.0.0.1:{args.port}/v1", folder.name
+    if args.generate:
+        try:
+            result = {api: generate_agreement(url, model_id, folder, tokenizer, api, args.k, args.new_tokens)
+                      for api in ("completions", "chat")}
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=30)
+        result.update(server="kd.serve_teacher" if args.url is None else args.url, model=model_id, k=args.k,
+                      torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+        out = ROOT / args.out
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "generate.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return 0
     try:
         samples = rows(tokenizer, corpus, args.rows, args.seq)
         client = EndpointClient(EndpointConfig(url=url, model=model_id, top_k=args.k, min_top_k=min(10, args.k),

@@ -92,8 +92,12 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
         processor = load_processor(source, cfg.data.modality, revision, key)
     rate = sampling_rate(cfg, processor)
     with accelerator.main_process_first():  # the first process fills the datasets cache, the others reuse it
-        data = prepare_data(cfg.data, processor, rate)
-    if cfg.data.modality == "causal_lm":
+        generate = cfg.teacher.endpoint if cfg.remote_teacher and cfg.teacher.endpoint.mode == "generate" else None
+        data = prepare_data(cfg.data, processor, rate, answered_by=generate)
+    if generate is not None:
+        say(f"Data: {len(data.splits['train'])} training prompts (the remote teacher writes the answers), "
+            f"vocabulary {len(processor)} tokens")
+    elif cfg.data.modality == "causal_lm":
         say(f"Data: {len(data.splits['train'])} training sequences, vocabulary {len(processor)} tokens")
     else:
         say(f"Data: {len(data.splits['train'])} training samples, {len(data.label_names)} labels")

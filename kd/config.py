@@ -67,12 +67,17 @@ class DataConfig:
 
 @dataclass
 class EndpointConfig:
-    """A teacher behind an OpenAI-compatible server (kd/remote_teacher.py); causal_lm only. It scores
-    the data's text (echo + logprobs on /completions): token-level KD on existing data."""
+    """A teacher behind an OpenAI-compatible server (kd/remote_teacher.py); causal_lm only. `score`:
+    it scores the data's text (echo + logprobs on /completions), token-level KD on existing data.
+    `generate`: it answers the data's prompts, and the student learns prompt + answer."""
 
     url: str = ""  # base URL including /v1, e.g. http://127.0.0.1:8000/v1
     model: str = ""  # the model id the server answers to (GET <url>/models lists them)
     api_key_env: str | None = None  # name of the environment variable holding the key (the key is never stored)
+    mode: Literal["score", "generate"] = "score"
+    api: Literal["completions", "chat"] = "completions"  # generate: /completions (token ids) or /chat/completions
+    max_new_tokens: int = 128  # generate: the longest answer; prompts get data.max_length - max_new_tokens - 1
+    temperature: float = 0.0  # generate: 0 is greedy; one answer per prompt, cached and reused every epoch
     top_k: int = 20  # top_logprobs per position (hosted APIs allow at most 20)
     min_top_k: int = 10  # k while rate-limited; back to top_k after 10 successes in a row
     concurrency: int = 8  # requests in flight at once
@@ -555,6 +560,17 @@ def _check_endpoint(ep: EndpointConfig, cfg: Config) -> list[str]:
         need(getattr(ep, key) > 0, key, getattr(ep, key), "must be > 0 (seconds)")
     need(ep.cache_ttl_days is None or ep.cache_ttl_days > 0, "cache_ttl_days", ep.cache_ttl_days,
          "must be null (never expire) or > 0")
+    if ep.mode == "score":
+        need(ep.api == "completions", "api", ep.api, "must be 'completions' in score mode (chat endpoints cannot "
+             "score given text; mode: generate asks /chat/completions for answers)")
+    else:
+        need(ep.max_new_tokens >= 1, "max_new_tokens", ep.max_new_tokens, "must be an integer >= 1")
+        need(cfg.data.max_length > ep.max_new_tokens + 1, "max_new_tokens", ep.max_new_tokens,
+             f"must leave room for a prompt: below data.max_length - 1 = {cfg.data.max_length - 1} (prompt + answer "
+             "+ end token make one row of at most data.max_length tokens)")
+        need(0.0 <= ep.temperature <= 2.0, "temperature", ep.temperature, "must be in [0, 2] (0: greedy)")
+        need(not cfg.data.packing, "mode", ep.mode, "generate needs data.packing: false (each row is one prompt the "
+             "teacher answers; packed rows are not prompts)")
     if not cfg.teacher.model and not cfg.student.config:
         problems.append("teacher.endpoint: the student needs the teacher's tokenizer; set teacher.model (a folder "
                         "or Hub id with the tokenizer; weights only for student.init_from_teacher) or student.config")

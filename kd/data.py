@@ -31,10 +31,10 @@ from datasets import (Audio, ClassLabel, Dataset, DatasetDict, Features, Sequenc
 from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader
 
-from kd.config import DataConfig
+from kd.config import DataConfig, EndpointConfig
 from kd.errors import DataError, first_line
 from kd.features import DeviceFeatures, device_features
-from kd.lm_data import LMCollator, prepare_lm_splits
+from kd.lm_data import LMCollator, prepare_lm_splits, prepare_prompt_splits
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +170,15 @@ def resolve_labels(splits: dict[str, Dataset], column: str) -> tuple[dict[str, D
                     "integers or strings)")
 
 
-def prepare_data(cfg: DataConfig, processor: Any = None, sampling_rate: int | None = None) -> PreparedData:
+def prepare_data(cfg: DataConfig, processor: Any = None, sampling_rate: int | None = None,
+                 answered_by: EndpointConfig | None = None) -> PreparedData:
     """Load, check, subsample, preprocess (cached) and describe the configured splits; every sample
     carries its index in the split (batch["index"]), and every split a content hash of its inputs
-    (the teacher cache's split key)."""
+    (the teacher cache's split key). `answered_by`: a remote teacher in generate mode, which writes
+    the answers, so the splits hold prompts only."""
     splits = load_raw_splits(cfg)
     if cfg.modality == "causal_lm":
-        return _prepare_lm(cfg, _subsample(cfg, splits), processor)
+        return _prepare_lm(cfg, _subsample(cfg, splits), processor, answered_by)
     splits, label_names = resolve_labels(splits, cfg.label_column)  # before subsampling
     splits = _subsample(cfg, splits)
     data = _prepare(cfg, splits, label_names, processor, sampling_rate)
@@ -190,12 +192,17 @@ def _subsample(cfg: DataConfig, splits: dict[str, Dataset]) -> dict[str, Dataset
     return {r: (ds.select(range(min(limits[r], len(ds)))) if limits[r] else ds) for r, ds in splits.items()}
 
 
-def _prepare_lm(cfg: DataConfig, splits: dict[str, Dataset], tokenizer: Any) -> PreparedData:
+def _prepare_lm(cfg: DataConfig, splits: dict[str, Dataset], tokenizer: Any,
+                answered_by: EndpointConfig | None = None) -> PreparedData:
     """Causal-LM splits (kd/lm_data.py): no label space, the tokenizer's vocabulary is the output."""
     if tokenizer is None:
         raise DataError("causal_lm data needs a tokenizer: set teacher.model (or student.config) to a model folder "
                         "with tokenizer files")
-    splits = prepare_lm_splits(splits, cfg, tokenizer)
+    if answered_by is not None:
+        splits = prepare_prompt_splits(splits, cfg, tokenizer, chat=answered_by.api == "chat",
+                                       budget=cfg.max_length - answered_by.max_new_tokens - 1)
+    else:
+        splits = prepare_lm_splits(splits, cfg, tokenizer)
     # The teacher cache keys rows by the token rows the teacher reads and the positions learnt.
     fingerprints = {role: content_fingerprint(ds, ["input_ids", "loss_mask"]) for role, ds in splits.items()}
     splits = {role: ds.add_column(INDEX, np.arange(len(ds), dtype=np.int64)) for role, ds in splits.items()}

@@ -12,6 +12,10 @@ Every sample ends with the end-of-sequence token (so the model learns where text
 tokens (no padding computed; a sample may then attend to the one before it in its row, the usual
 trade of pre-training-style packing). Padding and prompt positions never count in any loss or metric.
 
+With a remote teacher in generate mode (teacher.endpoint.mode: generate) a split holds prompts only
+(`prepare_prompt_splits`): the teacher writes each answer, and kd/remote_modes.py builds the rows
+prompt + answer that the student learns from.
+
 A batch is {"inputs": {input_ids, attention_mask}, "labels": next-token ids with -100 where nothing
 is learnt, "index": each row's position in its split}: labels[t] is the token at t + 1, so position t
 of the logits is compared with labels[t] directly.
@@ -20,6 +24,7 @@ of the logits is compared with labels[t] directly.
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import numpy as np
@@ -71,6 +76,64 @@ def prepare_lm_splits(splits: dict[str, Dataset], cfg: DataConfig, tokenizer: An
         if len(ds) == 0:
             raise DataError(f"{cfg.dataset}: no sample of the {role} split has a token to learn (all prompt or empty)")
         out[role] = ds
+    return out
+
+
+def prepare_prompt_splits(splits: dict[str, Dataset], cfg: DataConfig, tokenizer: Any, chat: bool,
+                          budget: int, say=print) -> dict[str, Dataset]:
+    """Generate mode: each sample's prompt as token ids (column input_ids, loss_mask all 0: nothing
+    of a prompt is learnt), and for the chat API its messages (column `messages_json`).
+
+    The prompt is the `messages` conversation without a final assistant turn (the teacher writes
+    it), else the `prompt` column (a `completion`, if any, is ignored), else the text column. The chat API
+    sends a plain prompt as one user message; the student's ids are then the chat template rendered
+    with the generation prompt, as the server renders it. Prompts over `budget` tokens are left out,
+    and counted (cutting one would ask the teacher to continue a mangled text)."""
+    out = {}
+    for role, ds in splits.items():
+        kind = "prompt_completion" if "prompt" in ds.column_names and "messages" not in ds.column_names \
+            else lm_format(ds.column_names, cfg)  # a prompt column alone is enough: the teacher writes the rest
+        if (chat or kind == "messages") and not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{cfg.dataset}: {'the chat API' if chat else 'the messages column'} needs a tokenizer with "
+                            "a chat template, and this one has none; use teacher.endpoint.api: completions with "
+                            "prompt or text columns")
+        fn = functools.partial(_prompt_batch, kind=kind, tokenizer=tokenizer, column=cfg.input_column, chat=chat)
+        before = len(ds)
+        ds = ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing prompts ({kind})")
+        ds = ds.filter(lambda ids: [0 < len(x) <= budget for x in ids], input_columns="input_ids", batched=True,
+                       desc="Dropping prompts over the token budget")
+        if len(ds) < before:
+            say(f"{role} split: {before - len(ds)} of {before} prompts are longer than {budget} tokens (data.max_length "
+                "- teacher.endpoint.max_new_tokens - 1) and are left out")
+        if len(ds) == 0:
+            raise DataError(f"{cfg.dataset}: no prompt of the {role} split fits in {budget} tokens; raise data.max_length "
+                            "or lower teacher.endpoint.max_new_tokens")
+        out[role] = ds
+    return out
+
+
+def _prompt_batch(batch: dict[str, list], kind: str, tokenizer: Any, column: str, chat: bool) -> dict[str, list]:
+    ids, masks, conversations = [], [], []
+    for i in range(len(next(iter(batch.values())))):
+        if kind == "messages":
+            messages = list(batch["messages"][i])
+            if messages and messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+            messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        else:
+            text = batch["prompt" if kind == "prompt_completion" else column][i]
+            messages = [{"role": "user", "content": text}]
+        if chat or kind == "messages":
+            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            tokens = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        else:
+            tokens = _encode(tokenizer, messages[0]["content"])
+        ids.append(list(tokens))
+        masks.append([0] * len(tokens))
+        conversations.append(json.dumps(messages))
+    out = {"input_ids": ids, "loss_mask": masks}
+    if chat:
+        out["messages_json"] = conversations
     return out
 
 

@@ -13,11 +13,14 @@ bucket). What it adds:
   twice. With the server down, a run trains on the samples whose answers are cached and says how
   many are missing.
 
-Score mode: each sample's tokens (padding dropped) are one /completions request with echo.
+What is asked and how answers become soft targets depends on the mode (kd/remote_modes.py): score
+(the teacher scores the data's text) or generate (it answers the data's prompts, and the batch is
+rebuilt as prompt + answer).
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from concurrent.futures import Future
@@ -27,14 +30,13 @@ import numpy as np
 import torch
 
 from kd.config import Config, EndpointConfig
-from kd.errors import ConfigError
+from kd.errors import ConfigError, KDError
 from kd.lm_losses import TopK
-from kd.openai_api import (ProtocolError, Scored, TokenMap, check_alignment, completion_logprobs, score_request)
+from kd.openai_api import ProtocolError, Scored, TokenMap
 from kd.remote_client import EndpointClient, RemoteTeacherError, Unreachable
+from kd.remote_modes import make_mode
 from kd.response_cache import ResponseCache
 from kd.soft_targets import SoftTargets, preprocessing_identity
-
-PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Distillation moves knowledge from a teacher to a student."
 
 
 def api_key(ep: EndpointConfig) -> str | None:
@@ -48,12 +50,6 @@ def api_key(ep: EndpointConfig) -> str | None:
     return key
 
 
-def row_tokens(batch: dict[str, Any]) -> list[list[int]]:
-    """Each row's tokens without its padding (what the teacher scores)."""
-    ids, mask = batch["inputs"]["input_ids"].cpu(), batch["inputs"]["attention_mask"].cpu().bool()
-    return [ids[r][mask[r]].tolist() for r in range(ids.shape[0])]
-
-
 class RemoteTeacher(SoftTargets):
     source = "remote"
     telemetry_key = "remote_teacher"
@@ -62,6 +58,7 @@ class RemoteTeacher(SoftTargets):
         self.ep = ep = cfg.teacher.endpoint
         self.say = say
         self.tokens = TokenMap(tokenizer)
+        self.mode = make_mode(ep, self.tokens)
         self.client = EndpointClient(ep, api_key(ep), seed=cfg.run.seed)
         self.tokenizer_hash = preprocessing_identity(tokenizer)
         self.offline = False
@@ -83,11 +80,11 @@ class RemoteTeacher(SoftTargets):
         self.client.snapshot()  # step telemetry counts training's requests, not the probe's
 
     def _endpoint_name(self) -> str:
-        return f"{self.ep.url.rstrip('/')}#{self.ep.model}"
+        return f"{self.ep.url.rstrip('/')}#{self.ep.model}|{self.ep.mode}"
 
     # -- probe -----------------------------------------------------------------------------------
     def _probe(self) -> dict[str, Any]:
-        """Model listed, scoring supported and aligned, tokens mapping back: the teacher's identity."""
+        """Model listed, the mode supported, tokens mapping back: the teacher's identity."""
         ep = self.ep
         listing = self.client.call(self.client.get("/models"))
         models = {m.get("id"): m for m in listing.get("data", []) if isinstance(m, dict)}
@@ -95,60 +92,38 @@ class RemoteTeacher(SoftTargets):
             raise RemoteTeacherError(f"{ep.url}: model {ep.model!r} is not served there; the server lists "
                                      f"{', '.join(map(str, models)) or 'no models'} (teacher.endpoint.model)")
         info = models[ep.model]
-        ids = self.tokens.tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]
-        answer, k = self.client.call(self.client.post("/completions", lambda k: score_request(ep.model, ids, k)))
-        try:
-            tokens, values, top = completion_logprobs(answer)
-            echoed = tokens[:len(ids)]
-            kind = self.tokens.detect(echoed, ids)
-            if any(t is not None for t in top[:1]) or len(tokens) < len(ids):
-                raise ProtocolError("the answer does not echo the prompt with logprobs (echo: true)")
-            self.tokens.top(top[1:len(ids)], k)  # every top token maps to a student id
-            check_alignment(echoed, values[:len(ids)], top[:len(ids)])
-        except ProtocolError as exc:
-            raise RemoteTeacherError(f"{ep.url} ({ep.model}) cannot score text for distillation: {exc}") from None
-        self.say(f"Remote teacher {ep.model} at {ep.url}: scores text (echo + logprobs, top {k}), tokens as {kind}")
+        described = self.mode.probe(lambda path, body: self.client.call(self.client.post(path, body)))
+        self.say(f"Remote teacher {ep.model} at {ep.url}: {described}")
         # What changes its answers: the model and its weights or quantisation, our tokenizer, the mode.
         reported = {key: info[key] for key in ("root", "kd_revision", "revision", "quantization") if key in info}
-        return {"model": ep.model, "reported": reported, "tokenizer": self.tokenizer_hash, "mode": "score",
-                "format": "score/v1"}
+        return {"model": ep.model, "reported": reported, "tokenizer": self.tokenizer_hash, "mode": self.mode.name,
+                "format": f"{self.mode.name}/v1"}
 
     # -- requests --------------------------------------------------------------------------------
-    def _request(self, ids: list[int], k: int) -> dict[str, Any]:
-        """What a cache key hashes (the request without the model name, which the identity holds)."""
-        return {"mode": "score", "prompt": ids, "k": k}
-
-    def _lookup(self, ids: list[int]) -> Scored | None:
+    def _lookup(self, row: dict[str, Any]) -> Scored | None:
         for k in dict.fromkeys((self.ep.top_k, self.ep.min_top_k)):
-            found = self.cache.get(self.cache.key(self._request(ids, k)))
+            found = self.cache.get(self.cache.key(self.mode.cache_request(row, k)))
             if found is not None:
                 return found
         return None
 
-    async def _fetch(self, ids: list[int]) -> Scored:
-        answer, k = await self.client.post("/completions", lambda k: score_request(self.ep.model, ids, k))
+    async def _fetch(self, row: dict[str, Any]) -> Scored:
+        answer, k = await self.client.post(self.mode.path, lambda k: self.mode.body(row, k))
         try:
-            tokens, _, top = completion_logprobs(answer)
-            if len(tokens) < len(ids) or [self.tokens.to_id(t) for t in tokens[:len(ids)]] != ids:
-                raise ProtocolError("the echoed tokens are not the ones sent")
-            top_ids, top_lps = self.tokens.top(top[1:len(ids)], k)
+            scored = self.mode.read(answer, row, k)
         except ProtocolError as exc:
             raise RemoteTeacherError(f"{self.ep.url}: an answer could not be read ({exc})") from None
-        scored = Scored(np.asarray(ids, dtype=np.int32), top_ids, top_lps)
-        self.cache.put(self.cache.key(self._request(ids, k)), scored)  # stored on arrival: a kill loses nothing
+        self.cache.put(self.cache.key(self.mode.cache_request(row, k)), scored)  # stored on arrival
         return scored
 
-    def submit(self, batch: dict[str, Any]) -> None:
-        """Send the requests of a batch's rows that are neither cached nor already in flight."""
-        for ids in row_tokens(batch):
-            self.submit_row(ids)
-
-    def submit_row(self, ids: list[int]) -> None:
-        key = _row_key(ids)
-        if key not in self.pending:
-            found = self._lookup(ids)
+    def submit_row(self, row: dict[str, Any]) -> Future:
+        """The future answer of a row: cached, already in flight, or sent now."""
+        key = _row_key(row)
+        future = self.pending.get(key)
+        if future is None:
+            found = self._lookup(row)
             if found is not None:
-                future: Future = Future()
+                future = Future()
                 future.set_result(found)
                 future.cached = True
             elif self.offline:
@@ -158,55 +133,52 @@ class RemoteTeacher(SoftTargets):
                     "server is back)"))
                 future.cached = False
             else:
-                future = self.client.submit(self._fetch(ids))
+                future = self.client.submit(self._fetch(row))
                 future.cached = False
             self.pending[key] = future
+        return future
 
     def prefetch(self, batches: Iterable[dict[str, Any]], upcoming: Iterator[list[dict[str, Any]]]
                  ) -> Iterator[dict[str, Any]]:
-        """The batches in order; before each is yielded, the requests of the batches up to
-        `prefetch_batches` after it are sent (their rows come from `upcoming`, not the loader, so
-        the DataLoader's own end-of-epoch bookkeeping is untouched)."""
-        sent = 0
-        for consumed, batch in enumerate(batches):
-            while self.ep.prefetch_batches and sent <= consumed + self.ep.prefetch_batches:
+        """The batches in order, each with its soft targets (`soft_targets`; in generate mode the batch
+        is rebuilt as prompt + answer). Before a batch is yielded, the requests of its rows and of the
+        next `prefetch_batches` batches are sent; the rows come from `upcoming` (the same order as the
+        loader), so the DataLoader's own end-of-epoch bookkeeping is untouched."""
+        queued: collections.deque = collections.deque()  # per batch ahead: [(row, future)]
+        for batch in batches:
+            while len(queued) <= self.ep.prefetch_batches:
                 rows = next(upcoming, None)
                 if rows is None:
                     break
-                for row in rows:
-                    self.submit_row(list(row["input_ids"]))
-                sent += 1
-            yield batch
+                queued.append([(row, self.submit_row(row)) for row in rows])
+            if not queued:
+                raise KDError("remote teacher: the loader yielded more batches than its sampler listed")
+            yield self._answered(batch, queued.popleft())
 
-    def logits(self, batch: dict[str, Any], role: str) -> TopK:
-        """The batch's soft targets: row r, position t <- the teacher's distribution of token t + 1."""
-        self.submit(batch)  # evaluation batches (and any batch prefetch did not see) are sent now
-        keys = [_row_key(ids) for ids in row_tokens(batch)]
+    def _answered(self, batch: dict[str, Any], entries: list[tuple[dict[str, Any], Future]]) -> dict[str, Any]:
+        """Wait for a batch's answers (the wait is what `wait_s` reports) and attach its soft targets."""
+        rows = [row for row, _ in entries]
+        if len(rows) != batch["labels"].shape[0]:
+            raise KDError(f"remote teacher: a batch of {batch['labels'].shape[0]} rows was announced with {len(rows)}")
         self.counts["queue"] = sum(not f.done() for f in self.pending.values())
         started = time.perf_counter()
-        answers = []
-        for key in keys:
-            future = self.pending[key]
-            answers.append(future.result())
-            if role == "train":
-                self.counts["cache_hits" if future.cached else "fetched"] += 1
-        for key in keys:
-            self.pending.pop(key, None)
+        answers = [future.result() for _, future in entries]
         self.counts["wait_s"] += time.perf_counter() - started
-        labels = batch["labels"]
-        k = min(a.k for a in answers)
-        top_ids = torch.zeros((*labels.shape, k), dtype=torch.long)
-        top_lps = torch.zeros((*labels.shape, k), dtype=torch.float32)
-        for r, answer in enumerate(answers):
-            n = len(answer.top_ids)  # positions 0 .. n-1 (the last token of a row predicts nothing here)
-            top_ids[r, :n] = torch.from_numpy(answer.top_ids[:, :k].astype(np.int64))
-            top_lps[r, :n] = torch.from_numpy(answer.top_logprobs[:, :k])
-        return TopK(top_ids.to(labels.device), top_lps.to(labels.device))
+        for row, future in entries:
+            self.counts["cache_hits" if future.cached else "fetched"] += 1
+            self.pending.pop(_row_key(row), None)  # a later batch with the same row holds its own reference
+        return self.mode.assemble(batch, rows, answers)
+
+    def logits(self, batch: dict[str, Any], role: str) -> TopK:
+        """The soft targets `prefetch` attached to the batch."""
+        if "soft_targets" not in batch:
+            raise KDError("remote teacher: a batch reached the loss without passing through prefetch()")
+        return batch["soft_targets"]
 
     # -- coverage and figures --------------------------------------------------------------------
     def missing(self, dataset: Any) -> list[int]:
         """Indices of a split whose answers are not cached (to train on the rest when offline)."""
-        return [i for i, row in enumerate(dataset) if self._lookup(list(row["input_ids"])) is None]
+        return [i for i, row in enumerate(dataset) if self._lookup(row) is None]
 
     def stats(self) -> dict[str, Any]:
         client = self.client.snapshot()
@@ -218,9 +190,13 @@ class RemoteTeacher(SoftTargets):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "remote", "url": self.ep.url, "model": self.ep.model, "mode": "score",
-                "top_k": self.ep.top_k, "cache": str(self.cache.path), "cached_answers": self.cache.count(),
-                "read_only": self.cache.read_only, "offline": self.offline}
+        ep = self.ep
+        described = {"source": "remote", "url": ep.url, "model": ep.model, "mode": ep.mode, "top_k": ep.top_k,
+                     "cache": str(self.cache.path), "cached_answers": self.cache.count(),
+                     "read_only": self.cache.read_only, "offline": self.offline}
+        if ep.mode == "generate":
+            described.update(api=ep.api, max_new_tokens=ep.max_new_tokens, temperature=ep.temperature)
+        return described
 
     def close(self) -> None:
         for future in self.pending.values():
@@ -234,5 +210,6 @@ class RemoteTeacher(SoftTargets):
         return False
 
 
-def _row_key(ids: list[int]) -> str:
-    return ",".join(map(str, ids))
+def _row_key(row: dict[str, Any]) -> str:
+    """A row's identity while its answer is in flight: its tokens (and, for chat, its messages)."""
+    return ",".join(map(str, row["input_ids"])) + "|" + row.get("messages_json", "")

@@ -116,7 +116,7 @@ class ResponseCache:
             return None
         try:
             with np.load(io.BytesIO(row[1]), allow_pickle=False) as z:
-                return Scored(z["ids"], z["top_ids"], z["top_logprobs"])
+                return Scored.from_arrays(z)
         except (ValueError, KeyError, OSError) as exc:
             raise CacheError(f"remote-teacher cache {self.path}: the answer under {key[:12]}... is unreadable "
                              f"({exc}); delete the file to start a new one") from None

@@ -120,12 +120,12 @@ class TeacherLM:
             else:
                 new = []
             for t, row in new:
-                if t == self.eos:
-                    finish = "stop"  # as vLLM: the stop token itself is not part of the answer
-                    break
-                tokens.append(t)
+                tokens.append(t)  # as vLLM: the stop token is listed with its logprobs (not in the text)
                 values.append(float(row[t]))
                 top.append(self._top(row, job.k, t))
+                if t == self.eos:
+                    finish = "stop"
+                    break
             answers.append(Answer(tokens, values, top, len(job.ids) if job.echo else 0, finish))
         return answers
 

@@ -176,3 +176,29 @@ def test_missing_file_and_non_mapping(tmp_path):
 def test_output_dir_defaults_to_runs_name():
     cfg = config_from_dict(with_("run", name="abc"))
     assert cfg.output_dir == Path("runs/abc")
+
+
+REMOTE = {"data": {"dataset": "json", "data_dir": "x", "modality": "causal_lm", "max_length": 256},
+          "student": {"type": "hf"}, "teacher": {"model": "t", "endpoint": {"url": "http://127.0.0.1:8000/v1", "model": "m"}}}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "data", "key", "fragment"),
+    [
+        ({"url": "127.0.0.1:8000"}, {}, "teacher.endpoint.url", "with its scheme"),
+        ({"top_k": 50}, {}, "teacher.endpoint.top_k", "at most 20"),
+        ({"min_top_k": 30}, {}, "teacher.endpoint.min_top_k", "[1, top_k=20]"),
+        ({"api_key_env": "sk-abc123"}, {}, "teacher.endpoint.api_key_env", "NAME of an environment variable"),
+        ({"mode": "rewrite"}, {}, "teacher.endpoint.mode", "'score', 'generate'"),
+        ({"api": "chat"}, {}, "teacher.endpoint.api", "'completions' in score mode"),
+        ({"mode": "generate", "max_new_tokens": 255}, {}, "teacher.endpoint.max_new_tokens", "below data.max_length - 1"),
+        ({"mode": "generate", "temperature": 3}, {}, "teacher.endpoint.temperature", "must be in [0, 2]"),
+        ({"mode": "generate"}, {"packing": True}, "teacher.endpoint.mode", "data.packing: false"),
+    ],
+)
+def test_bad_remote_teacher_values_name_the_key(endpoint, data, key, fragment):
+    raw = {"data": {**REMOTE["data"], **data}, "student": REMOTE["student"],
+           "teacher": {"model": "t", "endpoint": {**REMOTE["teacher"]["endpoint"], **endpoint}}}
+    problems = problems_of(raw)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{key}:") and fragment in problems[0], problems[0]

@@ -10,6 +10,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -76,6 +77,12 @@ def endpoint(url: str, **kw) -> EndpointConfig:
     return EndpointConfig(**values)
 
 
+def answered(remote: RemoteTeacher, batch: dict, rows: list[dict]) -> dict:
+    """The batch as the training loop receives it from the remote teacher (rows announced as the
+    loader's sampler would)."""
+    return next(iter(remote.prefetch([batch], iter([rows]))))
+
+
 def score_body(k: int) -> dict:
     return {"model": "tiny", "prompt": [5, 6, 7], "echo": True, "logprobs": k, "max_tokens": 1, "temperature": 0}
 
@@ -93,6 +100,22 @@ def test_token_map_detects_ids_strings_and_a_foreign_tokenizer(tmp_path, teacher
     foreign = save_tiny_tokenizer(tmp_path / "other", seed=1, vocab_size=200)
     with pytest.raises(ProtocolError, match="do not map back to the student's token ids.*same tokenizer"):
         tm.detect(foreign.convert_ids_to_tokens(foreign("the cat sat on the mat")["input_ids"]), ids)
+
+
+def test_token_strings_several_ids_write_alike_are_resolved_or_left_out(teacher_lm):
+    tok = teacher_lm.tokenizer
+    text = "naïve café"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    written = [tok.decode([i]) for i in ids]  # how a server without token ids writes them
+    assert written.count("\ufffd") == 4  # the byte halves of ï and é, each written as U+FFFD
+    tm = TokenMap(tok, "text")
+    assert tm.answer_ids(written, text) == ids  # resolved from the answer's text
+    assert tm.detect(written, ids) == "text"  # score mode knows the ids it sent
+    with pytest.raises(ProtocolError, match="tokenises differently.*token ids"):
+        tm.answer_ids(written, "naive cafe")
+    top_ids, top_lps = tm.top([{"\ufffd": -0.1, "a": -2.0, "e": -3.0}], k=3)
+    assert top_ids.tolist() == [[tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("e")]]  # U+FFFD left out
+    assert top_lps.tolist() == [[-2.0, -3.0]]
 
 
 def test_alignment_check_refuses_shifted_echo_logprobs():
@@ -134,7 +157,7 @@ def test_remote_scores_equal_the_local_teachers_top_k(tmp_path, llama, teacher_l
         cfg.teacher.endpoint.url = url
         remote = RemoteTeacher(cfg, tok, say=lambda *a: None)
         try:
-            got = remote.logits(batch, "train")
+            got = answered(remote, batch, [{"input_ids": r} for r in rows])["soft_targets"]
         finally:
             remote.close()
     with torch.no_grad():
@@ -145,6 +168,128 @@ def test_remote_scores_equal_the_local_teachers_top_k(tmp_path, llama, teacher_l
     distinct = (local.logprobs[..., :-1] - local.logprobs[..., 1:]).abs() > 1e-5
     same = (got.indices[..., :-1] == local.indices[..., :-1]) | ~distinct
     assert same[learnt].all()
+
+
+class RefuseTokenIds:
+    """A server that rejects vLLM's return_tokens_as_token_ids as OpenAI's API does (HTTP 400)."""
+
+    def __init__(self, app):
+        self.app, self.refused = app, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        if b"return_tokens_as_token_ids" in body:
+            self.refused += 1
+            answer = {"error": {"message": "Unrecognized request argument supplied: return_tokens_as_token_ids",
+                                "type": "invalid_request_error"}}
+            return await JSONResponse(answer, status_code=400)(scope, receive, send)
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def prompt_batch(tok, prompts: list[str], chat: bool, max_new_tokens: int) -> tuple[dict, list[dict]]:
+    """The prompt rows generate mode trains from (kd/lm_data.py) and their collated batch."""
+    from datasets import Dataset
+
+    from kd.config import DataConfig
+    from kd.lm_data import LMCollator, prepare_prompt_splits
+
+    ds = Dataset.from_dict({"prompt": prompts, "completion": ["ignored"] * len(prompts)})
+    cfg = DataConfig(dataset="json", modality="causal_lm", max_length=48)
+    split = prepare_prompt_splits({"train": ds}, cfg, tok, chat=chat, budget=48 - max_new_tokens - 1,
+                                  say=lambda *a: None)["train"]
+    rows = [split[i] for i in range(len(split))]
+    return LMCollator(tok.pad_token_id)(rows), rows
+
+
+@pytest.mark.parametrize("api", ["completions", "chat", "chat-token-strings"])
+def test_generate_mode_trains_on_the_teachers_answer_with_its_top_k(llama, teacher_lm, tmp_path, api):
+    tok = teacher_lm.tokenizer
+    chat = api.startswith("chat")
+    cfg = config_from_dict({
+        "data": {"dataset": "json", "data_dir": "x", "modality": "causal_lm", "max_length": 48},
+        "teacher": {"model": str(llama), "endpoint": {"url": "http://127.0.0.1:1/v1", "model": "tiny", "top_k": 8,
+                                                      "min_top_k": 4, "mode": "generate", "max_new_tokens": 6,
+                                                      "api": "chat" if chat else "completions"}},
+        "student": {"type": "hf"}, "distillation": {"cache_dir": str(tmp_path / "cache")}})
+    batch, rows = prompt_batch(tok, ["finish: the cat", "a dog", "birds sing loud"], chat, max_new_tokens=6)
+    app = build_app(teacher_lm, "tiny")
+    server = RefuseTokenIds(app) if api == "chat-token-strings" else app
+    with BackgroundServer(server) as url:
+        cfg.teacher.endpoint.url = url
+        remote = RemoteTeacher(cfg, tok, say=lambda *a: None)
+        try:
+            got = answered(remote, batch, rows)
+        finally:
+            remote.close()
+    if api == "chat-token-strings":
+        assert server.refused == 1 and remote.mode.as_ids is False and remote.tokens.kind != "ids"
+    ids, mask, labels = got["inputs"]["input_ids"], got["inputs"]["attention_mask"], got["labels"]
+    for r, row in enumerate(rows):
+        prompt, seq = list(row["input_ids"]), ids[r][mask[r].bool()].tolist()
+        with torch.no_grad():
+            greedy = teacher_lm.model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                               pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+        if tok.eos_token_id in greedy:
+            greedy = greedy[:greedy.index(tok.eos_token_id) + 1]  # the end token closes the row
+        assert seq == prompt + greedy  # the row is the prompt and the teacher's own (greedy) answer
+        p = len(prompt)
+        assert (labels[r, :p - 1] == -100).all() and labels[r, p - 1:len(seq) - 1].tolist() == greedy
+        assert (labels[r, len(seq) - 1:] == -100).all()
+    # At every answer position the soft targets are the local teacher's log-probabilities of that same
+    # row, for ids among its top k.
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher_lm.model(input_ids=ids, attention_mask=mask).logits, -1)
+    local = TopK(*reversed(logp.topk(8, dim=-1)))
+    learnt = labels != -100  # the kit's server lists the stop token's distribution too, as vLLM does
+    top = got["soft_targets"]
+    assert learnt.sum() >= 6
+    assert torch.allclose(top.logprobs[learnt], logp.gather(-1, top.indices)[learnt], atol=1e-4)
+    assert (top.logprobs[learnt] >= local.logprobs[learnt][:, -1:] - 1e-4).all()
+    if api == "chat-token-strings":  # strings several ids write alike (U+FFFD halves) are left out
+        assert 1 <= top.indices.shape[-1] <= 8
+    else:  # token ids: exactly the local top 8 (ids wherever neighbouring values are not tied)
+        assert top.indices.shape[-1] == 8
+        distinct = (local.logprobs[..., :-1] - local.logprobs[..., 1:]).abs() > 1e-5
+        assert ((top.indices[..., :-1] == local.indices[..., :-1]) | ~distinct)[learnt].all()
+
+
+def test_an_answer_that_stopped_ends_with_the_end_token(teacher_lm):
+    from kd.openai_api import Scored
+    from kd.remote_modes import Generate
+
+    tok = teacher_lm.tokenizer
+    mode = Generate(EndpointConfig(url="http://x/v1", model="tiny", mode="generate", max_new_tokens=4),
+                    TokenMap(tok))
+    rows = [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}]
+    stopped = Scored(np.array([11, 12], np.int32), np.array([[11, 3, 4], [12, 3, 4]], np.int32),
+                     np.full((2, 3), -1.0, np.float32), stopped=True)
+    cut = Scored(np.array([13, 14, 15, 16], np.int32), np.tile(np.array([[13, 3, 4]], np.int32), (4, 1)),
+                 np.full((4, 3), -2.0, np.float32), stopped=False)
+    batch = {"inputs": {"input_ids": torch.zeros((2, 3), dtype=torch.long)}, "labels": torch.zeros((2, 3))}
+    got = mode.assemble(batch, rows, [stopped, cut])
+    eos = tok.eos_token_id
+    assert got["inputs"]["input_ids"].tolist() == [[5, 6, 7, 11, 12, eos], [8, 9, 13, 14, 15, 16]]
+    assert got["labels"].tolist() == [[-100, -100, 11, 12, eos, -100], [-100, 13, 14, 15, 16, -100]]
+    top = got["soft_targets"]
+    assert top.indices[0, 4, 0] == eos and top.logprobs[0, 4, 0] == 0.0 and (top.logprobs[0, 4, 1:] < -1e3).all()
+    assert len(set(top.indices[0, 4].tolist())) == 3  # distinct ids: the one-hot is a proper distribution
+    assert top.logprobs[1, 1:5].eq(-2.0).all() and top.logprobs[0, 2:4].eq(-1.0).all()
+    assert got["inputs"]["attention_mask"].tolist() == [[1] * 6, [1] * 6]
+    # A server that lists the stop token (vLLM) gave its distribution: nothing appended, nothing one-hot.
+    listed = Scored(np.array([11, eos], np.int32), np.array([[11, 3, 4], [eos, 3, 4]], np.int32),
+                    np.full((2, 3), -0.5, np.float32), stopped=True)
+    got = mode.assemble(batch, rows[:1], [listed])
+    assert got["inputs"]["input_ids"].tolist() == [[5, 6, 7, 11, eos]]
+    assert got["labels"].tolist() == [[-100, -100, 11, eos, -100]] and got["soft_targets"].logprobs[0, 3].eq(-0.5).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +449,34 @@ def test_failed_run_checkpoints_trains_offline_and_resumes_without_refetching(tm
                 for line in (tmp_path / "data" / f"{split}.jsonl").read_text().splitlines()}
     assert stored_answers(tmp_path) == len(distinct)  # every distinct row answered once across the three runs
     assert healthy.completions == 1 + len(distinct) - before  # the probe and the rows the failed run lacked
+
+
+def test_generate_run_trains_on_answers_and_a_rerun_asks_only_what_changed(tmp_path, llama, teacher_lm):
+    faults = Faults(build_app(teacher_lm, "tiny"))
+    generate = {"mode": "generate", "max_new_tokens": 8}
+    with BackgroundServer(faults) as url:
+        first = run_cli(["--config", str(remote_config(tmp_path, llama, url, "gen", **generate))])
+        assert first.returncode == 0, first.stderr[-3000:]
+        asked = faults.completions
+        again = run_cli(["--config", str(remote_config(tmp_path, llama, url, "gen2", **generate))])
+        assert again.returncode == 0, again.stderr[-3000:]
+        after_rerun = faults.completions
+        shorter = run_cli(["--config", str(remote_config(tmp_path, llama, url, "gen3", mode="generate",
+                                                         max_new_tokens=5))])
+        assert shorter.returncode == 0, shorter.stderr[-3000:]
+    prompts = {json.loads(line)["prompt"] for split in ("train", "validation")
+               for line in (tmp_path / "data" / f"{split}.jsonl").read_text().splitlines()}
+    assert asked == 1 + len(prompts)  # the probe, then each distinct prompt answered once
+    assert after_rerun == asked + 1  # the same request again: only the probe, every answer from the cache
+    assert faults.completions == after_rerun + 1 + len(prompts)  # max_tokens is part of the request's key
+    events = read_events(tmp_path / "gen" / "telemetry.jsonl")
+    start = next(e for e in events if e["type"] == "run_start")
+    assert start["soft_targets"]["mode"] == "generate" and start["soft_targets"]["max_new_tokens"] == 8
+    evals = [e for e in events if e["type"] == "eval"]
+    # Greedy answers: the teacher's top token is the one it wrote, at every learnt position.
+    assert evals and evals[-1]["metrics"]["teacher_acc"] == 1.0 and evals[-1]["metrics"]["tokens"] > 0
+    assert sum(s["remote_teacher"]["requests"] for s in steps(tmp_path / "gen2")) == 0
+    assert "training prompts (the remote teacher writes the answers)" in first.stdout
 
 
 def stored_answers(tmp: Path) -> int:
