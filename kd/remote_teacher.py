@@ -4,11 +4,12 @@ It answers the same `logits(batch, role)` as a local or cached teacher (kd/soft_
 teacher's top k per learnt position (`TopK`; the token loss puts the rest of the mass in a tail
 bucket). What it adds:
 
-- A probe at start: the model must be listed by the server, scoring must work (echo with
-  logprobs; servers that return none or shift them are refused with the reason), and the server's
-  tokens must map back to exactly the student's token ids.
-- Prefetch: `prefetch(batches)` sends the requests of the next `prefetch_batches` batches before the
-  loop trains on the current one; `logits` waits only for answers not back yet (`wait_s`).
+- A probe at start: the model must be listed by the server, the mode must work (logprobs that
+  are there and aligned; servers that return none or shift them are refused with the reason),
+  and the server's tokens must map back to exactly the student's token ids.
+- Prefetch: `prefetch(batches, upcoming)` sends the requests of a batch's rows and of the next
+  `prefetch_batches` batches before the loop trains on it, and hands each batch over with its
+  soft targets attached, waiting only for answers not back yet (`wait_s`).
 - Every answer stored on arrival (kd/response_cache.py): a restarted or resumed run asks nothing
   twice. With the server down, a run trains on the samples whose answers are cached and says how
   many are missing.
@@ -25,9 +26,6 @@ import os
 import time
 from concurrent.futures import Future
 from typing import Any, Iterable, Iterator
-
-import numpy as np
-import torch
 
 from kd.config import Config, EndpointConfig
 from kd.errors import ConfigError, KDError

@@ -39,7 +39,8 @@ class SoftTargets:
                  ) -> Iterator[dict[str, Any]]:
         """The batches in order. `upcoming` yields the dataset rows of the same batches, in the same
         order, without loading them through the DataLoader: a source that fetches (a remote teacher)
-        asks for later batches while the loop trains on the current one."""
+        asks for later batches while the loop trains on the current one, and may hand a batch over
+        rebuilt (a remote teacher in generate mode: prompt + the teacher's answer)."""
         return iter(batches)
 
     def close(self) -> None:
