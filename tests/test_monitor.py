@@ -278,7 +278,8 @@ async def test_remote_teacher_panel_sums_requests_and_shows_the_last_figures(tmp
     from kd.tui.app import MonitorApp
 
     path = tmp_path / "telemetry.jsonl"
-    targets = {"source": "remote", "url": "http://127.0.0.1:8000/v1", "model": "smollm2", "offline": False}
+    targets = {"source": "remote", "url": "http://127.0.0.1:8000/v1", "model": "smollm2", "offline": False,
+               "mode": "generate", "api": "chat"}
     write_lines(path, start(soft_targets=targets), step(1, remote_teacher=remote_figures(10)),
                 step(2, remote_teacher=remote_figures(6, retries=2, rate_limited=2, k=10, hits=4, fetched=4)))
     app = MonitorApp(path, poll_s=0.05)
@@ -289,7 +290,8 @@ async def test_remote_teacher_panel_sums_requests_and_shows_the_last_figures(tmp
         text = str(app.query_one("#remote", Static).content)
         assert "requests 16  retries 2  rate-limited 2  cache hits 25%" in text  # 4 of 16 rows from the cache
         assert "p50 41 ms p95 65 ms  k 10  in flight 8  queue 12  loop waited 0.5 s" in text
-        assert "teacher: remote smollm2 at http://127.0.0.1:8000/v1" in str(app.query_one("#title", Static).content)
+        assert "teacher: remote smollm2 at http://127.0.0.1:8000/v1 (generate, chat)" in str(
+            app.query_one("#title", Static).content)
     local = tmp_path / "local.jsonl"
     write_lines(local, start(), step(1))
     app = MonitorApp(local, poll_s=0.05)

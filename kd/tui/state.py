@@ -245,7 +245,9 @@ def teacher_text(state: RunState) -> str | None:
     if targets.get("source") == "teacher":
         return "teacher: online (a forward on every batch)"
     if targets.get("source") == "remote":
-        return f"teacher: remote {targets.get('model')} at {targets.get('url')}" + (
+        mode = targets.get("mode")
+        how = f" ({mode}{', ' + targets['api'] if mode == 'generate' and targets.get('api') else ''})" if mode else ""
+        return f"teacher: remote {targets.get('model')} at {targets.get('url')}{how}" + (
             " (offline: cached answers only)" if targets.get("offline") else "")
     coverage = targets.get("coverage") or {}
     done = sum(int(n) for n, _ in coverage.values())
