@@ -2,6 +2,7 @@
 
     python bench/bench_fsdd.py                              # all four folds, about 20 min on 2 CPU cores
     python bench/bench_fsdd.py --speakers george --out /tmp/fsdd.json
+    python bench/bench_fsdd.py --student-epochs 40       # the two students trained 4x longer (about 35 min)
 
 The Free Spoken Digit Dataset subset in ../shared/data/fsdd (4 speakers, 500 clips each, 8 kHz,
 trimmed of silence) is split by speaker: for each speaker, the three demo configs
@@ -40,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speakers", nargs="+", help="held-out speakers to run (default: every speaker)")
     parser.add_argument("--work", type=Path, default=None, help="fold folders and runs (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--student-epochs", type=int, default=None,
+                        help="train.epochs of the KD and baseline students (default: their configs' own)")
     args = parser.parse_args(argv)
+    if args.student_epochs is not None and args.student_epochs < 1:
+        print(f"error: --student-epochs {args.student_epochs}: must be an integer >= 1", file=sys.stderr)
+        return 2
     metadata = args.data / "metadata.csv"
     if not metadata.is_file():
         print(f"error: {metadata} not found (pass --data with the FSDD folder)", file=sys.stderr)
@@ -60,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     for speaker in chosen:
         fold = write_fold(args.data, rows, speaker, work / f"fold-{speaker}")
         print(f"== held out: {speaker} (train: {', '.join(s for s in speakers if s != speaker)})", flush=True)
-        folds[speaker] = run_fold(fold, work / f"runs-{speaker}")
+        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", args.student_epochs)
         print("   " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in folds[speaker].items()), flush=True)
-    results = {"env": env, "data": str(args.data), "folds": folds, "duration_s": time.time() - started,
+    results = {"env": env, "data": str(args.data), "student_epochs": args.student_epochs, "folds": folds,
+               "duration_s": time.time() - started,
                "mean": {name: statistics.mean(f[name] for f in folds.values()) for name, _ in RUNS}}
     print_table(results)
     if args.out:
@@ -89,7 +96,7 @@ def write_fold(data: Path, rows: list[dict], held_out: str, folder: Path) -> Pat
     return folder
 
 
-def run_fold(fold: Path, runs: Path) -> dict[str, float]:
+def run_fold(fold: Path, runs: Path, student_epochs: int | None = None) -> dict[str, float]:
     """Teacher, then KD from it, then the baseline; each one's test accuracy."""
     accuracy = {}
     for name, config in RUNS:
@@ -97,6 +104,8 @@ def run_fold(fold: Path, runs: Path) -> dict[str, float]:
         overrides = [f"data.data_dir={fold}", "data.eval_split=null", "data.test_split=test", f"run.output_dir={out}"]
         if name == "kd":
             overrides.append(f"teacher.model={runs / 'teacher' / 'student'}")
+        if name != "teacher" and student_epochs is not None:
+            overrides.append(f"train.epochs={student_epochs}")
         command = [sys.executable, str(ROOT / "train_kd.py"), "--config", config, *overrides]
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if result.returncode != 0:
