@@ -33,6 +33,7 @@ from datasets import Dataset
 
 from kd.config import DataConfig
 from kd.errors import DataError
+from kd.openai_api import chat_prompt_ids
 
 IGNORE = -100
 FORMATS = ("messages", "prompt_completion", "text")
@@ -123,11 +124,8 @@ def _prompt_batch(batch: dict[str, list], kind: str, tokenizer: Any, column: str
         else:
             text = batch["prompt" if kind == "prompt_completion" else column][i]
             messages = [{"role": "user", "content": text}]
-        if chat or kind == "messages":
-            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            tokens = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        else:
-            tokens = _encode(tokenizer, messages[0]["content"])
+        tokens = chat_prompt_ids(tokenizer, messages) if chat or kind == "messages" else \
+            _encode(tokenizer, messages[0]["content"])
         ids.append(list(tokens))
         masks.append([0] * len(tokens))
         conversations.append(json.dumps(messages))

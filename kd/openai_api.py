@@ -93,6 +93,14 @@ def chat_request(model: str, messages: list[dict[str, str]], k: int, max_tokens:
     return body
 
 
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """A conversation as a chat server feeds it to the model before it answers: the chat template
+    with the generation prompt, tokenised without added special tokens (the template writes its own).
+    The kit's prompt data, its generate probe and kd.serve_teacher all render prompts this one way."""
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Responses
 

@@ -27,8 +27,8 @@ import torch
 
 from kd.config import EndpointConfig
 from kd.lm_losses import IGNORE, TopK
-from kd.openai_api import (ProtocolError, Scored, TokenMap, answer_text, chat_logprobs, chat_request,
-                           check_alignment, completion_logprobs, completion_request, score_request)
+from kd.openai_api import (ProtocolError, Scored, TokenMap, answer_text, chat_logprobs, chat_prompt_ids,
+                           chat_request, check_alignment, completion_logprobs, completion_request, score_request)
 from kd.remote_client import RemoteTeacherError
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Distillation moves knowledge from a teacher to a student."
@@ -106,9 +106,7 @@ class Generate:
         tokenizer = self.tokens.tokenizer
         if self.chat:
             messages = [{"role": "user", "content": PROBE_QUESTION}]
-            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            row = {"input_ids": tokenizer(rendered, add_special_tokens=False)["input_ids"],
-                   "messages_json": json.dumps(messages)}
+            row = {"input_ids": chat_prompt_ids(tokenizer, messages), "messages_json": json.dumps(messages)}
         else:
             row = {"input_ids": tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]}
         short = lambda k: {**self.body(row, k), "max_tokens": min(PROBE_TOKENS, self.ep.max_new_tokens)}
@@ -176,7 +174,7 @@ class Generate:
             seqs.append(prompt + written + ([self.eos] if append else []))
             spans.append((len(prompt), len(written)))
             appended.append(append)
-        k = min(a.k for a in answers if len(a.ids)) if any(len(a.ids) for a in answers) else 1
+        k = min((a.k for a in answers if len(a.ids)), default=1)  # an empty answer (only the end) has no k
         longest = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), longest), self.pad, dtype=torch.long)
         attention = torch.zeros_like(ids)

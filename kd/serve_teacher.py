@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from kd.openai_api import TOKEN_ID_PREFIX
+from kd.openai_api import TOKEN_ID_PREFIX, chat_prompt_ids
 
 MAX_LOGPROBS = 20
 
@@ -338,9 +338,7 @@ def build_app(lm: TeacherLM, name: str, api_key: str | None = None, max_batch: i
             raise BadRequest("messages must be a non-empty list of {role, content} objects")
         if not getattr(lm.tokenizer, "chat_template", None):
             raise BadRequest("this model's tokenizer has no chat template; use /v1/completions")
-        # Rendered then tokenised without added specials, as the kit's chat data is (kd/lm_data.py)
-        text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = chat_prompt_ids(lm.tokenizer, messages)  # rendered as the kit's prompt data is
         max_tokens = int_field(body, "max_completion_tokens", None, 1) if body.get("max_completion_tokens") \
             else int_field(body, "max_tokens", 16, 1)
         want = bool(body.get("logprobs", False))
