@@ -1,8 +1,8 @@
 """The demo's recipe on real recorded speech, speaker-independently: leave one speaker out.
 
-    python bench/bench_fsdd.py                              # all four folds, about 20 min on 2 CPU cores
+    python bench/bench_fsdd.py                              # all four folds, about 17 min on 2 CPU cores
     python bench/bench_fsdd.py --speakers george --out /tmp/fsdd.json
-    python bench/bench_fsdd.py --student-epochs 40       # the two students trained 4x longer (about 35 min)
+    python bench/bench_fsdd.py --student-epochs 40       # the two students trained 4x longer (longer than 20 min)
 
 The Free Spoken Digit Dataset subset in ../shared/data/fsdd (4 speakers, 500 clips each, 8 kHz,
 trimmed of silence) is split by speaker: for each speaker, the three demo configs
