@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: run_end written with status 'interrupted'; resume with --resume", file=sys.stderr)
+        print("interrupted: run_end written with status 'interrupted'; continue from the last checkpoint with "
+              "--resume", file=sys.stderr)
         return 130
 
 
@@ -104,6 +105,9 @@ def resolve_resume(arg: str | None, output_dir: Path) -> Path | None:
 
     if arg is None:
         return None
+    if "=" in arg and not Path(arg).exists():  # `--resume key=value`: argparse took the override as the path
+        raise KDError(f"--resume: {arg!r} looks like a config override, not a checkpoint; write "
+                      f"`--resume latest {arg}` or put the override before --resume")
     path = latest_checkpoint(output_dir) if arg == "latest" else Path(arg)
     if path is None or not path.is_dir():
         where = output_dir / "checkpoints" if arg == "latest" else arg

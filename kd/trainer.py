@@ -11,6 +11,9 @@ import gc
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,6 +140,7 @@ class Trainer:
                                        num_training_steps=self.total_steps)
         self.acc.register_for_checkpointing(self.scheduler, self.state)
         self.metrics: dict[str, dict[str, Any]] = {}
+        self._stop_requested = False  # set by the first Ctrl-C (see _stop_on_ctrl_c)
 
     def _loader(self, role: str, batch_size: int):
         """The role's DataLoader, prepared by Accelerate (sharded over processes, batches on the device)."""
@@ -165,6 +169,7 @@ class Trainer:
             self.acc.print(f"Resumed from {resume_from} at step {self.state.step}, epoch {self.state.epoch}")
         self._start(resume_from)
         status, error = "failed", None
+        restore_sigint = self._stop_on_ctrl_c()
         try:
             self._train()
             self._finish()
@@ -178,6 +183,7 @@ class Trainer:
             error = str(exc) if isinstance(exc, KDError) else f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            restore_sigint()
             self.telemetry.emit("run_end", self.state.step, status=status, duration_s=time.time() - started,
                                 metrics=self.metrics, peak=self.peaks.run_peak(), error=error)
             self.telemetry.close()
@@ -186,6 +192,27 @@ class Trainer:
             if self.gpu is not None:
                 self.gpu.close()
             self.acc.end_training()
+
+    def _stop_on_ctrl_c(self):
+        """The first Ctrl-C stops at the end of the current step with a checkpoint; a second stops at once.
+
+        Stopping between steps rather than wherever KeyboardInterrupt happens to land (inside a
+        library's cleanup, a prefetch thread's join, a half-written gradient) leaves a state that
+        --resume continues exactly. One process only: under a multi-process launch every rank gets
+        the signal at a different point of its step, so they keep Python's default and stop at once.
+        Returns the function that puts the previous handler back.
+        """
+        if self.acc.num_processes != 1 or threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_sigint(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop now)", file=sys.stderr)
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        return lambda: signal.signal(signal.SIGINT, previous)
 
     def _start(self, resume_from: Path | None) -> None:
         cfg, run = self.cfg, self.run
@@ -266,6 +293,9 @@ class Trainer:
                 self._after_step(window, grad_norm, bar)
                 if state.step >= self.total_steps:
                     return False
+                if self._stop_requested:
+                    self.save_checkpoint()
+                    raise KeyboardInterrupt
             waited = time.perf_counter()
         return True
 

@@ -76,22 +76,59 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None
             timeout: int = 300):
     """Run train_kd.py in a subprocess (optionally under `accelerate launch`) and return the result."""
     import subprocess
+    import tempfile
 
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
+    full_env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # ranks talk over loopback, whatever the host's network
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train_kd.py")] + args
-    # Its own process group: on a timeout every process it started (accelerate's workers too) is
-    # killed, so a hung rank cannot outlive the test and slow the rest of the suite.
-    with subprocess.Popen(cmd, cwd=cwd or ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as proc:
+    # Output goes to files, not pipes: a stray worker that still holds a pipe open would block the
+    # read forever (torch's elastic launcher starts each rank in its own session, out of our reach
+    # by process group), which once held a CI run for 90 minutes on a hung two-rank test.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        with subprocess.Popen(cmd, cwd=cwd or ROOT, env=full_env, stdout=out, stderr=err, text=True,
+                              start_new_session=True) as proc:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                kill_process_tree(proc.pid)
+                proc.wait()
+                raise
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant, whatever session or process group they moved to."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+            # The command name (field 2) may hold spaces; the fields after its closing ')' do not.
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def accelerate_launch(num_processes: int = 1, config_file: Path | None = None) -> list[str]:
@@ -100,7 +137,10 @@ def accelerate_launch(num_processes: int = 1, config_file: Path | None = None) -
     if config_file is not None:
         launcher += ["--config_file", str(config_file)]
     if num_processes > 1:
-        launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1"]
+        # A port of its own: with the default 29500, two suites on one machine (or a rank left over
+        # from an earlier run) would meet in one rendezvous and wait for each other forever.
+        launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+                     "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
     else:
         launcher += ["--num_processes", "1", "--num_machines", "1"]
     return launcher + ["--mixed_precision", "no", "--dynamo_backend", "no"]

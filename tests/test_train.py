@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TONE_LABELS, accelerate_launch, run_cli, tiny_config, write_config
+from conftest import ROOT, TONE_LABELS, accelerate_launch, kill_process_tree, run_cli, tiny_config, write_config
 from kd.config import load_config
 from kd.export import load_student
 from kd.telemetry import COMMON_FIELDS, EVENT_FIELDS, read_events
@@ -236,26 +236,40 @@ def test_text_classification_uses_the_same_code(tmp_path):
     assert_onnx_export(events, ["input_ids", "token_type_ids", "attention_mask"])
 
 
-def test_ctrl_c_writes_run_end_interrupted(tmp_path, tone_data, tiny_teacher):
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes(tmp_path, tone_data, tiny_teacher):
     import signal
     import subprocess
     import sys
     import time
 
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", train={"max_steps": 100000, "eval_every": 10**6})
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "train_kd.py"), "--config",
-                             str(write_config(tmp_path / "c.yaml", cfg))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = write_config(tmp_path / "c.yaml", cfg)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_kd.py"), "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     telemetry = tmp_path / "run" / "telemetry.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(e["type"] == "step" for e in read_events(telemetry)):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(e["type"] == "step" for e in read_events(telemetry)):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        kill_process_tree(proc.pid)
     assert proc.returncode == 130, stderr[-2000:]
-    assert "interrupted" in stderr and "Traceback" not in stderr
-    end = read_events(telemetry)[-1]
+    assert "stopping after this step" in stderr and "Traceback" not in stderr
+    events = read_events(telemetry)
+    end = events[-1]
     assert end["type"] == "run_end" and end["status"] == "interrupted" and end["error"]
+    saved = [e for e in events if e["type"] == "checkpoint"]
+    assert saved and saved[-1]["step"] == end["step"]  # the step it stopped after, nothing lost
+    override = f"train.max_steps={end['step'] + 2}"
+    mistaken = run_cli(["--config", str(config), "--resume", override])
+    assert mistaken.returncode == 2 and "looks like a config override" in mistaken.stderr
+    resumed = run_cli(["--config", str(config), "--resume", "latest", override])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = read_events(telemetry)
+    start = [e for e in again if e["type"] == "run_start"][-1]
+    assert start["resumed_from"].endswith(f"step_{end['step']:07d}") and again[-1]["status"] == "completed"
 
 
 def test_image_classification_uses_the_same_code(tmp_path):
