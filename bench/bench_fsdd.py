@@ -3,6 +3,8 @@
     python bench/bench_fsdd.py                              # all four folds, about 17 min on 2 CPU cores
     python bench/bench_fsdd.py --speakers george --out /tmp/fsdd.json
     python bench/bench_fsdd.py --student-epochs 40       # the two students trained 4x longer (longer than 20 min)
+    python bench/bench_fsdd.py --work /tmp/fsdd --set train.lr=0.01   # a student sweep: teachers trained
+                                                         # in /tmp/fsdd by an earlier run are reused
 
 The Free Spoken Digit Dataset subset in ../shared/data/fsdd (4 speakers, 500 clips each, 8 kHz,
 trimmed of silence) is split by speaker: for each speaker, the three demo configs
@@ -43,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--student-epochs", type=int, default=None,
                         help="train.epochs of the KD and baseline students (default: their configs' own)")
+    parser.add_argument("--set", dest="student_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both students (repeatable), e.g. train.lr=0.01")
     args = parser.parse_args(argv)
+    bad = [o for o in args.student_overrides if "=" not in o]
+    if bad:
+        print(f"error: --set {bad[0]}: expected KEY=VALUE, e.g. train.lr=0.01", file=sys.stderr)
+        return 2
     if args.student_epochs is not None and args.student_epochs < 1:
         print(f"error: --student-epochs {args.student_epochs}: must be an integer >= 1", file=sys.stderr)
         return 2
@@ -66,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     for speaker in chosen:
         fold = write_fold(args.data, rows, speaker, work / f"fold-{speaker}")
         print(f"== held out: {speaker} (train: {', '.join(s for s in speakers if s != speaker)})", flush=True)
-        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", args.student_epochs)
+        student = [f"train.epochs={args.student_epochs}"] if args.student_epochs else []
+        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", student + args.student_overrides)
         print("   " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in folds[speaker].items()), flush=True)
-    results = {"env": env, "data": str(args.data), "student_epochs": args.student_epochs, "folds": folds,
+    results = {"env": env, "data": str(args.data), "student_epochs": args.student_epochs,
+               "student_overrides": args.student_overrides, "folds": folds,
                "duration_s": time.time() - started,
                "mean": {name: statistics.mean(f[name] for f in folds.values()) for name, _ in RUNS}}
     print_table(results)
@@ -96,22 +106,39 @@ def write_fold(data: Path, rows: list[dict], held_out: str, folder: Path) -> Pat
     return folder
 
 
-def run_fold(fold: Path, runs: Path, student_epochs: int | None = None) -> dict[str, float]:
-    """Teacher, then KD from it, then the baseline; each one's test accuracy."""
+def run_fold(fold: Path, runs: Path, student_overrides: list[str]) -> dict[str, float]:
+    """Teacher (unless a completed one is already in `runs`), then KD from it, then the baseline; each
+    one's test accuracy. The students' runs are always retrained, with `student_overrides` applied."""
     accuracy = {}
     for name, config in RUNS:
         out = runs / name
+        if name == "teacher" and finished(out):
+            print(f"   teacher: reusing {out} (delete it to retrain)", flush=True)
+            accuracy[name] = test_accuracy(out)
+            continue
         overrides = [f"data.data_dir={fold}", "data.eval_split=null", "data.test_split=test", f"run.output_dir={out}"]
         if name == "kd":
             overrides.append(f"teacher.model={runs / 'teacher' / 'student'}")
-        if name != "teacher" and student_epochs is not None:
-            overrides.append(f"train.epochs={student_epochs}")
+        if name != "teacher":
+            overrides += student_overrides
         command = [sys.executable, str(ROOT / "train_kd.py"), "--config", config, *overrides]
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"error: {' '.join(command)} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
         accuracy[name] = test_accuracy(out)
     return accuracy
+
+
+def finished(run_dir: Path) -> bool:
+    """A run that completed and exported its model (its telemetry ends with run_end 'completed')."""
+    sys.path.insert(0, str(ROOT))
+    from kd.telemetry import read_events
+
+    telemetry = run_dir / "telemetry.jsonl"
+    if not telemetry.is_file() or not (run_dir / "student" / "model.safetensors").is_file():
+        return False
+    events = read_events(telemetry)
+    return bool(events) and events[-1]["type"] == "run_end" and events[-1]["status"] == "completed"
 
 
 def test_accuracy(run_dir: Path) -> float:
