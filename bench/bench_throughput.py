@@ -56,6 +56,8 @@ def parse_args() -> argparse.Namespace:
                              "GPU, 3 on a CPU)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--work-dir", type=Path, default=None, help="where runs and synthetic data go (default: a temp dir)")
+    parser.add_argument("--agreement-only", action="store_true",
+                        help="only the demo teacher's fp16/bf16 agreement with fp32 (needs the teacher `make demo` trains)")
     return parser.parse_args()
 
 
@@ -72,6 +74,8 @@ def main() -> int:
     env = environment()
     print_environment(env)
     results = {"env": env, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "workloads": {}}
+    if args.agreement_only:
+        return agreement_only(work, cuda, results, args.out)
     for name in args.workloads:
         workload = (demo_workload if name == "demo" else flagship_workload)(work, cuda, epochs)
         print(f"\n== {name}: {workload.config} {' '.join(workload.overrides)}")
@@ -229,6 +233,20 @@ def data_path_rates(work: Path, cuda: bool, epochs: int) -> dict:
     out["ratio"] = out["optimised"]["clips_per_s"] / out["naive"]["clips_per_s"]
     print(f"   optimised / naive: {out['ratio']:.2f}x")
     return out
+
+
+def agreement_only(work: Path, cuda: bool, results: dict, out: Path | None) -> int:
+    """The half-precision agreement alone: run after `make demo` (gpu_check's step after the demo),
+    since the throughput step comes first and finds no trained teacher on a fresh machine."""
+    workload = demo_workload(work, cuda, epochs=1)
+    if workload.random_teacher:
+        print("error: no trained demo teacher in runs/demo-teacher/student; run `make demo` first", file=sys.stderr)
+        return 2
+    results["half_teacher_agreement"] = half_teacher_agreement(workload)
+    if out:
+        out.write_text(json.dumps(results, indent=1))
+        print(f"Results written to {out}")
+    return 0
 
 
 def half_teacher_agreement(workload: Workload) -> dict | None:

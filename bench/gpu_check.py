@@ -12,6 +12,7 @@ In order, each step a subprocess with its own time limit and log file under --ou
   3. throughput   bench/bench_throughput.py: naive against optimised, KD step cost, fp16/bf16 agreement
   4. demo         `python -m kd.demo` (the `make demo` run, under the configs' 5.5 GB cap), then the
                   monitor's `--once` summary of its KD run's telemetry
+  5. agreement    the demo teacher just trained, in fp16 and bf16 against fp32 on the demo test set
 
 Without a GPU the steps still run their CPU parts (the CUDA tests skip with a reason; the benches
 inject the out-of-memory error), and the report says that no GPU figure was measured. Nothing here
@@ -47,6 +48,9 @@ def steps(out: Path, work: Path) -> list[dict]:
         {"name": "cache", "timeout": 900, "argv": [PY, "bench/bench_cache.py", "--json", str(out / "cache.json")]},
         {"name": "demo", "timeout": 900, "argv": [PY, "-m", "kd.demo"]},
         {"name": "monitor-once", "timeout": 60, "argv": [PY, "monitor_tui.py", "runs/demo-kd", "--once"]},
+        {"name": "agreement", "timeout": 300,
+         "argv": [PY, "bench/bench_throughput.py", "--agreement-only", "--out", str(out / "agreement.json"),
+                  "--work-dir", str(work / "agreement")]},
     ]
 
 
