@@ -108,7 +108,7 @@ def markdown(env: dict, results: list[dict], out: Path) -> str:
     lines += [f"| {r['name']} | {r['exit']} | {r['seconds']} |" for r in results]
     for r in results:
         lines += ["", f"## {r['name']}", "", "```", *r["tail"], "```"]
-    for name in ("memory.json", "throughput.json"):
+    for name in ("memory.json", "throughput.json", "cache.json", "agreement.json"):
         if (out / name).is_file():
             lines += ["", f"Full figures: `{name}`."]
     return "\n".join(lines) + "\n"
