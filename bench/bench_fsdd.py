@@ -3,8 +3,8 @@
     python bench/bench_fsdd.py                              # all four folds, about 17 min on 2 CPU cores
     python bench/bench_fsdd.py --speakers george --out /tmp/fsdd.json
     python bench/bench_fsdd.py --student-epochs 40       # the two students trained 4x longer (longer than 20 min)
-    python bench/bench_fsdd.py --work /tmp/fsdd --set train.lr=0.01   # a student sweep: teachers trained
-                                                         # in /tmp/fsdd by an earlier run are reused
+    python bench/bench_fsdd.py --work /tmp/fsdd --set train.lr=0.01   # a student sweep: teachers an earlier
+                                                         # run trained in /tmp/fsdd with the same config are reused
 
 The Free Spoken Digit Dataset subset in ../shared/data/fsdd (4 speakers, 500 clips each, 8 kHz,
 trimmed of silence) is split by speaker: for each speaker, the three demo configs
@@ -107,16 +107,19 @@ def write_fold(data: Path, rows: list[dict], held_out: str, folder: Path) -> Pat
 
 
 def run_fold(fold: Path, runs: Path, student_overrides: list[str]) -> dict[str, float]:
-    """Teacher (unless a completed one is already in `runs`), then KD from it, then the baseline; each
-    one's test accuracy. The students' runs are always retrained, with `student_overrides` applied."""
+    """Teacher (unless `runs` holds one that completed with the same config), then KD from it, then the
+    baseline; each one's test accuracy. The students are always retrained, with `student_overrides`."""
+    from kd.config import load_config
+    from kd.demo.__main__ import finished_with_same_config
+
     accuracy = {}
     for name, config in RUNS:
         out = runs / name
-        if name == "teacher" and finished(out):
-            print(f"   teacher: reusing {out} (delete it to retrain)", flush=True)
+        overrides = [f"data.data_dir={fold}", "data.eval_split=null", "data.test_split=test", f"run.output_dir={out}"]
+        if name == "teacher" and finished_with_same_config(out, load_config(ROOT / config, overrides)):
+            print(f"   teacher: reusing {out} (same config; delete it to retrain)", flush=True)
             accuracy[name] = test_accuracy(out)
             continue
-        overrides = [f"data.data_dir={fold}", "data.eval_split=null", "data.test_split=test", f"run.output_dir={out}"]
         if name == "kd":
             overrides.append(f"teacher.model={runs / 'teacher' / 'student'}")
         if name != "teacher":
@@ -129,20 +132,7 @@ def run_fold(fold: Path, runs: Path, student_overrides: list[str]) -> dict[str, 
     return accuracy
 
 
-def finished(run_dir: Path) -> bool:
-    """A run that completed and exported its model (its telemetry ends with run_end 'completed')."""
-    sys.path.insert(0, str(ROOT))
-    from kd.telemetry import read_events
-
-    telemetry = run_dir / "telemetry.jsonl"
-    if not telemetry.is_file() or not (run_dir / "student" / "model.safetensors").is_file():
-        return False
-    events = read_events(telemetry)
-    return bool(events) and events[-1]["type"] == "run_end" and events[-1]["status"] == "completed"
-
-
 def test_accuracy(run_dir: Path) -> float:
-    sys.path.insert(0, str(ROOT))
     from kd.telemetry import read_events
 
     end = read_events(run_dir / "telemetry.jsonl")[-1]
