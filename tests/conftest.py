@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,10 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+class CliTimeout(AssertionError):
+    """A command that did not end in time; the message holds its processes' stacks and last output."""
+
+
 def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, launcher: list[str] | None = None,
             timeout: int = 300):
     """Run train_kd.py in a subprocess (optionally under `accelerate launch`) and return the result."""
@@ -81,6 +86,7 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
+    full_env.setdefault("PYTHONFAULTHANDLER", "1")  # SIGABRT on a timeout prints every thread's stack
     full_env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # ranks talk over loopback, whatever the host's network
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train_kd.py")] + args
     # Output goes to files, not pipes: a stray worker that still holds a pipe open would block the
@@ -92,16 +98,22 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                kill_process_tree(proc.pid)
+                # Where each process hung goes into the failure, so a hang seen once in CI is diagnosable.
+                kill_process_tree(proc.pid, first=signal.SIGABRT)
                 proc.wait()
-                raise
+                out.seek(0)
+                err.seek(0)
+                raise CliTimeout(f"{' '.join(cmd[-3:])} did not end within {timeout} s; the stacks of its "
+                                     f"processes and its last output:\n--- stdout ---\n{out.read()[-4000:]}"
+                                     f"\n--- stderr ---\n{err.read()[-12000:]}") from None
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
-def kill_process_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant, whatever session or process group they moved to."""
+def kill_process_tree(pid: int, first: int | None = None) -> None:
+    """SIGKILL a process and every descendant, whatever session or process group they moved to.
+    With `first` (SIGABRT, say), every member gets that signal and two seconds before the kill."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -115,11 +127,14 @@ def kill_process_tree(pid: int) -> None:
         current = todo.pop()
         tree.append(current)
         todo.extend(children.get(current, []))
-    for member in tree:
-        try:
-            os.kill(member, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for sig in ([first] if first is not None else []) + [signal.SIGKILL]:
+        for member in tree:
+            try:
+                os.kill(member, sig)
+            except ProcessLookupError:
+                pass
+        if sig != signal.SIGKILL:
+            time.sleep(2)
 
 
 def free_port() -> int:
