@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="kd-fsdd-"))
     started = time.time()
     folds = {}
+    student = ([f"train.epochs={args.student_epochs}"] if args.student_epochs else []) + args.student_overrides
     for speaker in chosen:
         fold = write_fold(args.data, rows, speaker, work / f"fold-{speaker}")
         print(f"== held out: {speaker} (train: {', '.join(s for s in speakers if s != speaker)})", flush=True)
-        student = [f"train.epochs={args.student_epochs}"] if args.student_epochs else []
-        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", student + args.student_overrides)
+        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", student)
         print("   " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in folds[speaker].items()), flush=True)
     results = {"env": env, "data": str(args.data), "student_epochs": args.student_epochs,
                "student_overrides": args.student_overrides, "folds": folds,

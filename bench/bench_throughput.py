@@ -105,10 +105,14 @@ def main() -> int:
     if "flagship" in args.workloads:
         results["flagship_data_path"] = data_path_rates(work, cuda, epochs)
     print_table(results)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
-        print(f"Results written to {args.out}")
+    save_results(results, args.out)
     return 0
+
+
+def save_results(results: dict, out: Path | None) -> None:
+    if out:
+        out.write_text(json.dumps(results, indent=1))
+        print(f"Results written to {out}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +247,7 @@ def agreement_only(work: Path, cuda: bool, results: dict, out: Path | None) -> i
         print("error: no trained demo teacher in runs/demo-teacher/student; run `make demo` first", file=sys.stderr)
         return 2
     results["half_teacher_agreement"] = half_teacher_agreement(workload)
-    if out:
-        out.write_text(json.dumps(results, indent=1))
-        print(f"Results written to {out}")
+    save_results(results, out)
     return 0
 
 

@@ -95,20 +95,21 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         with subprocess.Popen(cmd, cwd=cwd or ROOT, env=full_env, stdout=out, stderr=err, text=True,
                               start_new_session=True) as proc:
+            timed_out = False
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 # Where each process hung goes into the failure, so a hang seen once in CI is diagnosable.
                 kill_process_tree(proc.pid, first=signal.SIGABRT)
                 proc.wait()
-                out.seek(0)
-                err.seek(0)
-                raise CliTimeout(f"{' '.join(cmd[-3:])} did not end within {timeout} s; the stacks of its "
-                                     f"processes and its last output:\n--- stdout ---\n{out.read()[-4000:]}"
-                                     f"\n--- stderr ---\n{err.read()[-12000:]}") from None
+                timed_out = True
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+        stdout, stderr = out.read(), err.read()
+    if timed_out:
+        raise CliTimeout(f"{' '.join(cmd[-3:])} did not end within {timeout} s; the stacks of its processes and "
+                         f"its last output:\n--- stdout ---\n{stdout[-4000:]}\n--- stderr ---\n{stderr[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def kill_process_tree(pid: int, first: int | None = None) -> None:
