@@ -31,7 +31,7 @@ def build_student(cfg: StudentConfig, modality: str, label_names: list[str], sam
     if cfg.type == "logmel_cnn":
         return LogMelCNN(len(label_names), sample_rate=sample_rate or 16000, n_mels=cfg.n_mels,
                          channels=cfg.channels, dropout=cfg.dropout, normalize=cfg.normalize,
-                         pool=cfg.pool)
+                         pool=cfg.pool, stem_stride=cfg.stem_stride)
     return build_hf_student(cfg, modality, label_names, teacher, teacher_spec)
 
 

@@ -81,6 +81,8 @@ def test_every_shipped_key_is_commented(path):
         ("telemetry", {"report_to": ["slack"]}, "telemetry.report_to", "'tensorboard'"),
         ("student", {"normalize": "global"}, "student.normalize", "'utterance', 'batch'"),
         ("student", {"pool": "max"}, "student.pool", "'time_max', 'avg'"),
+        ("student", {"stem_stride": 3}, "student.stem_stride", "one of 1, 2"),
+        ("student", {"stem_stride": True}, "student.stem_stride", "one of 1, 2"),
         ("augment", {"speed": 1.5}, "augment.speed", "must be in [0, 1)"),
         ("augment", {"noise_snr_db": [30, 10]}, "augment.noise_snr_db", "low <= high"),
         ("augment", {"noise_snr_db": [10]}, "augment.noise_snr_db", "[low, high]"),

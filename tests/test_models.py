@@ -227,18 +227,34 @@ def test_kit_teacher_truncated_or_for_another_modality_is_refused(kit_teacher):
         load_teacher(str(folder), "audio")
 
 
-def test_exports_from_before_the_normalize_and_pool_keys_load_as_they_were(tmp_path):
+def test_exports_from_before_the_normalize_pool_and_stem_stride_keys_load_as_they_were(tmp_path):
     import json
 
     model = LogMelCNN(2, n_mels=16, channels=[8], normalize="batch", pool="avg").eval()
     folder = save_student(model, tmp_path / "old", ["a", "b"])
     config = json.loads((folder / "config.json").read_text())
-    del config["normalize"], config["pool"]
+    del config["normalize"], config["pool"], config["stem_stride"]
     (folder / "config.json").write_text(json.dumps(config))
     loaded, _ = load_student(folder)
-    assert loaded.normalize == "batch" and loaded.config["pool"] == "avg"
+    assert loaded.normalize == "batch" and loaded.config["pool"] == "avg" and loaded.config["stem_stride"] == 1
     wave = torch.randn(2, 16000)
     torch.testing.assert_close(loaded(wave), model(wave))
+
+
+def test_stem_stride_two_halves_the_first_map_keeps_the_parameters_and_round_trips(tmp_path):
+    full = LogMelCNN(3, sample_rate=8000, n_mels=16, channels=[8, 16]).eval()
+    strided = LogMelCNN(3, sample_rate=8000, n_mels=16, channels=[8, 16], stem_stride=2).eval()
+    assert sum(p.numel() for p in full.parameters()) == sum(p.numel() for p in strided.parameters())
+    wave = torch.randn(2, 8000)
+    features = full.input_norm(full.features(wave))  # (2, 1, 16, 101)
+    assert full.body[:3](features).shape[-2:] == (16, 101)
+    assert strided.body[:3](features).shape[-2:] == (8, 51)
+    folder = save_student(strided, tmp_path / "strided", ["a", "b", "c"])
+    loaded, _ = load_student(folder)
+    assert loaded.config["stem_stride"] == 2
+    torch.testing.assert_close(loaded(wave), strided(wave))
+    with pytest.raises(ValueError, match="stem_stride one of \\(1, 2\\)"):
+        LogMelCNN(3, stem_stride=4)
 
 
 # ---------------------------------------------------------------------------------------------
