@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_throughput.py
 	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_cache.py
+	$(PY) bench/bench_stem.py
 
 # Every CUDA path (tests marked cuda, memory and throughput benches, a demo run, the monitor),
 # one report in bench/gpu-check/ (markdown + JSON). On a machine without a GPU it runs the CPU parts.

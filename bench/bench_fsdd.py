@@ -17,7 +17,7 @@ The teacher runs its config unchanged. Both students (KD and baseline, always al
 recipe with the schedule real speech needs (REAL_SPEECH_STUDENTS below): unheard real voices are far
 harder than the demo's synthetic ones, and at the demo's 10 epochs both students stop far short of
 the teacher (KD at 64% of it, bench/RESULTS.md). The strided stem (`student.stem_stride: 2`, the same
-parameters, about 3.4x cheaper steps) buys the 30 epochs that bring them near it within 20 minutes.
+parameters, 3.4-4.2x cheaper steps) buys the 30 epochs that bring them near it within 20 minutes.
 
 The clips are not copied: each fold is a folder of symbolic links (train/ and test/, each with a
 metadata.csv) under --work. Prints teacher / KD / baseline per held-out speaker and their mean, with

@@ -13,6 +13,7 @@ In order, each step a subprocess with its own time limit and log file under --ou
   4. demo         `python -m kd.demo` (the `make demo` run, under the configs' 5.5 GB cap), then the
                   monitor's `--once` summary of its KD run's telemetry
   5. agreement    the demo teacher just trained, in fp16 and bf16 against fp32 on the demo test set
+  6. stem         bench/bench_stem.py: the log-mel CNN's training step with stem_stride 1 against 2
 
 Without a GPU the steps still run their CPU parts (the CUDA tests skip with a reason; the benches
 inject the out-of-memory error), and the report says that no GPU figure was measured. Nothing here
@@ -51,6 +52,7 @@ def steps(out: Path, work: Path) -> list[dict]:
         {"name": "agreement", "timeout": 300,
          "argv": [PY, "bench/bench_throughput.py", "--agreement-only", "--out", str(out / "agreement.json"),
                   "--work-dir", str(work / "agreement")]},
+        {"name": "stem", "timeout": 300, "argv": [PY, "bench/bench_stem.py", "--out", str(out / "stem")]},
     ]
 
 
@@ -108,7 +110,7 @@ def markdown(env: dict, results: list[dict], out: Path) -> str:
     lines += [f"| {r['name']} | {r['exit']} | {r['seconds']} |" for r in results]
     for r in results:
         lines += ["", f"## {r['name']}", "", "```", *r["tail"], "```"]
-    for name in ("memory.json", "throughput.json", "cache.json", "agreement.json"):
+    for name in ("memory.json", "throughput.json", "cache.json", "agreement.json", "stem/results.json"):
         if (out / name).is_file():
             lines += ["", f"Full figures: `{name}`."]
     return "\n".join(lines) + "\n"

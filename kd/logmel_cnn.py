@@ -56,7 +56,7 @@ class LogMelCNN(nn.Module):
     `stem_stride` is the stride of the first (full-resolution) convolution. With 1 the stem keeps the
     40 x 101 map of a one-second clip and costs most of a step (its activations, BatchNorm and ReLU
     run at full resolution); 2 halves both axes from the first layer on: the same parameters, about
-    3.4x cheaper training steps on a 2-core CPU (bench/RESULTS.md).
+    3.4-4.2x cheaper training steps on a 2-core CPU (bench/bench_stem.py, bench/RESULTS.md).
     """
 
     kind = KIND
