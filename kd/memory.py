@@ -120,6 +120,10 @@ class PhasePeaks:
     def __init__(self, device: torch.device):
         self.device = device
         self.enabled = device.type == "cuda"
+        if self.enabled:
+            # The run's peaks start with training: the pre-flight probe's trial step (and loading)
+            # ran before, and would otherwise be read into the first phase.
+            torch.cuda.reset_peak_memory_stats(device)
         self.current: str | None = None
         self.epoch: dict[str, dict[str, int]] = {}
         self.run: dict[str, dict[str, int]] = {}

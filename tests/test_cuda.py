@@ -2,20 +2,24 @@
 
 Each test can fail on a GPU: the fast-path switches really take effect, the budget cap really caps,
 a real out-of-memory error raised by the CUDA allocator under the cap is recovered in every phase,
-NVML is read, half precision stays finite, on-device features match the CPU's, and compiled
-training matches eager. `bench/gpu_check.py` runs these first.
+NVML is read, the pre-flight estimate is within 20% of the measured peak for the demo and flagship
+configs, half precision stays finite, on-device features match the CPU's, and compiled training
+matches eager. `bench/gpu_check.py` runs these first.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, tiny_config, write_config
+from conftest import ROOT, run_cli, tiny_config, write_config
 from kd.build import build_run
 from kd.config import config_from_dict
 from kd.data import make_loader
+from kd.memory import PhasePeaks
 from kd.telemetry import read_events
 from kd.trainer import Trainer
 from test_oom import recorded_run
@@ -123,6 +127,36 @@ def test_a_real_oom_with_on_oom_fail_checkpoints_and_exits_2(tmp_path, tone_data
     assert "Traceback" not in result.stderr
     events = read_events(tmp_path / "run")
     assert events[-1]["type"] == "run_end" and events[-1]["status"] == "oom"
+
+
+def test_run_peaks_leave_out_what_ran_before_training():
+    """What ran before the trainer (the pre-flight probe's trial step, loading) is not in run_end.peak."""
+    device = torch.device("cuda")
+    before = torch.empty(int(1 * GB), dtype=torch.uint8, device=device)
+    del before
+    torch.cuda.empty_cache()
+    peaks = PhasePeaks(device)
+    peaks.enter("student_forward")
+    during = torch.ones(1 << 20, device=device)
+    peak = peaks.run_peak()
+    assert during.numel() * 4 <= peak["allocated"] < 0.5 * GB, peak
+    assert peak["reserved"] < 0.5 * GB, peak
+
+
+@pytest.mark.parametrize("workload", ["demo", "flagship"])
+def test_the_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, workload):
+    """The shipped config for one epoch of its bench workload (bench/bench_memory.py): the pre-flight
+    estimate less the CUDA context (which PyTorch's counters do not see) against `run_end.peak`'s
+    reserved bytes. The demo builds its keyword clips under .demo/ and, without a trained demo
+    teacher, uses its architecture with random weights; the flagship's AST has random weights."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_memory import compare
+    from workloads import demo_workload, flagship_workload, kit_run
+
+    make = demo_workload if workload == "demo" else flagship_workload
+    spec = make(tmp_path, True, 1)
+    row = compare(kit_run(spec.config, spec.overrides, tmp_path / "run").events)
+    assert 0.8 <= row["estimate_over_reserved"] <= 1.2, row
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
