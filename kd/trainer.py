@@ -587,6 +587,10 @@ class Trainer:
             onnx = self._export_onnx(path, processor) if self.cfg.export.onnx else None
             self.telemetry.emit("checkpoint", self.state.step, path=str(path), kind="final",
                                 duration_s=time.perf_counter() - started, **({"onnx": asdict(onnx)} if onnx else {}))
+        # Every process leaves training together: a rank that returned while the main process was still
+        # saving tore its process group down under it, and the main process once hung at the end of a
+        # two-process CPU run with its peer gone (tests/test_lm.py, 2026-11-23).
+        self.acc.wait_for_everyone()
 
     def _export_onnx(self, folder: Path, processor: Any):
         """model.onnx (and model.int8.onnx) beside the saved student, made from the saved folder itself

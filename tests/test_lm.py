@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import load_dataset
 
-from conftest import accelerate_launch, run_cli, write_config
+from conftest import accelerate_launch, once_more_if_hung, run_cli, write_config
 from kd.config import DataConfig
 from kd.errors import DataError
 from kd.lm_data import IGNORE, LMCollator, prepare_lm_splits
@@ -296,17 +296,22 @@ def test_two_cpu_processes_train_and_evaluate_a_language_model(tmp_path, tiny_ll
     """DDP over two CPU processes (gloo): sharded rows, tokens/s summed over processes, eval rows
     gathered once each, one telemetry file, one saved student."""
     data = write_lm_dataset(tmp_path / "data", "text", {"train": 16, "validation": 6})
-    cfg = lm_config(data, tiny_llama, tmp_path / "run", train={"max_steps": 2, "eval_every": 2, "batch_size": 2})
-    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))], launcher=accelerate_launch(2),
-                     env={"ACCELERATE_USE_CPU": "true"})
+
+    def attempt(n):  # a hung launch is retried once (conftest.once_more_if_hung)
+        cfg = lm_config(data, tiny_llama, tmp_path / f"run{n}", train={"max_steps": 2, "eval_every": 2, "batch_size": 2})
+        return n, run_cli(["--config", str(write_config(tmp_path / f"c{n}.yaml", cfg))], launcher=accelerate_launch(2),
+                          env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
+
+    n, result = once_more_if_hung(attempt)
+    run = tmp_path / f"run{n}"
     assert result.returncode == 0, result.stderr[-3000:]
-    events = read_events(tmp_path / "run" / "telemetry.jsonl")
+    events = read_events(run / "telemetry.jsonl")
     assert [e["type"] for e in events].count("run_start") == 1
     assert events[0]["env"]["world_size"] == 2
     assert [e["samples"] for e in events if e["type"] == "step"] == [4, 8]
     final = [e for e in events if e["type"] == "eval"][-1]
     assert final["samples"] == 6  # every validation row once, none duplicated by the uneven shard
-    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+    assert (run / "student" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("change,fragment", [

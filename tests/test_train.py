@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, TONE_LABELS, CliTimeout, accelerate_launch, kill_process_tree, run_cli, tiny_config, write_config
+from conftest import (ROOT, TONE_LABELS, accelerate_launch, kill_process_tree, once_more_if_hung, run_cli, tiny_config,
+                      write_config)
 from kd.config import load_config
 from kd.export import load_student
 from kd.telemetry import COMMON_FIELDS, EVENT_FIELDS, read_events
@@ -125,20 +125,14 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tone_data, tiny_te
 
 
 def test_two_cpu_processes_shard_data_and_write_telemetry_once(tmp_path, tone_data, tiny_teacher):
-    # It takes ~12 s on 2 cores. On the CI host the ranks' start once hung past the timeout, twice in a
-    # row, and never here (14 runs): a hung attempt is retried once, on a fresh port and folder, and its
-    # processes' stacks are kept in a warning; a second hang fails with them.
-    for attempt in (1, 2):
-        run_dir = tmp_path / f"run{attempt}"
-        cfg = tiny_config(tone_data, tiny_teacher, run_dir, train={"max_steps": 3, "eval_every": 100})
-        try:
-            result = run_cli(["--config", str(write_config(tmp_path / f"c{attempt}.yaml", cfg))],
-                             launcher=accelerate_launch(2), env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
-            break
-        except CliTimeout as hang:
-            if attempt == 2:
-                raise
-            warnings.warn(f"two-process launch, attempt 1 hung: {hang}")
+    # It takes ~12 s on 2 cores; a hung launch is retried once (conftest.once_more_if_hung).
+    def attempt(n):
+        cfg = tiny_config(tone_data, tiny_teacher, tmp_path / f"run{n}", train={"max_steps": 3, "eval_every": 100})
+        return n, run_cli(["--config", str(write_config(tmp_path / f"c{n}.yaml", cfg))],
+                          launcher=accelerate_launch(2), env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
+
+    n, result = once_more_if_hung(attempt)
+    run_dir = tmp_path / f"run{n}"
     assert result.returncode == 0, result.stderr[-3000:]
     events = strict_lines(run_dir / "telemetry.jsonl")
     check_schema(events)
