@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workloads import ROOT, environment, print_environment
+from workloads import ROOT, environment, print_environment, save_results
 
 RUNS = (("teacher", "configs/demo_teacher.yaml"), ("kd", "configs/demo.yaml"), ("baseline", "configs/demo_baseline.yaml"))
 # Overrides for both students on real speech (see the module docstring); --demo-schedule drops them.
@@ -95,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                "duration_s": time.time() - started,
                "mean": {name: statistics.mean(f[name] for f in folds.values()) for name, _ in RUNS}}
     print_table(results)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
-        print(f"Results written to {args.out}")
+    save_results(results, args.out)
     return 0
 
 

@@ -18,13 +18,13 @@ so it is injected (KD_FAULT_OOM_AT_STEP=2) into a demo run and the same checks a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from workloads import demo_workload, environment, flagship_workload, isolate_caches, kit_run, print_environment
+from workloads import (demo_workload, environment, flagship_workload, isolate_caches, kit_run, print_environment,
+                       save_results)
 
 GB = 1e9  # decimal, as memory.vram_budget_gb
 
@@ -57,9 +57,7 @@ def main() -> int:
         show_estimate(name, row)
     if not args.skip_oom:
         results["oom"] = oom_check(work, cuda)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
-        print(f"Results written to {args.out}")
+    save_results(results, args.out)
     failed = results["oom"] is not None and not results["oom"]["passed"]
     return 1 if failed else 0
 

@@ -15,7 +15,6 @@ to --out/results.json with the machine and versions.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -24,11 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workloads import environment, print_environment  # puts the repository root on sys.path
+from workloads import environment, print_environment, save_results  # puts the repository root on sys.path
 
 from bench_onnx import median_ms  # noqa: E402
 from kd.detect import ort_session  # noqa: E402
-from kd.export import atomic_file  # noqa: E402
 from kd.logmel_cnn import STEM_STRIDES, LogMelCNN  # noqa: E402
 from kd.onnx_export import export_onnx, run_onnx  # noqa: E402
 
@@ -109,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"env": env, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "device": device.type, "strides": rows, "ratios": ratios}
-    with atomic_file(args.out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=1))
-    print(f"Results written to {args.out / 'results.json'}")
+    save_results(results, args.out / "results.json")
     return 0
 
 

@@ -31,7 +31,6 @@ fp16 and bf16 predicts what it predicts in fp32 on the demo test set.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import time
 from pathlib import Path
 
 from workloads import (ROOT, Workload, demo_workload, environment, flagship_workload, isolate_caches, kit_run,
-                       print_environment)
+                       print_environment, save_results)
 
 NAIVE = ["teacher.device=cpu", "teacher.dtype=fp32", "data.pin_memory=false", "data.persistent_workers=false",
          "student.channels_last=false", "data.decode_cache=false", "data.features_on_device=false",
@@ -107,12 +106,6 @@ def main() -> int:
     print_table(results)
     save_results(results, args.out)
     return 0
-
-
-def save_results(results: dict, out: Path | None) -> None:
-    if out:
-        out.write_text(json.dumps(results, indent=1))
-        print(f"Results written to {out}")
 
 
 # ---------------------------------------------------------------------------------------------

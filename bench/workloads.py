@@ -157,6 +157,19 @@ def environment() -> dict:
             "datasets": datasets.__version__, "date": datetime.date.today().isoformat()}
 
 
+def save_results(results: dict, out: Path | None) -> None:
+    """Write a bench's results as JSON to `out` (when given), atomically: an interrupted write keeps the
+    previous file whole."""
+    import json
+
+    from kd.export import atomic_file
+
+    if out:
+        with atomic_file(out) as tmp:
+            tmp.write_text(json.dumps(results, indent=1))
+        print(f"Results written to {out}")
+
+
 def print_environment(env: dict) -> None:
     print(f"Device: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']}, "
           f"accelerate {env['accelerate']}, datasets {env['datasets']}; {env['date']}")

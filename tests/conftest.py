@@ -114,16 +114,17 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None
 
 
 def once_more_if_hung(attempt):
-    """`attempt(1)`, and if that launch hangs, `attempt(2)` (the test gives it a fresh folder and port).
+    """(1, attempt(1)), or, if that launch hangs, (2, attempt(2)): the test gives each attempt its own
+    folder (and the launcher its own port).
 
     Two-process runs have hung past the timeout on the CI host and, once, here (a rank stuck after the
-    run had ended, its peer gone: bench/RESULTS.md has nothing on it yet, the notes do); the first
-    hang's stacks go into a warning, a second hang fails with its own."""
+    run had ended, its peer gone); the first hang's stacks go into a warning, a second hang fails with
+    its own."""
     try:
-        return attempt(1)
+        return 1, attempt(1)
     except CliTimeout as hang:
         warnings.warn(f"two-process launch, attempt 1 hung: {hang}")
-        return attempt(2)
+        return 2, attempt(2)
 
 
 def kill_process_tree(pid: int, first: int | None = None) -> None:

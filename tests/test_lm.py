@@ -299,8 +299,8 @@ def test_two_cpu_processes_train_and_evaluate_a_language_model(tmp_path, tiny_ll
 
     def attempt(n):  # a hung launch is retried once (conftest.once_more_if_hung)
         cfg = lm_config(data, tiny_llama, tmp_path / f"run{n}", train={"max_steps": 2, "eval_every": 2, "batch_size": 2})
-        return n, run_cli(["--config", str(write_config(tmp_path / f"c{n}.yaml", cfg))], launcher=accelerate_launch(2),
-                          env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
+        return run_cli(["--config", str(write_config(tmp_path / f"c{n}.yaml", cfg))], launcher=accelerate_launch(2),
+                       env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
 
     n, result = once_more_if_hung(attempt)
     run = tmp_path / f"run{n}"

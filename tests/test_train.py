@@ -128,8 +128,8 @@ def test_two_cpu_processes_shard_data_and_write_telemetry_once(tmp_path, tone_da
     # It takes ~12 s on 2 cores; a hung launch is retried once (conftest.once_more_if_hung).
     def attempt(n):
         cfg = tiny_config(tone_data, tiny_teacher, tmp_path / f"run{n}", train={"max_steps": 3, "eval_every": 100})
-        return n, run_cli(["--config", str(write_config(tmp_path / f"c{n}.yaml", cfg))],
-                          launcher=accelerate_launch(2), env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
+        return run_cli(["--config", str(write_config(tmp_path / f"c{n}.yaml", cfg))],
+                       launcher=accelerate_launch(2), env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
 
     n, result = once_more_if_hung(attempt)
     run_dir = tmp_path / f"run{n}"
