@@ -135,13 +135,8 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
     if teacher is not None and next(teacher.parameters()).device.type == "cpu" and cfg.teacher.dtype != "fp32":
         say(f"Note: the teacher runs on the CPU in {cfg.teacher.dtype}; CPUs rarely have fast half-precision "
             "kernels (an AST forward measured 6x slower than in fp32), so teacher.dtype: fp32 is faster there")
-    if accelerator.device.type == "cuda":
-        if cfg.student.channels_last and use_channels_last(student):
-            say("Using channels_last memory format")
-        if teacher is not None and next(teacher.parameters()).is_cuda:
-            use_channels_last(teacher)
-        if cfg.data.pin_memory:
-            say("Non-blocking transfers enabled")
+    if accelerator.device.type == "cuda" and cfg.data.pin_memory:
+        say("Non-blocking transfers enabled")
     params = {"teacher": count_parameters(teacher) if teacher is not None else None,
               "student": count_parameters(student)}
     say(f"Parameters: teacher {_fmt_count(params['teacher'])}, student {_fmt_count(params['student'])}")
@@ -336,11 +331,17 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
         torch.cuda.set_per_process_memory_fraction(fraction, cuda_index(device))
         say(f"Memory capped to the {budget / 1e9:.2f} GB budget ({100 * fraction:.0f}% of {total / 1e9:.1f} GB)")
         student.to(device)
+        # The layout training uses, before the probe: it measures the kernels training will run.
+        if cfg.student.channels_last and use_channels_last(student):
+            say("Using channels_last memory format")
     # Teacher next to the student unless told otherwise: logits then never cross the bus.
     on_gpu = teacher is not None and cfg.teacher.device != "cpu"
     if on_gpu and device.type == "cuda":
         teacher.to(device)
+        use_channels_last(teacher)
     train = data.splits["train"]
+    # The model inputs are computed in the step only when a model reads them (as in the trainer).
+    features = data.features if data.features is not None and (input_key == "inputs" or teacher is not None) else None
 
     def probe(micro: int) -> Estimate:
         # A full micro-batch on the GPU (measured); two samples on the CPU, scaled (analytic). A
@@ -350,10 +351,9 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
         while True:
             batch = data.collate([train[i % len(train)] for i in range(rows)])
             try:
-                if data.features is not None:
-                    batch["inputs"] = data.features(batch["waveform"].to(device))
                 return estimate_memory(teacher, student, batch, input_key, micro, cfg.train.mixed_precision, on_gpu,
-                                       device, cfg.memory.loss_chunk)
+                                       device, cfg.memory.loss_chunk, features=features,
+                                       autocast=accelerator.autocast)
             except torch.OutOfMemoryError:
                 if device.type != "cuda" or rows == 1:
                     raise
@@ -368,6 +368,7 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
         where, why = choose_teacher_device(estimate, budget)
         if where == "cpu":
             teacher.to("cpu")
+            use_channels_last(teacher, enabled=False)
             on_gpu = False
             estimate = probe(cfg.train.batch_size)
         say(f"Teacher on the {where.upper()}: {why}")

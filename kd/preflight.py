@@ -1,21 +1,24 @@
 """Pre-flight memory estimate: will this run fit the VRAM budget, and if not, what to change.
 
 Weights, gradients and optimizer state follow from parameter counts and dtypes. Activations are
-measured: on a GPU, as the peak of a probe step (teacher forward, student forward and backward) on
-one micro-batch; on the CPU, analytically, by counting the bytes autograd saves for backward in a
-small probe step (`saved_tensors_hooks`) plus the teacher's largest intermediate tensors, scaled to
-the micro-batch. The CUDA context and the libraries' workspaces are not visible to PyTorch's
-allocator but count against the device: on a GPU they are read from NVML after the probe (this
-process's device memory less what the allocator reserved; 0.81 GB on an H100 with torch 2.11 /
-CUDA 13, bench/RESULTS.md), elsewhere a 0.5 GB constant stands in.
+measured: on a GPU, as the peak of a probe step on one micro-batch that runs what training runs
+(the batch copied over, the on-device features, the teacher's forward, the student's forward and
+backward, under the run's autocast and memory layout); on the CPU, analytically, by counting the
+bytes autograd saves for backward in a small probe step (`saved_tensors_hooks`) plus the teacher's
+largest intermediate tensors and the batch itself, scaled to the micro-batch. The CUDA context and
+the libraries' workspaces are not visible to PyTorch's allocator but count against the device: on
+a GPU they are read from NVML after the probe (this process's device memory less what the
+allocator reserved; 0.81 GB on an H100 with torch 2.11 / CUDA 13, bench/RESULTS.md), elsewhere a
+0.5 GB constant stands in.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -54,8 +57,15 @@ def param_bytes(model: nn.Module | None) -> int:
 
 def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[str, Any], input_key: str,
                     micro_batch: int, mixed_precision: str, teacher_on_gpu: bool, device: torch.device,
-                    loss_chunk: int = 1024) -> Estimate:
-    """Estimate the GPU memory of training with this micro-batch (`batch` may be smaller: it is scaled).
+                    loss_chunk: int = 1024, features: Callable | None = None,
+                    autocast: Callable[[], ContextManager] = nullcontext) -> Estimate:
+    """Estimate the GPU memory of training with this micro-batch (`batch`, as collated on the host,
+    may be smaller: it is scaled).
+
+    The probe runs what a training step runs on the device, in its order: the batch copied over,
+    the model inputs computed from the waveform (`features`, data.features_on_device), the teacher's
+    forward, the student's forward and backward, both under `autocast` (the Accelerator's). The
+    batch and its features count: they live on the device through the whole step.
 
     Language models (3-D logits) also count their logits, which autograd's saved tensors do not show:
     the student's logits and their gradient (analytic only; the GPU probe measures them), the teacher's
@@ -68,12 +78,19 @@ def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[s
     numpy_state, python_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if device.type == "cuda":
-            student_act, teacher_act, shape = _measured_activations(teacher, student, batch, input_key, device)
+            student_act, teacher_act, shape = _measured_activations(teacher, student, batch, input_key, device,
+                                                                    features, autocast)
             method = "measured"
         else:
-            student_act, teacher_act, shape = _analytic_activations(teacher, student, batch, input_key)
+            batch = dict(batch)
+            if features is not None:
+                batch["inputs"] = features(batch["waveform"])
+            saved, teacher_act, shape = _analytic_activations(teacher, student, batch, input_key)
             if mixed_precision != "no":
-                student_act //= 2  # autocast keeps most saved activations in 16 bits
+                saved //= 2  # autocast keeps most saved activations in 16 bits
+            # The batch (and its features) stays on the device through the whole step, under both forwards.
+            inputs = batch_bytes(batch)
+            student_act, teacher_act = saved + inputs, teacher_act + inputs
             method = "analytic"
     np.random.set_state(numpy_state)
     random.setstate(python_state)
@@ -162,29 +179,43 @@ def _analytic_activations(teacher, student, batch, input_key) -> tuple[int, int]
     return sum(saved.values()), teacher_act, shape
 
 
-def _measured_activations(teacher, student, batch, input_key, device) -> tuple[int, int]:
-    def peak_of(fn) -> int:
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
+def batch_bytes(batch: Any) -> int:
+    """Bytes of every tensor in a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, dict):
+        return sum(batch_bytes(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return sum(batch_bytes(v) for v in batch)
+    return 0
+
+
+def _measured_activations(teacher, student, batch, input_key, device, features, autocast) -> tuple[int, int]:
+    """Peaks of the step's two halves above what was allocated before the batch came over: the batch
+    and its features are alive in both, as in training."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+
+    def peak_since_reset() -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
 
+    torch.cuda.reset_peak_memory_stats(device)
     on_device = send_to_device(batch, device)
-    teacher_act = 0
-    if teacher is not None and next(teacher.parameters()).is_cuda:
-        teacher_act = peak_of(lambda: teacher_logits(teacher, on_device))
+    with autocast():
+        if features is not None:
+            on_device["inputs"] = features(on_device["waveform"])
+        if teacher is not None and next(teacher.parameters()).is_cuda:
+            teacher_logits(teacher, on_device)
+    teacher_act = peak_since_reset()
 
-    shape: tuple[int, ...] = ()
-
-    def student_step():
-        nonlocal shape
+    torch.cuda.reset_peak_memory_stats(device)
+    with autocast():
         logits = student_logits(student, on_device, input_key)
-        shape = tuple(logits.shape)
-        logits.float().sum().backward()
-
-    student_act = peak_of(student_step)
+    shape = tuple(logits.shape)
+    logits.float().sum().backward()
+    student_act = peak_since_reset()
+    del logits, on_device
     student.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     return student_act, teacher_act, shape

@@ -118,11 +118,12 @@ def model_input_key(model: nn.Module) -> str:
     return "waveform" if isinstance(model, LogMelCNN) else "inputs"
 
 
-def use_channels_last(model: nn.Module) -> bool:
-    """Switch a model with 2-D convolutions to channels_last (NHWC): faster conv kernels on CUDA."""
+def use_channels_last(model: nn.Module, enabled: bool = True) -> bool:
+    """Switch a model with 2-D convolutions to channels_last (NHWC): faster conv kernels on CUDA.
+    `enabled=False` puts it back to the default layout (a teacher moved off the GPU)."""
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return False
-    model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
     if isinstance(model, LogMelCNN):
-        model.channels_last = True
+        model.channels_last = enabled
     return True

@@ -38,11 +38,18 @@ def test_estimate_arithmetic(tiny_teacher):
 
 
 def test_activations_scale_with_the_micro_batch_and_precision():
+    """Activations and the batch grow with the micro-batch; 16-bit autocast halves what autograd
+    saves, not the fp32 batch the step holds on the device."""
+    from kd.preflight import batch_bytes
+
     student = LogMelCNN(3, n_mels=16, channels=[8, 16])
     small = estimate_memory(None, student, probe_batch(), "waveform", 4, "no", False, CPU).activations
     large = estimate_memory(None, student, probe_batch(), "waveform", 8, "no", False, CPU).activations
     mixed = estimate_memory(None, student, probe_batch(), "waveform", 8, "bf16", False, CPU).activations
-    assert large == pytest.approx(2 * small, rel=0.01) and mixed == pytest.approx(large / 2, rel=0.01)
+    batch = batch_bytes(probe_batch()) * 8 // 2  # waveform, processed inputs and labels: 2 rows scaled to 8
+    assert batch == 8 * (16000 * 4 * 2 + 8)
+    assert large == pytest.approx(2 * small, rel=0.01)
+    assert mixed == pytest.approx((large - batch) / 2 + batch, rel=0.01)
 
 
 @pytest.mark.parametrize("model", ["logmel", "wav2vec2"])
