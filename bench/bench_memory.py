@@ -69,26 +69,37 @@ def compare(events: list[dict]) -> dict:
     peak = end.get("peak") or {}
     nvml = [e["gpu"]["used_bytes"] for e in events if e["type"] == "step" and e.get("gpu")
             and e["gpu"].get("used_bytes") is not None]
+    # Where the peak was reached: each phase's peak in the last step line (this epoch's, GPU only).
+    phases = next((e["memory"] for e in reversed(events) if e["type"] == "step" and e.get("memory")), None)
     row = {"budget_bytes": start["plan"]["vram_budget_bytes"], "estimate_total": est["total"],
            "estimate_method": est["method"], "estimate_without_context": est["total"] - est["cuda_context"],
-           "peak_allocated": peak.get("allocated"), "peak_reserved": peak.get("reserved"),
+           "estimate_activations": est["activations"], "estimate_teacher_activations": est["teacher_activations"],
+           "peak_allocated": peak.get("allocated"), "peak_reserved": peak.get("reserved"), "phase_peaks": phases,
            "nvml_used_max": max(nvml) if nvml else None, "status": end["status"]}
     if row["peak_reserved"]:
         row["estimate_over_reserved"] = row["estimate_without_context"] / row["peak_reserved"]
+        row["estimate_over_allocated"] = row["estimate_without_context"] / row["peak_allocated"]
     if row["nvml_used_max"]:
         row["estimate_over_nvml"] = row["estimate_total"] / row["nvml_used_max"]
     return row
 
 
 def show_estimate(name: str, r: dict) -> None:
+    from kd.preflight import fmt
+
     def gib(v):
-        return f"{v / GB:.2f} GB" if v else "n/a"
+        return fmt(v) if v is not None else "n/a"
 
     print(f"   {name}: estimate {gib(r['estimate_total'])} ({r['estimate_method']}; "
           f"{gib(r['estimate_without_context'])} without the CUDA context) vs budget {gib(r['budget_bytes'])}")
     print(f"   measured: peak allocated {gib(r['peak_allocated'])}, peak reserved {gib(r['peak_reserved'])}, "
           f"NVML device used {gib(r['nvml_used_max'])}; run {r['status']}")
-    for key, what in (("estimate_over_reserved", "estimate / peak reserved"), ("estimate_over_nvml", "estimate / NVML")):
+    print(f"   estimate's activations {gib(r['estimate_activations'])} (of which the teacher's alone "
+          f"{gib(r['estimate_teacher_activations'])})")
+    for phase, p in (r["phase_peaks"] or {}).items():
+        print(f"   {phase:>16} peak allocated {gib(p['allocated'])}, reserved {gib(p['reserved'])}")
+    for key, what in (("estimate_over_reserved", "estimate / peak reserved"),
+                      ("estimate_over_allocated", "estimate / peak allocated"), ("estimate_over_nvml", "estimate / NVML")):
         if key in r:
             verdict = "within 20%" if abs(r[key] - 1) <= 0.2 else "OFF by more than 20%"
             print(f"   {what}: {r[key]:.2f} ({verdict})")

@@ -57,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None, help="where runs and synthetic data go (default: a temp dir)")
     parser.add_argument("--agreement-only", action="store_true",
                         help="only the demo teacher's fp16/bf16 agreement with fp32 (needs the teacher `make demo` trains)")
+    parser.add_argument("--utilisation-only", type=int, metavar="STEPS", default=None,
+                        help="only the GPU utilisation in telemetry over STEPS optimizer steps of the flagship as "
+                             "shipped (600: about half a minute on an H100); needs a GPU")
     return parser.parse_args()
 
 
@@ -75,6 +78,8 @@ def main() -> int:
     results = {"env": env, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "workloads": {}}
     if args.agreement_only:
         return agreement_only(work, cuda, results, args.out)
+    if args.utilisation_only:
+        return utilisation_only(work, cuda, results, args.out, args.utilisation_only)
     for name in args.workloads:
         workload = (demo_workload if name == "demo" else flagship_workload)(work, cuda, epochs)
         print(f"\n== {name}: {workload.config} {' '.join(workload.overrides)}")
@@ -119,8 +124,7 @@ def run_path(workload: Workload, extra: list[str], output_dir: Path, repeats: in
     end = next(e for e in events if e["type"] == "run_end")
     out["peak_allocated_bytes"] = (end.get("peak") or {}).get("allocated")
     out["peak_reserved_bytes"] = (end.get("peak") or {}).get("reserved")
-    utils = [e["gpu"]["util_pct"] for e in events if e["type"] == "step" and e.get("gpu")
-             and e["gpu"].get("util_pct") is not None]
+    utils = gpu_utils([e for e in events if e["type"] == "step" and e["step"] > run.cfg.telemetry.warmup_steps])
     out["gpu_util_pct"] = statistics.mean(utils) if utils else None
     out["teacher_device"] = str(next(run.teacher.parameters()).device) if run.teacher is not None else None
     out["teacher_dtype"] = str(next(run.teacher.parameters()).dtype) if run.teacher is not None else None
@@ -140,6 +144,11 @@ def throughput(events: list[dict], warmup: int) -> dict:
     return {"samples_per_s": (last["samples"] - first["samples"]) / (last["ts"] - first["ts"]),
             "measured_steps": last["step"] - first["step"], "epochs": last["epoch"],
             "data_wait_share": statistics.mean(data_share) if data_share else None}
+
+
+def gpu_utils(steps: list[dict]) -> list[float]:
+    """NVML's utilisation (share of time a kernel ran, over its last sample period) in these step lines."""
+    return [e["gpu"]["util_pct"] for e in steps if e.get("gpu") and e["gpu"].get("util_pct") is not None]
 
 
 def time_components(trainer, repeats: int) -> dict:
@@ -240,6 +249,43 @@ def agreement_only(work: Path, cuda: bool, results: dict, out: Path | None) -> i
         print("error: no trained demo teacher in runs/demo-teacher/student; run `make demo` first", file=sys.stderr)
         return 2
     results["half_teacher_agreement"] = half_teacher_agreement(workload)
+    save_results(results, out)
+    return 0
+
+
+def utilisation_only(work: Path, cuda: bool, results: dict, out: Path | None, steps: int) -> int:
+    """GPU utilisation as the monitor shows it, over a steady stretch of the flagship's training.
+
+    The throughput runs are a few seconds long, mostly start-up against NVML's one-second readings;
+    this run is long enough for a steady state: the shipped config (micro-batch 128 x 2, fp16 AST on
+    the GPU) on 24 steps' worth of synthetic clips per epoch, NVML read every 0.5 s, and the figure
+    is the median over the step lines after the first tenth of the steps."""
+    if not cuda:
+        print("error: --utilisation-only measures a GPU; no CUDA device here", file=sys.stderr)
+        return 2
+    per_epoch = 24
+    workload = flagship_workload(work, cuda, epochs=-(-steps // per_epoch), steps_per_epoch=per_epoch)
+    print(f"\n== flagship GPU utilisation over {steps} steps: {workload.config} {' '.join(workload.overrides)}")
+    done = kit_run(workload.config, workload.overrides + [f"train.max_steps={steps}", "telemetry.log_every=5",
+                                                          "telemetry.gpu_sample_s=0.5"], work / "utilisation")
+    lines = [e for e in done.events if e["type"] == "step"]
+    steady = [e for e in lines if e["step"] > steps // 10]
+    utils = gpu_utils(steady)
+    if not utils:
+        print("error: the step lines carry no NVML utilisation (is nvidia-ml-py installed?)", file=sys.stderr)
+        return 2
+    result = {"steps": steps, "steady_steps": steady[-1]["step"] - steady[0]["step"],
+              "steady_seconds": steady[-1]["ts"] - steady[0]["ts"],
+              "samples_per_s": (steady[-1]["samples"] - steady[0]["samples"]) / (steady[-1]["ts"] - steady[0]["ts"]),
+              "util_pct_median": statistics.median(utils), "util_pct_mean": statistics.mean(utils),
+              "util_pct_min": min(utils), "readings": len(utils),
+              "data_wait_share": statistics.mean(e["time"]["data_s"] / e["time"]["step_s"] for e in steady
+                                                 if e["time"]["step_s"])}
+    print(f"   {result['steady_steps']} steady steps in {result['steady_seconds']:.1f} s, "
+          f"{result['samples_per_s']:.0f} samples/s, data wait {100 * result['data_wait_share']:.0f}%: GPU utilisation "
+          f"median {result['util_pct_median']:.0f}% (mean {result['util_pct_mean']:.0f}%, min {result['util_pct_min']:.0f}%, "
+          f"{len(utils)} readings; target >= 80%)")
+    results["utilisation"] = result
     save_results(results, out)
     return 0
 

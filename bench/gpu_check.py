@@ -5,15 +5,18 @@
 
 In order, each step a subprocess with its own time limit and log file under --out:
 
-  1. cuda-tests   pytest -m cuda: fast-path switches, the budget cap, a real out-of-memory error in
-                  every phase, NVML fields, fp16/bf16, on-device features, compile (tests/test_cuda.py)
-  2. memory       bench/bench_memory.py: pre-flight estimate against measured peaks (demo, flagship)
-                  and a real out-of-memory recovery
-  3. throughput   bench/bench_throughput.py: naive against optimised, KD step cost, fp16/bf16 agreement
-  4. demo         `python -m kd.demo` (the `make demo` run, under the configs' 5.5 GB cap), then the
-                  monitor's `--once` summary of its KD run's telemetry
-  5. agreement    the demo teacher just trained, in fp16 and bf16 against fp32 on the demo test set
-  6. stem         bench/bench_stem.py: the log-mel CNN's training step with stem_stride 1 against 2
+  1. cuda-tests    pytest -m cuda: fast-path switches, the budget cap, a real out-of-memory error in
+                   every phase, NVML fields, fp16/bf16, on-device features, compile (tests/test_cuda.py)
+  2. memory        bench/bench_memory.py: pre-flight estimate against measured peaks (demo, flagship,
+                   with each phase's peak) and a real out-of-memory recovery
+  3. throughput    bench/bench_throughput.py: naive against optimised, KD step cost
+  4. utilisation   bench_throughput.py --utilisation-only 600: GPU utilisation in telemetry over a
+                   steady half minute of the flagship (GPU only; skipped elsewhere)
+  5. cache         bench/bench_cache.py: the soft-target cache against online KD
+  6. demo          `python -m kd.demo` (the `make demo` run, under the configs' 5.5 GB cap)
+  7. monitor-once  the monitor's `--once` summary of the demo's KD run's telemetry
+  8. agreement     the demo teacher just trained, in fp16 and bf16 against fp32 on the demo test set
+  9. stem          bench/bench_stem.py: the log-mel CNN's training step with stem_stride 1 against 2
 
 Without a GPU the steps still run their CPU parts (the CUDA tests skip with a reason; the benches
 inject the out-of-memory error), and the report says that no GPU figure was measured. Nothing here
@@ -46,6 +49,9 @@ def steps(out: Path, work: Path) -> list[dict]:
         {"name": "throughput", "timeout": 1200,
          "argv": [PY, "bench/bench_throughput.py", "--out", str(out / "throughput.json"),
                   "--work-dir", str(work / "throughput")]},
+        {"name": "utilisation", "timeout": 600,
+         "argv": [PY, "bench/bench_throughput.py", "--utilisation-only", "600", "--out", str(out / "utilisation.json"),
+                  "--work-dir", str(work / "utilisation")], "gpu_only": True},
         {"name": "cache", "timeout": 900, "argv": [PY, "bench/bench_cache.py", "--json", str(out / "cache.json")]},
         {"name": "demo", "timeout": 900, "argv": [PY, "-m", "kd.demo"]},
         {"name": "monitor-once", "timeout": 60, "argv": [PY, "monitor_tui.py", "runs/demo-kd", "--once"]},
@@ -109,8 +115,10 @@ def markdown(env: dict, results: list[dict], out: Path) -> str:
              "| step | exit | seconds |", "| --- | --- | --- |"]
     lines += [f"| {r['name']} | {r['exit']} | {r['seconds']} |" for r in results]
     for r in results:
-        lines += ["", f"## {r['name']}", "", "```", *r["tail"], "```"]
-    for name in ("memory.json", "throughput.json", "cache.json", "agreement.json", "stem/results.json"):
+        if r["tail"]:
+            lines += ["", f"## {r['name']}", "", "```", *r["tail"], "```"]
+    for name in ("memory.json", "throughput.json", "utilisation.json", "cache.json", "agreement.json",
+                 "stem/results.json"):
         if (out / name).is_file():
             lines += ["", f"Full figures: `{name}`."]
     return "\n".join(lines) + "\n"
@@ -128,11 +136,15 @@ def main() -> int:
     chosen = [s for s in steps(args.out, work) if args.only is None or s["name"] in args.only]
     results = []
     for step in chosen:
-        results.append(run_step(step, args.out))
+        if step.get("gpu_only") and not env["gpu"]:
+            print(f"== {step['name']}: skipped, it measures a GPU", flush=True)
+            results.append({"name": step["name"], "exit": "skipped (no GPU)", "seconds": 0, "log": None, "tail": []})
+        else:
+            results.append(run_step(step, args.out))
         report = {"env": env, "steps": results}  # rewritten after each step: a cut run keeps what it did
         (args.out / "gpu_report.json").write_text(json.dumps(report, indent=1))
         (args.out / "gpu_report.md").write_text(markdown(env, results, args.out))
-    failed = [r["name"] for r in results if r["exit"] != 0]
+    failed = [r["name"] for r in results if r["exit"] not in (0, "skipped (no GPU)")]
     print(f"GPU check done: {len(results) - len(failed)}/{len(results)} steps passed"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -1,0 +1,35 @@
+"""bench/gpu_check.py on a machine without a GPU: the GPU-only steps are skipped and said so, and
+nothing claims a GPU figure. (On a GPU these steps run for real; there gpu_check itself is the check.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, gpu_check runs these steps for real")
+
+
+def test_a_gpu_only_step_is_skipped_and_reported_without_a_gpu(tmp_path):
+    result = subprocess.run([sys.executable, "bench/gpu_check.py", "--only", "utilisation", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "utilisation: skipped, it measures a GPU" in result.stdout
+    report = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert report["env"]["gpu"] is None
+    assert [(s["name"], s["exit"]) for s in report["steps"]] == [("utilisation", "skipped (no GPU)")]
+    markdown = (tmp_path / "gpu_report.md").read_text()
+    assert "no GPU figure was measured" in markdown and "| utilisation | skipped (no GPU) | 0 |" in markdown
+
+
+def test_the_utilisation_bench_refuses_a_machine_without_a_gpu(tmp_path):
+    result = subprocess.run([sys.executable, "bench/bench_throughput.py", "--utilisation-only", "10",
+                             "--work-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: --utilisation-only measures a GPU; no CUDA device here"
+    assert "Traceback" not in result.stderr
