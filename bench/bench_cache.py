@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import demo_workload, environment, flagship_workload, isolate_caches, kit_run, print_environment  # noqa: E402
+from workloads import (demo_workload, environment, flagship_workload, isolate_caches, kit_run,  # noqa: E402
+                       print_environment, save_results)
 
 
 def parse_args() -> argparse.Namespace:
@@ -141,8 +141,7 @@ def main() -> int:
         print(f"{'':10} cache read: {rd['rows_per_s_in_batches_of_64']:.0f} rows/s in random batches of 64 "
               f"({rd['batch_of_64_ms']:.2f} ms each), {rd['whole_split_rows_per_s']:.0f} rows/s for a whole split; "
               f"{rd['rows']} rows in {rd['file_bytes'] / 1e3:.0f} kB")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+    save_results(results, args.json)
     return 0
 
 

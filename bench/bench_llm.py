@@ -205,7 +205,7 @@ def main() -> int:
     rows = [("teacher SmolLM2-135M-Instruct", t_params, scores["kd"]["teacher_perplexity"], 1.0, None, None)]
     rows += [(labels[name], summaries[name]["params"]["student"], scores[name]["perplexity"], scores[name]["agreement"],
               summaries[name]["tokens_per_s"], summaries[name]["peak_allocated"]) for name in labels]
-    lines = [f"| model | parameters | test perplexity | top-1 agreement with teacher | train tokens/s | peak allocated |",
+    lines = ["| model | parameters | test perplexity | top-1 agreement with teacher | train tokens/s | peak allocated |",
              "|---|---|---|---|---|---|"]
     for name, params, ppl, agree, rate, peak in rows:
         lines.append(f"| {name} | {params / 1e6:.1f}M | {ppl:.2f} | {'-' if agree is None else f'{100 * agree:.1f}%'} "

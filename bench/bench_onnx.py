@@ -14,7 +14,6 @@ Results go to bench/onnx/results.json with the machine and versions; copy the ta
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -33,6 +32,7 @@ from kd.data import prepare_data  # noqa: E402
 from kd.detect import KeywordModel, detect, ort_session  # noqa: E402
 from kd.export import load_student  # noqa: E402
 from kd.onnx_export import INT8_NAME, ONNX_NAME, Graph, onnx_predictions, split_batches  # noqa: E402
+from workloads import save_results  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -125,7 +125,7 @@ def main() -> int:
                "accuracy": accuracy, "detector": detector}
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    save_results(results, out / "results.json")
 
     print(f"{args.run}/student, {env['date']}, torch {env['torch']}, onnxruntime {env['onnxruntime']}")
     print(f"size: safetensors {sizes['safetensors'] / 1e3:.1f} kB, ONNX fp32 {sizes['onnx_fp32'] / 1e3:.1f} kB, "

@@ -11,7 +11,7 @@ In order, each step a subprocess with its own time limit and log file under --ou
                    with each phase's peak) and a real out-of-memory recovery
   3. throughput    bench/bench_throughput.py: naive against optimised, KD step cost
   4. utilisation   bench_throughput.py --utilisation-only 600: GPU utilisation in telemetry over a
-                   steady half minute of the flagship (GPU only; skipped elsewhere)
+                   steady half minute of the flagship as shipped (GPU only; skipped elsewhere)
   5. cache         bench/bench_cache.py: the soft-target cache against online KD
   6. demo          `python -m kd.demo` (the `make demo` run, under the configs' 5.5 GB cap)
   7. monitor-once  the monitor's `--once` summary of the demo's KD run's telemetry
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -35,7 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from workloads import ROOT, save_results  # noqa: E402  (puts the repository on the path)
+
+from kd.export import atomic_file  # noqa: E402
+
 PY = sys.executable
 
 
@@ -141,9 +143,10 @@ def main() -> int:
             results.append({"name": step["name"], "exit": "skipped (no GPU)", "seconds": 0, "log": None, "tail": []})
         else:
             results.append(run_step(step, args.out))
-        report = {"env": env, "steps": results}  # rewritten after each step: a cut run keeps what it did
-        (args.out / "gpu_report.json").write_text(json.dumps(report, indent=1))
-        (args.out / "gpu_report.md").write_text(markdown(env, results, args.out))
+        # Rewritten after each step, atomically: a run cut by a time limit keeps what it did, whole.
+        save_results({"env": env, "steps": results}, args.out / "gpu_report.json")
+        with atomic_file(args.out / "gpu_report.md") as tmp:
+            tmp.write_text(markdown(env, results, args.out))
     failed = [r["name"] for r in results if r["exit"] not in (0, "skipped (no GPU)")]
     print(f"GPU check done: {len(results) - len(failed)}/{len(results)} steps passed"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -166,7 +166,7 @@ def save_results(results: dict, out: Path | None) -> None:
 
     if out:
         with atomic_file(out) as tmp:
-            tmp.write_text(json.dumps(results, indent=1))
+            tmp.write_text(json.dumps(results, indent=1, default=str))
         print(f"Results written to {out}")
 
 
