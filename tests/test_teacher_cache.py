@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, accelerate_launch, run_cli, tiny_config, write_config
+from conftest import ROOT, accelerate_launch, once_more_if_hung, run_cli, tiny_config, write_config
 from kd.config import config_from_dict
 from kd.data import content_fingerprint, load_raw_splits
 from kd.errors import ConfigError
@@ -107,16 +107,21 @@ def test_require_with_incomplete_cache_refuses_and_never_loads_the_teacher(tmp_p
 
 
 def test_interrupted_precompute_resumes_and_two_processes_write_each_sample_once(tmp_path, tone_data, tiny_teacher):
-    config = _config(tmp_path, tone_data, tiny_teacher, "pre", teacher_cache="require")
-    # A fill that stopped part-way: only the first 5 training rows are stored.
-    first = run_cli(["--config", str(config), "--precompute-teacher"])
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert not (tmp_path / "pre").exists()  # a fill writes nothing into the run folder
-    path = next((tmp_path / "cache").glob("*.sqlite"))
-    with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM logits WHERE NOT (split_id LIKE 'train:%' AND idx < 5)")
-    again = run_cli(["--config", str(config), "--precompute-teacher"],
-                    launcher=accelerate_launch(2), env={"ACCELERATE_USE_CPU": "true"})
+    def attempt(n):  # each attempt its own folder and cache; a hung launch is retried once
+        base = tmp_path / f"try{n}"
+        base.mkdir()
+        config = _config(base, tone_data, tiny_teacher, "pre", teacher_cache="require")
+        # A fill that stopped part-way: only the first 5 training rows are stored.
+        first = run_cli(["--config", str(config), "--precompute-teacher"])
+        assert first.returncode == 0, first.stderr[-2000:]
+        assert not (base / "pre").exists()  # a fill writes nothing into the run folder
+        path = next((base / "cache").glob("*.sqlite"))
+        with sqlite3.connect(path) as db:
+            db.execute("DELETE FROM logits WHERE NOT (split_id LIKE 'train:%' AND idx < 5)")
+        return run_cli(["--config", str(config), "--precompute-teacher"],
+                       launcher=accelerate_launch(2), env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
+
+    _, again = once_more_if_hung(attempt)
     assert again.returncode == 0, again.stderr[-3000:]
     counts = [int(n) for n in re.findall(r"(\d+) soft targets computed by process", again.stdout)]
     assert len(counts) == 2 and sum(counts) == 24 + 12 + 12 - 5  # only the missing ones, none twice
@@ -224,18 +229,25 @@ def test_unquoted_off_in_yaml_means_off(tmp_path, tone_data, tiny_teacher):
 def test_two_processes_fill_during_epoch_one_and_train_on_from_the_cache(tmp_path, tone_data, tiny_teacher):
     """Two CPU processes: each stores the rows of its own batches, the end of epoch 1 fills the rest
     (validation and test) without computing a sample twice, and epoch 2 matches online KD."""
-    losses = {}
+    losses, bases = {}, {}
     for mode in ("off", "auto"):
-        config = _config(tmp_path, tone_data, tiny_teacher, f"ddp-{mode}", teacher_cache=mode)
-        result = run_cli(["--config", str(config)], launcher=accelerate_launch(2), env={"ACCELERATE_USE_CPU": "true"})
+        def attempt(n, mode=mode):  # each attempt its own run folder and cache; a hung launch is retried once
+            base = tmp_path / f"{mode}-try{n}"
+            base.mkdir()
+            config = _config(base, tone_data, tiny_teacher, "ddp", teacher_cache=mode)
+            return run_cli(["--config", str(config)], launcher=accelerate_launch(2),
+                           env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
+
+        n, result = once_more_if_hung(attempt)
         assert result.returncode == 0, result.stderr[-3000:]
-        losses[mode] = _losses(tmp_path / f"ddp-{mode}")
+        bases[mode] = tmp_path / f"{mode}-try{n}"
+        losses[mode] = _losses(bases[mode] / "ddp")
     assert len(losses["off"]) == 6  # 2 epochs of 3 steps (2 processes x batches of 4)
     assert losses["auto"] == pytest.approx(losses["off"], rel=1e-5, abs=1e-6)
-    steps = [e for e in read_events(tmp_path / "ddp-auto" / "telemetry.jsonl") if e["type"] == "step"]
+    steps = [e for e in read_events(bases["auto"] / "ddp" / "telemetry.jsonl") if e["type"] == "step"]
     assert steps[-1]["cache"]["source"] == "cache"
     assert steps[-1]["cache"]["covered"] == {"train": [24, 24], "eval": [12, 12], "test": [12, 12]}
-    with sqlite3.connect(next((tmp_path / "cache").glob("*.sqlite"))) as db:
+    with sqlite3.connect(next((bases["auto"] / "cache").glob("*.sqlite"))) as db:
         assert db.execute("SELECT COUNT(*) FROM logits").fetchone()[0] == 48
 
 
