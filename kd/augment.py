@@ -17,6 +17,8 @@ out-of-memory retry at the same micro-batch size). Evaluation never calls this m
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -43,38 +45,72 @@ class WaveformAugment:
         cfg = self.cfg
         rng, gen = self.generators(epoch, index, waveform.device)
         batch, n = waveform.shape
+        p = to_device(self.draw(rng, batch, n), waveform.device)
         x = waveform.float()
         if cfg.speed > 0:
-            x = speed_perturb(x, rng.uniform(1 - cfg.speed, 1 + cfg.speed, batch))
+            x = speed_perturb(x, p["speed"])
         if cfg.shift_s > 0:
-            limit = int(cfg.shift_s * self.rate)
-            x = time_shift(x, rng.integers(-limit, limit + 1, batch))
+            x = time_shift(x, p["shift"].long())
         if cfg.gain_db > 0:
-            gain = 10 ** (rng.uniform(-cfg.gain_db, cfg.gain_db, batch) / 20)
-            x = x * torch.as_tensor(gain, dtype=x.dtype, device=x.device)[:, None]
+            x = x * p["gain"].to(x.dtype)[:, None]
         if cfg.noise_prob > 0:
-            lo, hi = cfg.noise_snr_db
-            snr = np.where(rng.random(batch) < cfg.noise_prob, rng.uniform(lo, hi, batch), np.inf)
-            x = add_noise(x, snr, gen)
-        for _ in range(cfg.time_masks):
-            width = (rng.uniform(0, cfg.time_mask_s, batch) * self.rate).astype(int)
-            start = (rng.random(batch) * (n - width + 1)).astype(int)
-            x = mask_time(x, start, width)
-        for _ in range(cfg.freq_masks):
-            nyquist = self.rate / 2
-            width = rng.uniform(0, cfg.freq_mask_hz, batch)
-            low = rng.random(batch) * np.maximum(nyquist - width, 0)
-            x = mask_band(x, low, low + width, self.rate)
+            x = add_noise(x, p["snr_db"], gen)
+        for i in range(cfg.time_masks):
+            x = mask_time(x, p[f"time_start{i}"].long(), p[f"time_width{i}"].long())
+        for i in range(cfg.freq_masks):
+            x = mask_band(x, p[f"band_low{i}"], p[f"band_high{i}"], self.rate)
         targets = None
         if cfg.mixup_alpha > 0:
-            lam = rng.beta(cfg.mixup_alpha, cfg.mixup_alpha, batch)
-            lam = np.maximum(lam, 1 - lam)  # each clip stays the larger part of its own mix
-            perm = torch.as_tensor(rng.permutation(batch), device=x.device)
-            weight = torch.as_tensor(lam, dtype=x.dtype, device=x.device)[:, None]
+            perm, weight = p["mix_perm"].long(), p["mix_weight"].to(x.dtype)[:, None]
             x = weight * x + (1 - weight) * x[perm]
             onehot = torch.nn.functional.one_hot(labels, self.num_classes).to(x.dtype)
             targets = weight * onehot + (1 - weight) * onehot[perm]
         return x.to(waveform.dtype), targets
+
+    def draw(self, rng: np.random.Generator, batch: int, n: int) -> dict[str, np.ndarray]:
+        """Every per-clip parameter of one batch, drawn on the host in a fixed order."""
+        cfg, out = self.cfg, {}
+        if cfg.speed > 0:
+            out["speed"] = rng.uniform(1 - cfg.speed, 1 + cfg.speed, batch)
+        if cfg.shift_s > 0:
+            limit = int(cfg.shift_s * self.rate)
+            out["shift"] = rng.integers(-limit, limit + 1, batch)
+        if cfg.gain_db > 0:
+            out["gain"] = 10 ** (rng.uniform(-cfg.gain_db, cfg.gain_db, batch) / 20)
+        if cfg.noise_prob > 0:
+            lo, hi = cfg.noise_snr_db
+            out["snr_db"] = np.where(rng.random(batch) < cfg.noise_prob, rng.uniform(lo, hi, batch), np.inf)
+        for i in range(cfg.time_masks):
+            width = (rng.uniform(0, cfg.time_mask_s, batch) * self.rate).astype(int)
+            out[f"time_width{i}"], out[f"time_start{i}"] = width, (rng.random(batch) * (n - width + 1)).astype(int)
+        for i in range(cfg.freq_masks):
+            width = rng.uniform(0, cfg.freq_mask_hz, batch)
+            low = rng.random(batch) * np.maximum(self.rate / 2 - width, 0)
+            out[f"band_low{i}"], out[f"band_high{i}"] = low, low + width
+        if cfg.mixup_alpha > 0:
+            lam = rng.beta(cfg.mixup_alpha, cfg.mixup_alpha, batch)
+            out["mix_weight"] = np.maximum(lam, 1 - lam)  # each clip stays the larger part of its own mix
+            out["mix_perm"] = rng.permutation(batch)
+        return out
+
+
+def to_device(draws: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's parameters on the device in one copy, as float64 rows (integers up to 2**53 exact).
+
+    One copy from page-locked memory, queued without waiting: a copy from ordinary (pageable) host
+    memory waits for the GPU to finish all queued work first, and one per parameter left the GPU
+    idle between the transforms of every step."""
+    if not draws:
+        return {}
+    host = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float64) for v in draws.values()]))
+    return dict(zip(draws, queued_copy(host, device)))
+
+
+def queued_copy(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device`; towards a GPU through page-locked memory, so the copy waits for nothing."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def speed_perturb(x: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
@@ -107,7 +143,8 @@ def time_shift(x: torch.Tensor, shifts: np.ndarray) -> torch.Tensor:
 def add_noise(x: torch.Tensor, snr_db: np.ndarray, gen: torch.Generator) -> torch.Tensor:
     """White noise at `snr_db[i]` below clip i's mean power (inf: no noise for that clip)."""
     power = x.pow(2).mean(dim=1, keepdim=True)
-    scale = torch.as_tensor(10 ** (-snr_db / 20), dtype=x.dtype, device=x.device)[:, None]  # 0 where inf
+    snr = torch.as_tensor(snr_db, dtype=torch.float64, device=x.device)
+    scale = (10 ** (-snr / 20)).to(x.dtype)[:, None]  # 0 where inf
     noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     return x + noise * power.sqrt() * scale
 
@@ -124,11 +161,17 @@ def mask_band(x: torch.Tensor, low_hz: np.ndarray, high_hz: np.ndarray, rate: in
     """Remove the band [low_hz[i], high_hz[i]) from clip i (SpecAugment's frequency mask)."""
     n = x.shape[1]
     spectrum = torch.fft.rfft(x, dim=1)
-    freqs = torch.fft.rfftfreq(n, d=1.0 / rate).to(x.device)[None, :]
+    freqs = band_frequencies(n, rate, x.device)[None, :]
     lo = torch.as_tensor(low_hz, dtype=freqs.dtype, device=x.device)[:, None]
     hi = torch.as_tensor(high_hz, dtype=freqs.dtype, device=x.device)[:, None]
     spectrum = spectrum * ~((freqs >= lo) & (freqs < hi))
     return torch.fft.irfft(spectrum, n=n, dim=1)
+
+
+@functools.lru_cache(maxsize=8)
+def band_frequencies(n: int, rate: int, device: torch.device) -> torch.Tensor:
+    """The rfft bin frequencies of an n-sample clip, made on the host once and kept on the device."""
+    return queued_copy(torch.fft.rfftfreq(n, d=1.0 / rate), device)
 
 
 def describe(cfg: AugmentConfig) -> str:
