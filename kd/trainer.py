@@ -118,8 +118,13 @@ class Trainer:
         self.state.micro_batch, self.state.grad_accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
         # The sizes may differ from those the Accelerator was created with (memory.auto_batch_size).
         self.acc.gradient_accumulation_steps = self.state.grad_accum
+        # On a GPU, the fused AdamW: one kernel for the whole update, and under fp16 the gradient scaler
+        # hands it the overflow flag on the device, where the default AdamW makes the scaler read the flag
+        # back (the host waits for the GPU at every step). Sharded students (FSDP, DeepSpeed) keep the default.
+        fused = self.acc.device.type == "cuda" and self.acc.distributed_type in (DistributedType.NO,
+                                                                                 DistributedType.MULTI_GPU)
         self.optimizer = torch.optim.AdamW(run.student.parameters(), lr=self.cfg.train.lr,
-                                           weight_decay=self.cfg.train.weight_decay)
+                                           weight_decay=self.cfg.train.weight_decay, fused=True if fused else None)
         self.student, self.optimizer = self.acc.prepare(run.student, self.optimizer)
         self.train_micro = self.state.micro_batch  # the micro-batch train_dl was built with
         self.train_dl = self._loader("train", self.train_micro)

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from conftest import ROOT, run_cli, tiny_config, write_config
 from kd.build import build_run
@@ -230,3 +231,58 @@ def test_fsdp2_from_the_shipped_accelerate_config_trains_and_saves_a_whole_stude
     assert weights and all(weights[name].shape == p.shape for name, p in student.named_parameters() if name in weights)
     assert sum(w.numel() for w in weights.values()) >= sum(p.numel() for p in student.parameters()) - \
         student.get_input_embeddings().weight.numel()  # every tensor whole (tied embeddings may be stored once)
+
+
+def test_augmentation_on_cuda_waits_for_nothing_and_matches_the_cpu():
+    """Every transform on, mixup included: on the GPU no operation of the augmentation waits for the
+    device (torch's sync debug mode raises on one; a copy from pageable memory per parameter did,
+    nine times a step with the demo's settings), and without noise (drawn by the device's own generator) the result is the
+    CPU's."""
+    import dataclasses
+
+    from kd.augment import WaveformAugment
+    from kd.config import AugmentConfig
+
+    noisy = AugmentConfig(enabled=True, speed=0.1, shift_s=0.1, gain_db=6, noise_prob=1.0, time_masks=2,
+                          freq_masks=2, mixup_alpha=0.4)
+    quiet = dataclasses.replace(noisy, noise_prob=0.0)
+    torch.manual_seed(0)
+    wave, labels = torch.randn(8, 8000) * 0.1, torch.randint(0, 3, (8,))
+    on_gpu = wave.cuda(), labels.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = {name: WaveformAugment(cfg, 8000, 3, seed=1)(*on_gpu, epoch=2, index=5)
+               for name, cfg in (("noisy", noisy), ("quiet", quiet))}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out["noisy"][0].is_cuda and torch.isfinite(out["noisy"][0]).all()
+    x_cpu, targets_cpu = WaveformAugment(quiet, 8000, 3, seed=1)(wave, labels, epoch=2, index=5)
+    torch.testing.assert_close(out["quiet"][0].cpu(), x_cpu, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["quiet"][1].cpu(), targets_cpu)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "no"])
+def test_a_kd_training_step_never_waits_for_the_gpu(tmp_path, tone_data, tiny_teacher, precision):
+    """Online KD with augmentation, on-device features, gradient clipping and (fp16) the gradient
+    scaler: no operation of a training step reads back from the GPU (torch's sync debug mode raises
+    on one), so the host queues the next step while the GPU runs this one. Under fp16 this needs
+    the fused AdamW: the scaler gives it the overflow flag on the device instead of reading it."""
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run",
+                      distillation={"teacher_cache": "off"},
+                      augment={"enabled": True, "speed": 0.1, "shift_s": 0.1, "gain_db": 6, "noise_prob": 0.5,
+                               "time_masks": 1, "freq_masks": 1, "mixup_alpha": 0.4},
+                      train={"mixed_precision": precision, "max_grad_norm": 1.0})
+    AcceleratorState._reset_state(reset_partial_state=True)  # this process's earlier runs chose another precision
+    trainer = Trainer(build_run(config_from_dict(cfg)))
+    batch = next(iter(trainer.train_dl))
+    with trainer.acc.accumulate(trainer.student):
+        trainer._micro_step(dict(batch))  # the first step: cuDNN plans, optimizer state, the scaler's tensors
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            with trainer.acc.accumulate(trainer.student):
+                trainer._micro_step(dict(batch))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
