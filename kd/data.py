@@ -378,8 +378,18 @@ def _labels_and_weights(rows: list[dict[str, Any]], label_column: str, weight_co
     if weight_column:
         batch["sample_weight"] = torch.as_tensor([float(r[weight_column]) for r in rows], dtype=torch.float32)
     if INDEX in rows[0]:
-        batch["index"] = torch.as_tensor([int(r[INDEX]) for r in rows], dtype=torch.long)
+        # A plain list: it stays on the host when Accelerate moves the batch, so the teacher cache
+        # looks its rows up without reading anything back from the GPU.
+        batch["index"] = [int(r[INDEX]) for r in rows]
     return batch
+
+
+def queued_copy(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device`; towards a GPU through page-locked memory, so the copy is queued and waits
+    for nothing (a copy from ordinary, pageable memory first waits for the GPU to finish its queue)."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def _num_proc(cfg: DataConfig, n_rows: int) -> int | None:

@@ -220,5 +220,5 @@ class LMCollator:
         labels[:, :-1] = torch.where(learn[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE))
         batch = {"inputs": {"input_ids": ids, "attention_mask": attention}, "labels": labels}
         if "sample_index" in rows[0]:
-            batch["index"] = torch.as_tensor([int(r["sample_index"]) for r in rows], dtype=torch.long)
+            batch["index"] = [int(r["sample_index"]) for r in rows]  # a host list, as in kd/data.py
         return batch

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kd.data import queued_copy
 from kd.lm_losses import IGNORE, TopK
 from kd.teacher_cache import CacheError, TeacherCache, TokenCache, cache_file, file_sha256
 from kd.teachers import resolve_model_source, teacher_logits
@@ -88,7 +89,7 @@ class CachedTeacher(SoftTargets):
 
     def logits(self, batch: dict[str, Any], role: str) -> torch.Tensor:
         split_id = self.split_ids[role]
-        indices = batch["index"].tolist()
+        indices = list(batch["index"])
         found = self.cache.get(split_id, indices)
         counted = role == "train"  # step telemetry reports the training batches
         if len(found) == len(indices):
@@ -109,7 +110,7 @@ class CachedTeacher(SoftTargets):
 
     def from_rows(self, found: dict[int, Any], indices: list[int], batch: dict[str, Any]) -> torch.Tensor:
         """The batch's soft targets from stored rows."""
-        return torch.from_numpy(np.stack([found[i] for i in indices])).to(batch["labels"].device)
+        return queued_copy(torch.from_numpy(np.stack([found[i] for i in indices])), batch["labels"].device)
 
     def from_teacher(self, out: torch.Tensor) -> torch.Tensor:
         """The batch's soft targets from the teacher's fresh outputs (as the stored ones will read)."""

@@ -262,19 +262,23 @@ def test_augmentation_on_cuda_waits_for_nothing_and_matches_the_cpu():
     torch.testing.assert_close(out["quiet"][1].cpu(), targets_cpu)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "no"])
-def test_a_kd_training_step_never_waits_for_the_gpu(tmp_path, tone_data, tiny_teacher, precision):
-    """Online KD with augmentation, on-device features, gradient clipping and (fp16) the gradient
-    scaler: no operation of a training step reads back from the GPU (torch's sync debug mode raises
-    on one), so the host queues the next step while the GPU runs this one. Under fp16 this needs
-    the fused AdamW: the scaler gives it the overflow flag on the device instead of reading it."""
+@pytest.mark.parametrize("precision,source", [("fp16", "teacher"), ("no", "teacher"), ("fp16", "cache")])
+def test_a_kd_training_step_never_waits_for_the_gpu(tmp_path, tone_data, tiny_teacher, precision, source):
+    """KD with augmentation, on-device features, gradient clipping and (fp16) the gradient scaler,
+    soft targets from the teacher or from a filled cache: no operation of a training step reads back
+    from the GPU (torch's sync debug mode raises on one), so the host queues the next step while the
+    GPU runs this one. Under fp16 this needs the fused AdamW (the scaler gives it the overflow flag on
+    the device); from the cache, the row indices on the host and the rows' queued copy."""
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run",
-                      distillation={"teacher_cache": "off"},
-                      augment={"enabled": True, "speed": 0.1, "shift_s": 0.1, "gain_db": 6, "noise_prob": 0.5,
-                               "time_masks": 1, "freq_masks": 1, "mixup_alpha": 0.4},
+                      distillation={"teacher_cache": "off" if source == "teacher" else "auto"},
+                      augment={"enabled": source == "teacher", "speed": 0.1, "shift_s": 0.1, "gain_db": 6,
+                               "noise_prob": 0.5, "time_masks": 1, "freq_masks": 1, "mixup_alpha": 0.4},
                       train={"mixed_precision": precision, "max_grad_norm": 1.0})
     AcceleratorState._reset_state(reset_partial_state=True)  # this process's earlier runs chose another precision
     trainer = Trainer(build_run(config_from_dict(cfg)))
+    if source == "cache":
+        trainer.fill_cache()
+        assert trainer.targets.complete()
     batch = next(iter(trainer.train_dl))
     with trainer.acc.accumulate(trainer.student):
         trainer._micro_step(dict(batch))  # the first step: cuDNN plans, optimizer state, the scaler's tensors
