@@ -258,10 +258,14 @@ def utilisation_only(work: Path, cuda: bool, results: dict, out: Path | None, st
 
     The throughput runs are a few seconds long, mostly start-up against NVML's one-second readings;
     this run is long enough for a steady state: the shipped config (micro-batch 128 x 2, fp16 AST on
-    the GPU, losses read every 20 steps) on 24 steps' worth of synthetic clips per epoch, and the
-    figure is the median over the step lines after the first tenth of the steps."""
+    the GPU, losses read every 20 steps) with the teacher on every step (online KD, as the
+    throughput figures), on 24 steps' worth of synthetic clips per epoch; the figure is the median
+    over the step lines after the first tenth of the steps."""
     if not cuda:
         print("error: --utilisation-only measures a GPU; no CUDA device here", file=sys.stderr)
+        return 2
+    if steps < 60:
+        print(f"error: --utilisation-only {steps}: give at least 60 steps (losses are logged every 20)", file=sys.stderr)
         return 2
     per_epoch = 24
     workload = flagship_workload(work, cuda, epochs=-(-steps // per_epoch), steps_per_epoch=per_epoch)
