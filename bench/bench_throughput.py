@@ -273,19 +273,16 @@ def utilisation_only(work: Path, cuda: bool, results: dict, out: Path | None, st
     # The workload logs every 2 steps (short runs); the shipped config reads the losses every 20.
     done = kit_run(workload.config, workload.overrides + [f"train.max_steps={steps}", "telemetry.log_every=20"],
                    work / "utilisation")
-    lines = [e for e in done.events if e["type"] == "step"]
-    steady = [e for e in lines if e["step"] > steps // 10]
+    steady = [e for e in done.events if e["type"] == "step" and e["step"] > steps // 10]
     utils = gpu_utils(steady)
     if not utils:
         print("error: the step lines carry no NVML utilisation (is nvidia-ml-py installed?)", file=sys.stderr)
         return 2
-    result = {"steps": steps, "steady_steps": steady[-1]["step"] - steady[0]["step"],
-              "steady_seconds": steady[-1]["ts"] - steady[0]["ts"],
-              "samples_per_s": (steady[-1]["samples"] - steady[0]["samples"]) / (steady[-1]["ts"] - steady[0]["ts"]),
+    rate = throughput(done.events, steps // 10)  # samples/s and data wait over the same steady steps
+    result = {"steps": steps, "steady_steps": rate["measured_steps"], "steady_seconds": steady[-1]["ts"] - steady[0]["ts"],
+              "samples_per_s": rate["samples_per_s"], "data_wait_share": rate["data_wait_share"],
               "util_pct_median": statistics.median(utils), "util_pct_mean": statistics.mean(utils),
-              "util_pct_min": min(utils), "readings": len(utils),
-              "data_wait_share": statistics.mean(e["time"]["data_s"] / e["time"]["step_s"] for e in steady
-                                                 if e["time"]["step_s"])}
+              "util_pct_min": min(utils), "readings": len(utils)}
     print(f"   {result['steady_steps']} steady steps in {result['steady_seconds']:.1f} s, "
           f"{result['samples_per_s']:.0f} samples/s, data wait {100 * result['data_wait_share']:.0f}%: GPU utilisation "
           f"median {result['util_pct_median']:.0f}% (mean {result['util_pct_mean']:.0f}%, min {result['util_pct_min']:.0f}%, "

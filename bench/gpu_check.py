@@ -39,6 +39,7 @@ from workloads import ROOT, save_results  # noqa: E402  (puts the repository on 
 from kd.export import atomic_file  # noqa: E402
 
 PY = sys.executable
+SKIPPED = "skipped (no GPU)"  # the exit recorded for a GPU-only step on a machine without one
 
 
 def steps(out: Path, work: Path) -> list[dict]:
@@ -140,14 +141,14 @@ def main() -> int:
     for step in chosen:
         if step.get("gpu_only") and not env["gpu"]:
             print(f"== {step['name']}: skipped, it measures a GPU", flush=True)
-            results.append({"name": step["name"], "exit": "skipped (no GPU)", "seconds": 0, "log": None, "tail": []})
+            results.append({"name": step["name"], "exit": SKIPPED, "seconds": 0, "log": None, "tail": []})
         else:
             results.append(run_step(step, args.out))
         # Rewritten after each step, atomically: a run cut by a time limit keeps what it did, whole.
         save_results({"env": env, "steps": results}, args.out / "gpu_report.json")
         with atomic_file(args.out / "gpu_report.md") as tmp:
             tmp.write_text(markdown(env, results, args.out))
-    failed = [r["name"] for r in results if r["exit"] not in (0, "skipped (no GPU)")]
+    failed = [r["name"] for r in results if r["exit"] not in (0, SKIPPED)]
     print(f"GPU check done: {len(results) - len(failed)}/{len(results)} steps passed"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -25,6 +25,9 @@ import torch
 from kd.config import AugmentConfig
 from kd.data import queued_copy
 
+# Per-clip parameters: on the device in training (one queued copy, to_device), NumPy arrays in one-off use.
+Params = torch.Tensor | np.ndarray
+
 
 class WaveformAugment:
     """`augment(waveform, labels, epoch, index)` -> (augmented waveform, soft targets or None)."""
@@ -104,7 +107,7 @@ def to_device(draws: dict[str, np.ndarray], device: torch.device) -> dict[str, t
     return dict(zip(draws, queued_copy(host, device)))
 
 
-def speed_perturb(x: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
+def speed_perturb(x: torch.Tensor, factors: Params) -> torch.Tensor:
     """Play clip i at `factors[i]` times its speed (tempo and pitch together), by linear interpolation.
 
     Centred, so the keyword stays where it was; positions outside the source clip are silence.
@@ -123,7 +126,7 @@ def speed_perturb(x: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
     return a * (1 - frac) + b * frac
 
 
-def time_shift(x: torch.Tensor, shifts: np.ndarray) -> torch.Tensor:
+def time_shift(x: torch.Tensor, shifts: Params) -> torch.Tensor:
     """Delay clip i by `shifts[i]` samples (negative: earlier), filling with silence."""
     batch, n = x.shape
     src = torch.arange(n, device=x.device)[None, :] - torch.as_tensor(shifts, device=x.device)[:, None]
@@ -131,7 +134,7 @@ def time_shift(x: torch.Tensor, shifts: np.ndarray) -> torch.Tensor:
     return x.gather(1, src.clamp(0, n - 1)) * valid
 
 
-def add_noise(x: torch.Tensor, snr_db: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+def add_noise(x: torch.Tensor, snr_db: Params, gen: torch.Generator) -> torch.Tensor:
     """White noise at `snr_db[i]` below clip i's mean power (inf: no noise for that clip)."""
     power = x.pow(2).mean(dim=1, keepdim=True)
     snr = torch.as_tensor(snr_db, dtype=torch.float64, device=x.device)
@@ -140,7 +143,7 @@ def add_noise(x: torch.Tensor, snr_db: np.ndarray, gen: torch.Generator) -> torc
     return x + noise * power.sqrt() * scale
 
 
-def mask_time(x: torch.Tensor, start: np.ndarray, width: np.ndarray) -> torch.Tensor:
+def mask_time(x: torch.Tensor, start: Params, width: Params) -> torch.Tensor:
     """Silence samples [start[i], start[i] + width[i]) of clip i (SpecAugment's time mask)."""
     t = torch.arange(x.shape[1], device=x.device)[None, :]
     s = torch.as_tensor(start, device=x.device)[:, None]
@@ -148,7 +151,7 @@ def mask_time(x: torch.Tensor, start: np.ndarray, width: np.ndarray) -> torch.Te
     return x * ~((t >= s) & (t < s + w))
 
 
-def mask_band(x: torch.Tensor, low_hz: np.ndarray, high_hz: np.ndarray, rate: int) -> torch.Tensor:
+def mask_band(x: torch.Tensor, low_hz: Params, high_hz: Params, rate: int) -> torch.Tensor:
     """Remove the band [low_hz[i], high_hz[i]) from clip i (SpecAugment's frequency mask)."""
     n = x.shape[1]
     spectrum = torch.fft.rfft(x, dim=1)

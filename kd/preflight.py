@@ -143,7 +143,7 @@ def measured_cuda_context(device: torch.device) -> int | None:
     return max(0, mine[0] - torch.cuda.memory_reserved(device))
 
 
-def _analytic_activations(teacher, student, batch, input_key) -> tuple[int, int]:
+def _analytic_activations(teacher, student, batch, input_key) -> tuple[int, int, tuple[int, ...]]:
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -190,7 +190,8 @@ def batch_bytes(batch: Any) -> int:
     return 0
 
 
-def _measured_activations(teacher, student, batch, input_key, device, features, autocast) -> tuple[int, int]:
+def _measured_activations(teacher, student, batch, input_key, device, features,
+                          autocast) -> tuple[int, int, tuple[int, ...]]:
     """Peaks of the step's two halves above what was allocated before the batch came over: the batch
     and its features are alive in both, as in training."""
     torch.cuda.synchronize(device)
