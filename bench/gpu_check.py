@@ -36,7 +36,7 @@ from pathlib import Path
 
 from workloads import ROOT, save_results  # noqa: E402  (puts the repository on the path)
 
-from kd.export import atomic_file  # noqa: E402
+from kd.atomic import atomic_file  # noqa: E402
 
 PY = sys.executable
 SKIPPED = "skipped (no GPU)"  # the exit recorded for a GPU-only step on a machine without one

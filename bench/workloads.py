@@ -162,7 +162,7 @@ def save_results(results: dict, out: Path | None) -> None:
     previous file whole."""
     import json
 
-    from kd.export import atomic_file
+    from kd.atomic import atomic_file
 
     if out:
         with atomic_file(out) as tmp:

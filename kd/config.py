@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from kd.atomic import atomic_file
 from kd.errors import ConfigError
 
 Modality = Literal["audio", "text", "image", "causal_lm"]
@@ -306,10 +307,11 @@ def config_from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config; `load_config` on the result gives back an equal Config."""
+    """Write the resolved config (atomically); `load_config` on the result gives back an equal Config."""
     text = "# Resolved config of this run (defaults filled in, overrides applied).\n"
     text += yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    Path(path).write_text(text)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:

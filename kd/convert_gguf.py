@@ -30,7 +30,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, dtype: str = "fp32") -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kd.export import atomic_folder
+    from kd.atomic import atomic_folder
 
     src = Path(gguf_path).expanduser()
     if not src.is_file():

@@ -1,63 +1,24 @@
 """The final student as a self-contained folder: safetensors weights, config and label names (a causal
 LM: its tokenizer, ready for `AutoModelForCausalLM.from_pretrained` and `generate`).
 
-Folders are written atomically: everything goes to a temporary sibling first and is renamed into
-place at the end, so an interrupted export never leaves a half-written student behind, and the
-previous export stays intact until the new one is complete.
+Folders are written atomically (kd.atomic): an interrupted export never leaves a half-written student
+behind, and the previous export stays intact until the new one is complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
+from kd.atomic import atomic_folder
 from kd.errors import ModelLoadError
 from kd.logmel_cnn import CONFIG_NAME, WEIGHTS_NAME, LogMelCNN, load_logmel_cnn
 from kd.teachers import TASK_CLASSES, resolve_model_source
-
-
-@contextlib.contextmanager
-def atomic_folder(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `target` in one rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_file(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it replaces `target` in one rename."""
-    target = Path(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_student(model: torch.nn.Module, path: str | Path, label_names: list[str], processor: Any = None,

@@ -43,7 +43,7 @@ from torch import nn
 
 from kd.detect import ort_session
 from kd.errors import KDError
-from kd.export import atomic_file
+from kd.atomic import atomic_file
 from kd.logmel_cnn import LogMelCNN
 
 ONNX_NAME = "model.onnx"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -144,7 +146,21 @@ def test_export_round_trip_logmel(tmp_path):
     wave = torch.randn(2, 16000)
     assert labels == ["a", "b", "c"]
     assert torch.allclose(loaded(wave), model(wave))
-    assert not list(tmp_path.glob(".student.tmp-*"))
+    assert not list(tmp_path.glob(".student.*"))  # no temporary folder left behind
+
+
+def test_an_export_gets_the_modes_the_umask_gives_not_private_ones(tmp_path):
+    """safetensors writes 0600 files whatever the umask (safetensors#782), and temporary folders are
+    0700: renamed into place as they are, nobody but the trainer could read the model."""
+    old = os.umask(0o027)
+    try:
+        save_student(LogMelCNN(3, n_mels=16, channels=[8, 16]), tmp_path / "student", ["a", "b", "c"])
+        save_student(LogMelCNN(3, n_mels=16, channels=[8, 16]), tmp_path / "student", ["a", "b", "c"])  # replaced
+    finally:
+        os.umask(old)
+    folder = tmp_path / "student"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.iterdir()]}
+    assert modes == {"student": 0o750, "config.json": 0o640, "model.safetensors": 0o640}
 
 
 def test_export_round_trip_hf_and_replaces_atomically(tmp_path, tiny_teacher):

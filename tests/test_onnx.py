@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +47,10 @@ def test_export_writes_a_checked_waveform_model_with_its_metadata(exported_run):
     student = run_dir / "student"
     assert {"model.safetensors", "config.json", "model.onnx", "model.int8.onnx"} <= {p.name for p in student.iterdir()}
     assert not list(student.glob(".*"))  # no temporary files left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [student, *student.iterdir()]:  # what a plain open() / mkdir() gives, so others can read it
+        assert stat.S_IMODE(item.stat().st_mode) == (0o777 if item.is_dir() else 0o666) & ~umask, item
     meta = metadata(student / "model.onnx")
     assert json.loads(meta["kd.labels"]) == list(TONE_LABELS)
     assert meta["kd.sample_rate"] == "16000" and meta["kd.window_samples"] == "16000"
