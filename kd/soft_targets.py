@@ -178,7 +178,7 @@ class CachedTokenTeacher(CachedTeacher):
 
 def teacher_weight_files(spec: str, revision: str | None) -> list[Path]:
     """The teacher's safetensors files, local or from the Hugging Face cache (safetensors only)."""
-    source, single = resolve_model_source(spec, "teacher.model")
+    source, single = resolve_model_source(spec, "teacher.model", revision=revision)
     if single is not None:
         return [single]
     if Path(source).is_dir():

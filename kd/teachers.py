@@ -9,11 +9,16 @@ arbitrary code when loaded, so they are refused with a message saying how to con
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
+from huggingface_hub import HfApi, is_offline_mode, try_to_load_from_cache
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import (
@@ -51,11 +56,13 @@ HOW_TO_CONVERT = (
 )
 
 
-def resolve_model_source(spec: str, what: str = "teacher.model", need_weights: bool = True) -> tuple[str, Path | None]:
+def resolve_model_source(spec: str, what: str = "teacher.model", need_weights: bool = True,
+                         revision: str | None = None) -> tuple[str, Path | None]:
     """Check a model reference and return (source for from_pretrained, local weights file or None).
 
     Local references must exist (and, with `need_weights`, hold safetensors weights and no pickle
-    in their place); anything else is taken as a Hub id.
+    in their place); anything else is taken as a Hub id, which must be in the Hugging Face cache or
+    reachable on the Hub (check_hub_model).
     """
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -65,6 +72,7 @@ def resolve_model_source(spec: str, what: str = "teacher.model", need_weights: b
         )
     looks_local = path.exists() or spec.startswith((".", "/", "~")) or path.suffix == ".safetensors"
     if not looks_local:
+        check_hub_model(spec, revision, what)
         return spec, None  # a Hub id such as "MIT/ast-finetuned-speech-commands-v2"
     if not path.exists():
         raise ModelLoadError(f"{what}: {spec} does not exist (expected a model folder, a .safetensors file or a Hub id)")
@@ -86,6 +94,39 @@ def resolve_model_source(spec: str, what: str = "teacher.model", need_weights: b
     for w in weights:
         check_safetensors(w, what)
     return str(path), None
+
+
+@functools.cache
+def check_hub_model(repo_id: str, revision: str | None, what: str) -> None:
+    """A Hub id that is neither cached nor downloadable fails here, at once, with what to do.
+
+    Left to transformers, a machine without network spends about a minute in huggingface_hub's
+    retries and then reports a missing file "make sure you don't have a local directory with the
+    same name". One metadata request (no retries) tells the cases apart: no network, no such model,
+    gated. Ids found in the cache, and offline mode (HF_HUB_OFFLINE), never reach the network here.
+    """
+    if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        return
+    command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    download = f"download it once where the Hub is reachable (`{command}`) or set {what} to a local model folder"
+    uncached = f"{what}: {repo_id} is not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE})"
+    if is_offline_mode():
+        raise ModelLoadError(f"{uncached} and HF_HUB_OFFLINE is set; {download}")
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=10)
+    except httpx.TransportError as exc:  # no network, name resolution, proxy, timeout
+        raise ModelLoadError(f"{uncached} and the Hub cannot be reached ({first_line(exc)}); {download}") from None
+    except GatedRepoError:
+        raise ModelLoadError(f"{what}: {repo_id} is gated on the Hub: accept its terms at "
+                             f"https://huggingface.co/{repo_id} and log in (`hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"{what}: {repo_id} has no revision {revision!r} on the Hub (a revision is a "
+                             "branch, tag or commit of it)") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"{what}: no model {repo_id!r} on the Hub (or it is private: log in with "
+                             "`hf auth login`); check the id, or give a local model folder") from None
+    except HfHubHTTPError:
+        return  # the Hub answered with another error (busy, down): the download reports its own
 
 
 def refuse_pickle_only(folder: Path, what: str) -> None:
@@ -113,7 +154,7 @@ def check_safetensors(path: Path, what: str) -> None:
 
 
 def load_model_config(spec: str, what: str, revision: str | None = None) -> PretrainedConfig:
-    source, _ = resolve_model_source(spec, what, need_weights=False)
+    source, _ = resolve_model_source(spec, what, need_weights=False, revision=revision)
     try:
         return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -131,7 +172,7 @@ def load_teacher(spec: str, modality: str, revision: str | None = None, dtype: s
 
 
 def _load_teacher(spec: str, modality: str, revision: str | None, dtype: str) -> PreTrainedModel:
-    source, single_file = resolve_model_source(spec, "teacher.model")
+    source, single_file = resolve_model_source(spec, "teacher.model", revision=revision)
     if single_file is None and is_kit_model(source):
         if modality != "audio":
             raise ModelLoadError(f"teacher.model: {spec} is the kit's {LOGMEL_KIND} (audio), but data.modality "
@@ -202,7 +243,7 @@ def load_processor(spec: str, modality: str, revision: str | None = None, what: 
 
     `what` is the config key `spec` came from, so errors name what the user has to change.
     """
-    source, _ = resolve_model_source(spec, what, need_weights=False)
+    source, _ = resolve_model_source(spec, what, need_weights=False, revision=revision)
     if what == "teacher.model":  # its weights come next: a pickle is the graver problem, so it is named first
         refuse_pickle_only(Path(source), what)
     loader = {"audio": AutoFeatureExtractor, "text": AutoTokenizer, "image": AutoImageProcessor,

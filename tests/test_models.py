@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from kd.config import StudentConfig
 from kd.errors import ModelLoadError
 from kd.export import load_student, save_student
 from kd.students import LogMelCNN, build_student, copy_teacher_layers, student_logits, use_channels_last
-from kd.teachers import check_label_space, load_teacher, resolve_model_source, teacher_logits
+from kd.teachers import check_hub_model, check_label_space, load_teacher, resolve_model_source, teacher_logits
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt"])
@@ -45,6 +47,95 @@ def test_missing_and_wrong_paths_are_clear(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ModelLoadError, match="not a .safetensors file"):
         resolve_model_source(str(tmp_path / "notes.txt"))
+
+
+class FakeHub:
+    """The Hub's model-info route on 127.0.0.1, answering as huggingface.co does for a repository that
+    exists, is gated, lacks a revision or is unknown; it lists the repositories asked about."""
+
+    ANSWERS = {"org/exists": (200, None), "org/gated": (403, "GatedRepo"), "org/pinned": (404, "RevisionNotFound")}
+
+    def __init__(self):
+        self.requests = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["path"].startswith("/api/models/"):
+            repo = scope["path"].removeprefix("/api/models/").split("/revision/")[0]
+            self.requests.append(repo)
+            status, code = self.ANSWERS.get(repo, (404, "RepoNotFound"))
+        else:  # huggingface_hub's other calls (it asks about agent harnesses once)
+            repo, status, code = "", 404, "EntryNotFound"
+        headers = [(b"content-type", b"application/json")] + ([(b"x-error-code", code.encode())] if code else [])
+        body = b'{"id": "%s", "siblings": []}' % repo.encode() if status == 200 else b'{"error": "no"}'
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """huggingface_hub pointed at a FakeHub and an empty cache of this test's own, online."""
+    from huggingface_hub import constants
+
+    from kd.serve_teacher import BackgroundServer
+
+    app = FakeHub()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    check_hub_model.cache_clear()
+    with BackgroundServer(app) as url:
+        monkeypatch.setattr(constants, "ENDPOINT", url.removesuffix("/v1"))
+        yield app
+    check_hub_model.cache_clear()
+
+
+def test_hub_ids_that_cannot_be_fetched_fail_at_once_with_what_to_do(hub, monkeypatch):
+    resolve_model_source("org/exists")  # on the Hub: left to transformers to download
+    with pytest.raises(ModelLoadError, match=r"teacher.model: no model 'org/typo' on the Hub .*check the id"):
+        resolve_model_source("org/typo")
+    with pytest.raises(ModelLoadError, match=r"student.config: org/gated is gated on the Hub: accept its terms"):
+        resolve_model_source("org/gated", "student.config")
+    with pytest.raises(ModelLoadError, match=r"org/pinned has no revision 'v9' on the Hub"):
+        resolve_model_source("org/pinned", revision="v9")
+    assert hub.requests == ["org/exists", "org/typo", "org/gated", "org/pinned"]
+
+    from huggingface_hub import constants
+
+    # No network: one failed connection (no retries), and the message says how to get the model.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:1")
+    with pytest.raises(ModelLoadError, match=r"org/unseen is not in the Hugging Face cache .* the Hub cannot be "
+                                             r"reached .*`hf download org/unseen`\) or set teacher.model to a local"):
+        resolve_model_source("org/unseen")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache = re.escape(f"({constants.HF_HUB_CACHE})")
+    with pytest.raises(ModelLoadError, match=rf"org/other is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE "
+                                             r"is set; download it once .*\(`hf download org/other --revision v2`\)"):
+        resolve_model_source("org/other", revision="v2")
+
+
+def test_a_cached_hub_id_never_reaches_the_network(hub, monkeypatch):
+    """What the cache holds resolves offline and online alike, without asking the Hub."""
+    from huggingface_hub import constants
+
+    hub_cache_entry(constants.HF_HUB_CACHE, "org/typo", "main")
+    hub_cache_entry(constants.HF_HUB_CACHE, "org/pinned", "v9")
+    assert resolve_model_source("org/typo") == ("org/typo", None)
+    assert resolve_model_source("org/pinned", revision="v9") == ("org/pinned", None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_model_source("org/typo", "student.config", need_weights=False) == ("org/typo", None)
+    assert hub.requests == []
+
+
+def hub_cache_entry(cache: str, repo: str, ref: str) -> Path:
+    """A Hugging Face cache entry for `repo` at `ref` holding a config.json, as a download leaves it."""
+    root = Path(cache) / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text("0" * 40)
+    snapshot = root / "snapshots" / ("0" * 40) / "config.json"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_text("{}")
+    return snapshot
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
