@@ -101,8 +101,12 @@ def _load(cfg: DataConfig) -> DatasetDict:
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types (FileNotFound, ConnectionError, ValueError, ...)
+        # ConnectionError: the Hub could not be asked (offline) and datasets' cache lacks the name.
+        hint = ("; it is not in the datasets cache: load it once where the Hub is reachable (the cache keeps it), "
+                "or give a local copy (a save_to_disk folder, or data.dataset: audiofolder / imagefolder / csv / "
+                "json with data.data_dir)") if isinstance(exc, ConnectionError) else ""
         raise DataError(f"data.dataset: cannot load {name!r}"
-                        f"{f' (config {cfg.config_name!r})' if cfg.config_name else ''}: {first_line(exc)}") from None
+                        f"{f' (config {cfg.config_name!r})' if cfg.config_name else ''}: {first_line(exc)}{hint}") from None
 
 
 class PathAudio(Audio):

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import pytest
-import yaml
+# Each test session gets its own Hugging Face cache, and nothing reaches the network. Set before
+# anything imports huggingface_hub or datasets: they read these once, at import (set later, from a
+# fixture, only the subprocesses saw them, while tests in this process wrote datasets' cache into
+# ~/.cache and spent 25 s in download retries for a dataset name that does not exist).
+_HF_HOME = tempfile.mkdtemp(prefix="kd-tests-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+os.environ.update(HF_HOME=_HF_HOME, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 from kd.synthetic import TONE_LABELS, save_tiny_wav2vec2, write_tone_dataset
 
@@ -29,16 +40,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_hf_home(tmp_path_factory, monkeypatch):
-    """Each test session gets its own Hugging Face cache, and nothing reaches the network."""
-    home = tmp_path_factory.getbasetemp() / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")

@@ -65,7 +65,8 @@ def test_missing_column_lists_the_columns(tone_data):
 def test_missing_data_dir_and_unknown_name(tmp_path):
     with pytest.raises(DataError, match="is not a folder"):
         prepare_data(audio_cfg(tmp_path / "nope"))
-    with pytest.raises(DataError, match="cannot load 'no-such-org/no-such-dataset'"):
+    with pytest.raises(DataError, match="cannot load 'no-such-org/no-such-dataset': Couldn't reach .* it is not in "
+                                        "the datasets cache: load it once where the Hub is reachable"):
         prepare_data(DataConfig(dataset="no-such-org/no-such-dataset"))
     plain = tmp_path / "plain"
     plain.mkdir()
