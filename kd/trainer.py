@@ -24,6 +24,7 @@ from accelerate.utils import DistributedType, send_to_device
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from kd.atomic import plain_modes
 from kd.augment import WaveformAugment, describe
 from kd.build import Run
 from kd.config import save_config
@@ -565,6 +566,7 @@ class Trainer:
         self.acc.save_state(str(tmp))
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
+            plain_modes(tmp)  # Accelerate saves weights with safetensors, which makes them 0600
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,19 @@ def test_launch_outputs_resolved_config_checkpoints_and_student(launched_run, to
     assert labels == TONE_LABELS
     assert model(torch.randn(2, 16000)).shape == (2, 3)
     assert "Parameters: teacher" in result.stdout and "student" in result.stdout
+
+
+def test_everything_a_run_writes_has_the_modes_the_umask_gives(launched_run):
+    """Another user, or a container, can read the run's student, checkpoints and telemetry as far as
+    the umask allows (safetensors alone would make the weights 0600)."""
+    run_dir, _ = launched_run
+    umask = os.umask(0)
+    os.umask(umask)
+    written = [run_dir, *run_dir.rglob("*")]
+    assert any(p.name == "model.safetensors" and p.parent.parent.name == "checkpoints" for p in written)
+    wrong = {str(p.relative_to(run_dir)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written
+             if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~umask}
+    assert not wrong
 
 
 @pytest.mark.parametrize("augment", [False, True])
