@@ -105,8 +105,8 @@ def _load(cfg: DataConfig) -> DatasetDict:
         hint = ("; it is not in the datasets cache: load it once where the Hub is reachable (the cache keeps it), "
                 "or give a local copy (a save_to_disk folder, or data.dataset: audiofolder / imagefolder / csv / "
                 "json with data.data_dir)") if isinstance(exc, ConnectionError) else ""
-        raise DataError(f"data.dataset: cannot load {name!r}"
-                        f"{f' (config {cfg.config_name!r})' if cfg.config_name else ''}: {first_line(exc)}{hint}") from None
+        config = f" (config {cfg.config_name!r})" if cfg.config_name else ""
+        raise DataError(f"data.dataset: cannot load {name!r}{config}: {first_line(exc)}{hint}") from None
 
 
 class PathAudio(Audio):

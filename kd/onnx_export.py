@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from kd.atomic import atomic_file
 from kd.detect import ort_session
 from kd.errors import KDError
-from kd.atomic import atomic_file
 from kd.logmel_cnn import LogMelCNN
 
 ONNX_NAME = "model.onnx"
