@@ -114,6 +114,13 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+def umask_mode(path: Path) -> int:
+    """The mode a plain open() / mkdir() gives `path` under this process's umask: 0666 / 0777 less it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if path.is_dir() else 0o666) & ~umask
+
+
 def once_more_if_hung(attempt):
     """(1, attempt(1)), or, if that launch hangs, (2, attempt(2)): the test gives each attempt its own
     folder (and the launcher its own port).

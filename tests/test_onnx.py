@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TONE_LABELS, run_cli, tiny_config, write_config
+from conftest import TONE_LABELS, run_cli, tiny_config, umask_mode, write_config
 from kd.export import load_student
 from kd.detect import ort_session
 from kd.onnx_export import ATOL, ExportError, check_logits
@@ -47,10 +46,8 @@ def test_export_writes_a_checked_waveform_model_with_its_metadata(exported_run):
     student = run_dir / "student"
     assert {"model.safetensors", "config.json", "model.onnx", "model.int8.onnx"} <= {p.name for p in student.iterdir()}
     assert not list(student.glob(".*"))  # no temporary files left behind
-    umask = os.umask(0)
-    os.umask(umask)
     for item in [student, *student.iterdir()]:  # what a plain open() / mkdir() gives, so others can read it
-        assert stat.S_IMODE(item.stat().st_mode) == (0o777 if item.is_dir() else 0o666) & ~umask, item
+        assert stat.S_IMODE(item.stat().st_mode) == umask_mode(item), item
     meta = metadata(student / "model.onnx")
     assert json.loads(meta["kd.labels"]) == list(TONE_LABELS)
     assert meta["kd.sample_rate"] == "16000" and meta["kd.window_samples"] == "16000"

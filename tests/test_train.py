@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import (ROOT, TONE_LABELS, accelerate_launch, kill_process_tree, once_more_if_hung, run_cli, tiny_config,
-                      write_config)
+                      umask_mode, write_config)
 from kd.config import load_config
 from kd.export import load_student
 from kd.telemetry import COMMON_FIELDS, EVENT_FIELDS, read_events
@@ -92,12 +91,10 @@ def test_everything_a_run_writes_has_the_modes_the_umask_gives(launched_run):
     """Another user, or a container, can read the run's student, checkpoints and telemetry as far as
     the umask allows (safetensors alone would make the weights 0600)."""
     run_dir, _ = launched_run
-    umask = os.umask(0)
-    os.umask(umask)
     written = [run_dir, *run_dir.rglob("*")]
     assert any(p.name == "model.safetensors" and p.parent.parent.name == "checkpoints" for p in written)
     wrong = {str(p.relative_to(run_dir)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written
-             if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~umask}
+             if stat.S_IMODE(p.stat().st_mode) != umask_mode(p)}
     assert not wrong
 
 
