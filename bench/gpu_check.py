@@ -130,12 +130,24 @@ def markdown(env: dict, results: list[dict], out: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu-check", help="report folder")
-    parser.add_argument("--only", nargs="+", default=None, help="run only these steps (names as listed above)")
+    names = [s["name"] for s in steps(Path(), Path())]
+    # choices: a misspelt step is refused at once (on a lent GPU, a run that checks nothing wastes its time)
+    parser.add_argument("--only", nargs="+", default=None, choices=names, metavar="STEP",
+                        help=f"run only these steps (always in this order): {', '.join(names)}")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="kd-gpu-check-"))
     env = environment()
     print(f"GPU check: {env['gpu'] or 'no CUDA GPU (CPU parts only)'}; torch {env['torch']}; report in {args.out}")
+    # The benches' runs (checkpoints, caches, telemetry) are scratch: only their figures go to --out.
+    with tempfile.TemporaryDirectory(prefix="kd-gpu-check-") as work:
+        results = run_steps(args, env, Path(work))
+    failed = [r["name"] for r in results if r["exit"] not in (0, SKIPPED)]
+    print(f"GPU check done: {len(results) - len(failed)}/{len(results)} steps passed"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def run_steps(args: argparse.Namespace, env: dict, work: Path) -> list[dict]:
     chosen = [s for s in steps(args.out, work) if args.only is None or s["name"] in args.only]
     results = []
     for step in chosen:
@@ -148,10 +160,7 @@ def main() -> int:
         save_results({"env": env, "steps": results}, args.out / "gpu_report.json")
         with atomic_file(args.out / "gpu_report.md") as tmp:
             tmp.write_text(markdown(env, results, args.out))
-    failed = [r["name"] for r in results if r["exit"] not in (0, SKIPPED)]
-    print(f"GPU check done: {len(results) - len(failed)}/{len(results)} steps passed"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    return results
 
 
 if __name__ == "__main__":

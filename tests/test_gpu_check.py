@@ -33,3 +33,12 @@ def test_the_utilisation_bench_refuses_a_machine_without_a_gpu(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: --utilisation-only measures a GPU; no CUDA device here"
     assert "Traceback" not in result.stderr
+
+
+def test_a_misspelt_step_is_refused_before_anything_runs(tmp_path):
+    result = subprocess.run([sys.executable, "bench/gpu_check.py", "--only", "utilisaton", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "invalid choice: 'utilisaton'" in last and "'utilisation'" in last and "'cuda-tests'" in last
+    assert not (tmp_path / "gpu_report.json").exists()
