@@ -47,7 +47,7 @@ def print_once(path: Path, stall_after_s: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", nargs="?", help="run folder or telemetry.jsonl (default: newest under runs/)")
     parser.add_argument("--once", action="store_true", help="print a plain-text summary and exit")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -328,3 +330,12 @@ def test_tensorboard_gets_losses_lr_alpha_and_eval_metrics_at_their_steps(launch
         role = "test" if e["split"] == "test" else "eval"
         for name in ("student_acc", "teacher_acc", "agreement", "loss"):
             assert scalars[f"{role}/{name}"][e["step"]] == pytest.approx(e["metrics"][name], rel=1e-5)
+
+
+@pytest.mark.parametrize("script", ["train_kd.py", "monitor_tui.py"])
+def test_help_gives_the_summary_once_then_working_commands(script):
+    result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    summary = {"train_kd.py": "Distil a teacher's soft targets", "monitor_tui.py": "Live monitor of a kd training run"}
+    assert result.stdout.count(summary[script]) == 1
+    assert f"python {script} runs/kws-5gb" in result.stdout or f"accelerate launch {script} --config" in result.stdout
