@@ -384,7 +384,7 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
     say(format_estimate(estimate, budget, free))
     helps = advice(estimate, cfg, budget, student) if estimate.total > budget else []
     if helps:
-        say("Over the budget. What would help, largest estimated saving first:")
+        say(f"Over the budget by {fmt(estimate.total - budget)}. What would help, largest estimated saving first:")
         for text, saving in helps:
             say(f"  - {text}  (~{fmt(saving)})")
     return estimate, helps

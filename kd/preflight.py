@@ -14,6 +14,7 @@ allocator reserved; 0.81 GB on an H100 with torch 2.11 / CUDA 13, bench/RESULTS.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from contextlib import nullcontext
@@ -235,6 +236,13 @@ def largest_fitting_micro_batch(effective: int, fits: Callable[[int], bool]) -> 
 
 def advice(est: Estimate, cfg: Any, budget: int, student: nn.Module) -> list[tuple[str, int]]:
     """Concrete changes with their estimated saving in bytes, largest first."""
+    # What no batch, precision or teacher setting changes: when that alone is over the budget,
+    # the usual advice would send the user through changes that cannot help.
+    floor = est.cuda_context + est.student_weights + est.grads + est.optimizer
+    if floor > budget:
+        return [(f"memory.vram_budget_gb: {math.ceil(floor / GB * 100) / 100:.2f} at least, or a smaller student: the "
+                 f"CUDA context and the student's weights, gradients and optimizer state alone take {fmt(floor)}, so "
+                 f"no batch, precision or teacher setting fits {fmt(budget)}", floor - budget)]
     options: list[tuple[str, int]] = []
     if est.teacher_weights and cfg.teacher.dtype == "fp32":
         options.append(("teacher.dtype: bf16 (or fp16) halves teacher weights and activations",

@@ -101,13 +101,29 @@ def test_advice_is_ranked_by_saving(tiny_teacher):
     assert "data.max_seconds: 0.5" in texts
 
 
+
+def test_advice_says_when_only_a_bigger_budget_or_student_can_fit():
+    """The CUDA context and the student's weights, gradients and AdamW state do not shrink with the
+    batch, precision or teacher: under a budget below them, the advice says so instead of listing
+    changes that cannot help."""
+    cfg = config_from_dict({"data": {"dataset": "x"}, "teacher": {"model": "t"}, "train": {"batch_size": 64}})
+    parts = dict(teacher_weights=300_000_000, student_weights=100_000_000, grads=100_000_000, optimizer=200_000_000,
+                 activations=900_000_000, cuda_context=500_000_000)
+    est = Estimate(**parts, total=sum(parts.values()), teacher_activations=200_000_000, method="analytic")
+    [(text, short)] = advice(est, cfg, budget=800_000_000, student=LogMelCNN(3))
+    assert text.startswith("memory.vram_budget_gb: 0.90 at least, or a smaller student") and "0.90 GB" in text
+    assert short == 100_000_000
+    # One byte more budget than that fixed part: the ordinary advice again.
+    texts = [t for t, _ in advice(est, cfg, budget=900_000_001, student=LogMelCNN(3))]
+    assert texts[0].startswith("teacher.device: cpu") and not any("vram_budget_gb" in t for t in texts)
+
 def test_preflight_flag_prints_and_writes_nothing(tmp_path, tone_data, tiny_teacher):
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", memory={"vram_budget_gb": 0.1})
     result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg)), "--preflight"])
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "Pre-flight memory estimate" in out and "OVER BUDGET" in out and "vs budget 0.10 GB" in out
-    assert "Over the budget. What would help" in out and "Pre-flight only" in out
+    assert "Over the budget by " in out and "What would help" in out and "Pre-flight only" in out
     assert not (tmp_path / "run").exists()
 
 
