@@ -234,10 +234,11 @@ class Trainer:
                             labels=run.data.label_names,
                             soft_targets=self.targets.describe() if self.targets is not None else None,
                             resumed_from=str(resume_from) if resume_from else None)
-        if run.advice:
+        if run.estimate and run.estimate.total > plan["vram_budget_bytes"]:
+            helps = "; ".join(t for t, _ in run.advice[:3]) or "no config change is estimated to help"
             self.telemetry.emit("warning", self.state.step, code="over_budget",
                                 message=f"estimated {run.estimate.total / 1e9:.2f} GB is over the "
-                                        f"{cfg.memory.vram_budget_gb} GB budget; " + "; ".join(t for t, _ in run.advice[:3]))
+                                        f"{cfg.memory.vram_budget_gb} GB budget; {helps}")
         if cfg.telemetry.report_to:
             self.acc.init_trackers(cfg.run.name, config=_flat(cfg.to_dict()))
         self.acc.print(f"Training {self.total_steps} steps ({self.steps_per_epoch} per epoch), micro-batch "

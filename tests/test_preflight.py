@@ -216,3 +216,23 @@ def test_choose_batch_size_shrinks_to_the_budget_and_treats_oom_as_no_fit():
     assert (cfg.train.batch_size, cfg.train.grad_accum) == (4, 2) and "micro-batch 4 x accumulation 2" in said[0]
     choose_batch_size(cfg, lambda m: make_estimate(0, 10 * m, 1000), budget=145, say=said.append)
     assert (cfg.train.batch_size, cfg.train.grad_accum) == (4, 2) and "not even a micro-batch of 1" in said[1]
+
+
+
+@pytest.mark.parametrize("helps", [True, False])
+def test_a_run_started_over_its_budget_says_so_in_telemetry(tmp_path, tone_data, tiny_teacher, monkeypatch, helps):
+    """On the CPU nothing caps the run, so it trains; the warning tells the monitor what the
+    pre-flight estimate said (here: the CUDA context alone is over a 0.1 GB budget), advice or not."""
+    import kd.build
+    from kd.build import build_run
+    from kd.telemetry import read_events
+    from kd.trainer import Trainer
+
+    if not helps:
+        monkeypatch.setattr(kd.build, "advice", lambda *args: [])
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", memory={"vram_budget_gb": 0.1},
+                      train={"max_steps": 1, "eval_every": 100})
+    Trainer(build_run(config_from_dict(cfg))).fit()
+    [warning] = [e for e in read_events(tmp_path / "run") if e["type"] == "warning" and e["code"] == "over_budget"]
+    expected = "memory.vram_budget_gb: 0.5" if helps else "no config change is estimated to help"
+    assert warning["message"].startswith("estimated 0.") and f"over the 0.1 GB budget; {expected}" in warning["message"]
