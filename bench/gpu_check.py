@@ -6,7 +6,8 @@
 In order, each step a subprocess with its own time limit and log file under --out:
 
   1. cuda-tests    pytest -m cuda: fast-path switches, the budget cap, a real out-of-memory error in
-                   every phase, NVML fields, fp16/bf16, on-device features, compile (tests/test_cuda.py)
+                   every phase, NVML fields, fp16/bf16, on-device features, compile (tests/test_cuda.py);
+                   configs/5gb.yaml end to end against the published layouts on 127.0.0.1 (tests/test_flagship.py)
   2. memory        bench/bench_memory.py: pre-flight estimate against measured peaks (demo, flagship,
                    with each phase's peak) and a real out-of-memory recovery
   3. throughput    bench/bench_throughput.py: naive against optimised, KD step cost
@@ -46,7 +47,7 @@ def steps(out: Path, work: Path) -> list[dict]:
     return [
         {"name": "cuda-tests", "timeout": 900,
          "argv": [PY, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
-                  f"--junitxml={out / 'cuda-tests.xml'}"]},
+                  "tests/test_flagship.py", f"--junitxml={out / 'cuda-tests.xml'}"]},
         {"name": "memory", "timeout": 900,
          "argv": [PY, "bench/bench_memory.py", "--out", str(out / "memory.json"), "--work-dir", str(work / "memory")]},
         {"name": "throughput", "timeout": 1200,

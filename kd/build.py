@@ -19,8 +19,8 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import TorchDynamoPlugin, set_seed
 
 from kd.config import Config
-from kd.data import PreparedData, prepare_data
-from kd.errors import ConfigError, ModelLoadError, TrainingError
+from kd.data import PreparedData, check_data_source, prepare_data
+from kd.errors import ConfigError, DataError, ModelLoadError, SourceError, TrainingError
 from kd.logmel_cnn import read_config as read_kit_config
 from kd.memory import cuda_index
 from kd.preflight import (Estimate, advice, choose_teacher_device, estimate_memory, fmt, format_estimate,
@@ -29,8 +29,8 @@ from kd.soft_targets import (CachedTeacher, CachedTokenTeacher, SoftTargets, Tea
                              teacher_identity)
 from kd.students import build_student, model_input_key, use_channels_last
 from kd.teacher_cache import CacheError
-from kd.teachers import (check_label_space, count_parameters, is_kit_model, load_model_config, load_processor,
-                         load_teacher)
+from kd.teachers import (check_hub_model, check_labels, count_parameters, is_hub_id, is_kit_model, load_model_config,
+                         load_processor, load_teacher, teacher_label_space)
 from kd.vocabulary import check_shared_vocabulary
 
 
@@ -85,15 +85,21 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
     else:
         say(f"Device: {accelerator.device}, precision {env['mixed_precision']}, processes {env['world_size']}")
 
+    for note in check_sources(cfg):
+        say(note)
     source, key = processor_source(cfg)
     processor = None
     if source is not None:
         revision = cfg.teacher.revision if key == "teacher.model" else None
         processor = load_processor(source, cfg.data.modality, revision, key)
     rate = sampling_rate(cfg, processor)
+    teacher_labels = labels_of_teacher(cfg)
     with accelerator.main_process_first():  # the first process fills the datasets cache, the others reuse it
         generate = cfg.teacher.endpoint if cfg.remote_teacher and cfg.teacher.endpoint.mode == "generate" else None
-        data = prepare_data(cfg.data, processor, rate, answered_by=generate)
+        data = prepare_data(cfg.data, processor, rate, answered_by=generate,
+                            label_order=teacher_labels[1] if teacher_labels else None)
+    if teacher_labels is not None:  # before the teacher cache is opened or the teacher loaded
+        check_labels(*teacher_labels, data.label_names, f"teacher {cfg.teacher.model}")
     if generate is not None:
         say(f"Data: {len(data.splits['train'])} training prompts (the remote teacher writes the answers), "
             f"vocabulary {len(processor)} tokens")
@@ -111,8 +117,6 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
         cached = open_teacher_cache(cfg, accelerator, data, processor, create=not plan_only, precompute=precompute)
         if cached is None or not cached.complete() or cfg.student.init_from_teacher:
             teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
-            if cfg.data.modality != "causal_lm":
-                check_label_space(teacher, data.label_names, f"teacher {cfg.teacher.model}")
     elif cfg.student.init_from_teacher:  # a baseline without KD that starts where its KD twin starts
         teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
     student = build_student(cfg.student, cfg.data.modality, data.label_names, data.sampling_rate,
@@ -148,6 +152,36 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
         soft_targets = TeacherForward(teacher)
     return Run(cfg, accelerator, data, student, teacher, processor, model_input_key(student), env, params,
                estimate, advice, soft_targets)
+
+
+def check_sources(cfg: Config) -> list[str]:
+    """Every Hub model and downloaded dataset the run needs, checked before anything loads, so a
+    machine without network learns at once everything it cannot get (one line each). Returns notes
+    on what a first run will download."""
+    models = [(key, spec, revision) for key, spec, revision in (
+        ("teacher.model", cfg.teacher.model, cfg.teacher.revision), ("student.config", cfg.student.config, None))
+        if spec and is_hub_id(spec)]
+    problems, notes = [], []
+    for key, spec, revision in models:
+        try:
+            check_hub_model(spec, revision, key, need_weights=key == "teacher.model" and cfg.loads_teacher_weights)
+        except ModelLoadError as exc:
+            problems.append(str(exc))
+    try:
+        notes.append(check_data_source(cfg.data))
+    except DataError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise SourceError(problems)
+    return [note for note in notes if note]
+
+
+def labels_of_teacher(cfg: Config) -> tuple[int | None, list[str] | None] | None:
+    """The local teacher's classes (count, names) from its config, where its labels matter: the data
+    is mapped onto them by name, and checked against them before any teacher weights load."""
+    if not cfg.loads_teacher_weights or cfg.data.modality == "causal_lm":
+        return None
+    return teacher_label_space(cfg.teacher.model, cfg.teacher.revision)
 
 
 def open_teacher_cache(cfg: Config, accelerator: Accelerator, data: PreparedData, processor: Any,

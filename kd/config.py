@@ -38,6 +38,7 @@ class RunConfig:
 class DataConfig:
     dataset: str = ""
     config_name: str | None = None
+    revision: str | None = None  # a Hub dataset's branch, tag or commit (e.g. refs/convert/parquet)
     data_dir: str | None = None
     data_files: Any = None
     train_split: str = "train"
@@ -227,6 +228,11 @@ class Config:
     @property
     def remote_teacher(self) -> bool:
         return self.distillation.enabled and self.teacher.endpoint is not None
+
+    @property
+    def loads_teacher_weights(self) -> bool:
+        """Whether teacher.model's weights are used: local distillation, or a student started from them."""
+        return (self.distillation.enabled and not self.remote_teacher) or self.student.init_from_teacher
 
     def uses_gpu_only_settings(self) -> list[str]:
         """The settings that only a CUDA GPU can honour, as `key: value` (empty when none)."""
@@ -442,8 +448,8 @@ def _check_values(cfg: Config) -> list[str]:
     need(run.seed >= 0, "run.seed", run.seed, "must be >= 0")
 
     need(bool(data.dataset.strip()), "data.dataset", data.dataset,
-         "required: a Hub name (google/speech_commands), a local builder (audiofolder, imagefolder, json, csv) "
-         "or a save_to_disk folder")
+         "required: a Hub name (user/dataset), a local builder (audiofolder, imagefolder, json, csv), "
+         "speech_commands (its official archive) or a save_to_disk folder")
     for key in ("train_split", "input_column", "label_column"):
         need(bool(getattr(data, key).strip()), f"data.{key}", getattr(data, key), "must not be empty")
     need(data.max_seconds > 0, "data.max_seconds", data.max_seconds, "must be > 0 (clip length in seconds)")

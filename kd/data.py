@@ -18,6 +18,7 @@ import functools
 import hashlib
 import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,13 +32,20 @@ from datasets import (Audio, ClassLabel, Dataset, DatasetDict, Features, Sequenc
 from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader
 
+from kd.audio.path_audio import PathAudio
+from kd.audio.speech_commands import NAME as SPEECH_COMMANDS
+from kd.audio.speech_commands import check_source as check_speech_commands
+from kd.audio.speech_commands import load_speech_commands
 from kd.config import DataConfig, EndpointConfig
 from kd.errors import DataError, first_line
 from kd.features import DeviceFeatures, device_features
+from kd.hub import parquet_export
 from kd.lm_data import LMCollator, prepare_lm_splits, prepare_prompt_splits
 
 log = logging.getLogger(__name__)
 
+# Hub script datasets the kit reads another way.
+SCRIPT_REPLACEMENTS = {"google/speech_commands": f"data.dataset: {SPEECH_COMMANDS} (the kit reads its official archive)"}
 LOCAL_BUILDERS = ("audiofolder", "imagefolder", "json", "csv", "parquet", "text", "arrow")
 WAVEFORM = "waveform"
 INDEX = "sample_index"  # each sample's position in its split: what the teacher cache keys rows by
@@ -81,6 +89,9 @@ def load_raw_splits(cfg: DataConfig) -> dict[str, Dataset]:
 def _load(cfg: DataConfig) -> DatasetDict:
     name = cfg.dataset
     path = Path(name).expanduser()
+    if cfg.revision is not None and (name in LOCAL_BUILDERS or name == SPEECH_COMMANDS or path.exists()):
+        raise DataError(f"data.revision: {cfg.revision!r} names a revision of a Hub dataset, but data.dataset={name!r} "
+                        "is read locally; remove data.revision")
     try:
         if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
             loaded = load_from_disk(str(path))
@@ -93,13 +104,21 @@ def _load(cfg: DataConfig) -> DatasetDict:
             if name == "audiofolder":
                 return _load_audiofolder(cfg)
             return load_dataset(name, data_dir=cfg.data_dir, data_files=cfg.data_files)
+        if name == SPEECH_COMMANDS:
+            return load_speech_commands(cfg.config_name, cfg.data_files, cfg.data_dir)
         if path.exists():
             raise DataError(f"data.dataset: {name} is a folder but not a save_to_disk dataset (no dataset_dict.json "
                             f"or state.json); for a folder of files use data.dataset: audiofolder / imagefolder "
                             f"with data.data_dir: {name}")
-        return load_dataset(name, cfg.config_name, data_dir=cfg.data_dir, data_files=cfg.data_files)
+        return load_dataset(name, cfg.config_name, data_dir=cfg.data_dir, data_files=cfg.data_files,
+                            revision=cfg.revision)
     except DataError:
         raise
+    except RuntimeError as exc:
+        script = re.search(r"Dataset scripts are no longer supported, but found (\S+)", str(exc))
+        if script is None:
+            raise
+        raise DataError(script_dataset_advice(name, script.group(1))) from None
     except Exception as exc:  # datasets raises many types (FileNotFound, ConnectionError, ValueError, ...)
         # ConnectionError: the Hub could not be asked (offline) and datasets' cache lacks the name.
         hint = ("; it is not in the datasets cache: load it once where the Hub is reachable (the cache keeps it), "
@@ -109,21 +128,26 @@ def _load(cfg: DataConfig) -> DatasetDict:
         raise DataError(f"data.dataset: cannot load {name!r}{config}: {first_line(exc)}{hint}") from None
 
 
-class PathAudio(Audio):
-    """An Audio feature that stores file paths and bytes without importing torchcodec.
+def check_data_source(cfg: DataConfig) -> str | None:
+    """Before anything loads: fail at once when the data must be downloaded and cannot be now.
+    Returns what a first run will download, if that is known (the kit's own archive builders)."""
+    if cfg.dataset == SPEECH_COMMANDS:
+        return check_speech_commands(cfg.config_name, cfg.data_files, cfg.data_dir)
+    return None  # a Hub dataset: datasets itself tells a missing name from a missing network
 
-    datasets 5 imports torchcodec (and so needs system FFmpeg) even to record a file's path. We decode
-    with soundfile in `decode_audio`, so storing the path is all that is needed.
-    """
 
-    def encode_example(self, value: Any) -> dict[str, Any]:
-        if isinstance(value, (str, Path)):
-            return {"bytes": None, "path": str(value)}
-        if isinstance(value, (bytes, bytearray)):
-            return {"bytes": bytes(value), "path": None}
-        if isinstance(value, dict) and "array" not in value:
-            return {"bytes": value.get("bytes"), "path": value.get("path")}
-        return super().encode_example(value)
+def script_dataset_advice(name: str, script: str) -> str:
+    """One line for a Hub dataset that is a loading script: datasets >= 4 runs none, so say what loads."""
+    ways = []
+    if name in SCRIPT_REPLACEMENTS:
+        ways.append(SCRIPT_REPLACEMENTS[name])
+    export = parquet_export(name)
+    if export is not None:
+        ways.append(f"data.revision: {export} (the Hub's Parquet export of it)")
+    ways.append("a local copy (data.dataset: audiofolder / imagefolder / csv / json / parquet with data.data_dir, "
+                "or a save_to_disk folder)")
+    return (f"data.dataset: {name} is a loading script on the Hub ({script}), and datasets >= 4 runs no dataset "
+            f"scripts; use {'; or '.join(ways)}")
 
 
 def _load_audiofolder(cfg: DataConfig) -> DatasetDict:
@@ -153,8 +177,21 @@ def _missing_codec(exc: BaseException | None) -> bool:
     return False
 
 
-def resolve_labels(splits: dict[str, Dataset], column: str) -> tuple[dict[str, Dataset], list[str]]:
-    """Label names from the dataset features; string labels become a ClassLabel shared by all splits."""
+def resolve_labels(splits: dict[str, Dataset], column: str,
+                   order: list[str] | None = None) -> tuple[dict[str, Dataset], list[str]]:
+    """Label names from the dataset features; string labels become a ClassLabel shared by all splits.
+
+    `order`: a teacher's label names. When the dataset names the same classes (in any case and
+    order), its label ids are remapped to that order: labels are matched by name, never by index."""
+    splits, names = _class_labels(splits, column)
+    if order and names != order and sorted(n.lower() for n in names) == sorted(n.lower() for n in order):
+        label2id = {name: i for i, name in enumerate(order)}
+        splits = {role: ds.align_labels_with_mapping(label2id, column) for role, ds in splits.items()}
+        names = list(order)
+    return splits, names
+
+
+def _class_labels(splits: dict[str, Dataset], column: str) -> tuple[dict[str, Dataset], list[str]]:
     feature = splits["train"].features[column]
     if isinstance(feature, ClassLabel):
         return splits, list(feature.names)
@@ -175,15 +212,16 @@ def resolve_labels(splits: dict[str, Dataset], column: str) -> tuple[dict[str, D
 
 
 def prepare_data(cfg: DataConfig, processor: Any = None, sampling_rate: int | None = None,
-                 answered_by: EndpointConfig | None = None) -> PreparedData:
+                 answered_by: EndpointConfig | None = None, label_order: list[str] | None = None) -> PreparedData:
     """Load, check, subsample, preprocess (cached) and describe the configured splits; every sample
     carries its index in the split (batch["index"]), and every split a content hash of its inputs
     (the teacher cache's split key). `answered_by`: a remote teacher in generate mode, which writes
-    the answers, so the splits hold prompts only."""
+    the answers, so the splits hold prompts only. `label_order`: the teacher's label names, which
+    the dataset's labels are mapped onto by name."""
     splits = load_raw_splits(cfg)
     if cfg.modality == "causal_lm":
         return _prepare_lm(cfg, _subsample(cfg, splits), processor, answered_by)
-    splits, label_names = resolve_labels(splits, cfg.label_column)  # before subsampling
+    splits, label_names = resolve_labels(splits, cfg.label_column, label_order)  # before subsampling
     splits = _subsample(cfg, splits)
     data = _prepare(cfg, splits, label_names, processor, sampling_rate)
     data.fingerprints = {role: content_fingerprint(ds, cfg.input_column) for role, ds in splits.items()}

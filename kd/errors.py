@@ -40,6 +40,18 @@ class ConfigError(KDError):
         super().__init__(message)
 
 
+class SourceError(KDError):
+    """Models or data the run needs that cannot be had now (not cached, not downloadable), all at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            listed = "\n".join(f"  - {p}" for p in self.problems)
+            super().__init__(f"{len(self.problems)} things this run needs cannot be had:\n{listed}")
+
+
 class DataError(KDError):
     """The dataset cannot be loaded or does not have what the config names."""
 

@@ -170,6 +170,94 @@ def save_random_ast(path: Path, labels: list[str], seed: int = 0) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# The flagship's published artefacts, reproduced small: the Speech Commands archive and the AST teacher
+
+# MIT/ast-finetuned-speech-commands-v2's id2label, in its order: the AST recipe's
+# speechcommands_class_labels_indices.csv, which the Hub conversion took via huggingface/label-files
+# (speech-commands-v2-id2label.json). Not alphabetical: labels must be matched by name.
+AST_SPEECH_COMMANDS_LABELS = [
+    "backward", "follow", "five", "bed", "zero", "on", "learn", "two", "house", "tree", "dog", "stop", "seven",
+    "eight", "down", "six", "forward", "cat", "right", "visual", "four", "wow", "no", "nine", "off", "three",
+    "left", "marvin", "yes", "up", "sheila", "happy", "bird", "go", "one",
+]
+# The published preprocessor_config.json of that model (ASTFeatureExtractor, Speech Commands statistics).
+AST_SPEECH_COMMANDS_PREPROCESSOR = {
+    "do_normalize": True, "feature_extractor_type": "ASTFeatureExtractor", "feature_size": 1, "max_length": 128,
+    "mean": -6.845978, "num_mel_bins": 128, "padding_side": "right", "padding_value": 0.0,
+    "return_attention_mask": False, "sampling_rate": 16000, "std": 5.5654526,
+}
+BACKGROUND_NOISES = ["doing_the_dishes", "dude_miaowing", "exercise_bike", "pink_noise", "running_tap", "white_noise"]
+
+
+def write_speech_commands(root: Path, words: list[str], speakers: dict[str, int] | None = None,
+                          seed: int = 0) -> Path:
+    """Speech Commands' extracted layout in miniature: one folder per word of `<speaker>_nohash_<n>.wav`
+    clips (16 kHz, 16-bit mono, most 1 s, some shorter), validation_list.txt and testing_list.txt (the
+    held-out speakers' clips), _background_noise_/ with its README and long noise recordings, and the
+    LICENSE and README.md at the top. Each word is a chirp of its own pitch, so it can be learnt.
+
+    `speakers`: clips per split, as {"train": n, "validation": n, "test": n} speakers per word."""
+    speakers = speakers or {"train": 2, "validation": 1, "test": 1}
+    rng = np.random.default_rng(seed)
+    rate = 16000
+    lists: dict[str, list[str]] = {"validation": [], "test": []}
+    speaker_ids = {split: [f"{rng.integers(16**8):08x}" for _ in range(n)] for split, n in speakers.items()}
+    for k, word in enumerate(words):
+        (root / word).mkdir(parents=True, exist_ok=True)
+        hz = 250.0 * 2 ** (k / 9)
+        for split, ids in speaker_ids.items():
+            for j, speaker in enumerate(ids):
+                n = rate if (k + j) % 4 else int(rate * 0.8)  # a few clips shorter than a second
+                t = np.arange(n) / rate
+                wave = 0.3 * np.sin(2 * np.pi * hz * t * rng.uniform(0.97, 1.03)) + 0.03 * rng.standard_normal(n)
+                name = f"{word}/{speaker}_nohash_{j % 2}.wav"
+                soundfile.write(root / name, wave.astype(np.float32), rate, subtype="PCM_16")
+                if split in lists:
+                    lists[split].append(name)
+    (root / "validation_list.txt").write_text("".join(f"{name}\n" for name in sorted(lists["validation"])))
+    (root / "testing_list.txt").write_text("".join(f"{name}\n" for name in sorted(lists["test"])))
+    noise = root / "_background_noise_"
+    noise.mkdir(exist_ok=True)
+    (noise / "README.md").write_text("Longer recordings of noise, not spoken words.\n")
+    for name in BACKGROUND_NOISES:
+        soundfile.write(noise / f"{name}.wav", (0.1 * rng.standard_normal(3 * rate)).astype(np.float32), rate,
+                        subtype="PCM_16")
+    (root / "LICENSE").write_text("Creative Commons BY 4.0\n")
+    (root / "README.md").write_text("Speech Commands Data Set (miniature, synthetic)\n")
+    return root
+
+
+def archive_folder(folder: Path, archive: Path) -> Path:
+    """`folder`'s contents as a .tar.gz with the official archive's member names (./yes/..., ./LICENSE)."""
+    import tarfile
+
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=".")
+    return archive
+
+
+def save_tiny_ast(path: Path, labels: list[str] | None = None, seed: int = 0) -> Path:
+    """MIT/ast-finetuned-speech-commands-v2 in miniature: its published config.json (architecture,
+    128 mel bins over 128 frames, strides 10, the real id2label) with tiny hidden sizes, random
+    weights, and its published preprocessor_config.json."""
+    import json
+
+    import torch
+    from transformers import ASTConfig, ASTForAudioClassification
+
+    labels = labels or AST_SPEECH_COMMANDS_LABELS
+    torch.manual_seed(seed)
+    config = ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       max_length=128, num_mel_bins=128, frequency_stride=10, time_stride=10, patch_size=16,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, qkv_bias=True,
+                       num_labels=len(labels), id2label=dict(enumerate(labels)),
+                       label2id={n: i for i, n in enumerate(labels)}, architectures=["ASTForAudioClassification"])
+    ASTForAudioClassification(config).save_pretrained(path)
+    (Path(path) / "preprocessor_config.json").write_text(json.dumps(AST_SPEECH_COMMANDS_PREPROCESSOR, indent=2))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # Causal language models
 
 LM_SUBJECTS = ["the cat", "a dog", "the bird", "my friend", "the teacher", "a student"]

@@ -35,8 +35,10 @@ from transformers import (
 )
 
 from kd.errors import ModelLoadError, first_line
+from kd.hub import safetensors_pull_request
 from kd.logmel_cnn import KIND as LOGMEL_KIND
 from kd.logmel_cnn import LogMelCNN, load_logmel_cnn, read_kind
+from kd.logmel_cnn import read_config as read_kit_config
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +72,8 @@ def resolve_model_source(spec: str, what: str = "teacher.model", need_weights: b
             f"{what}: {spec} is a pickle checkpoint, which can execute code when loaded; only safetensors "
             f"weights are accepted ({HOW_TO_CONVERT})"
         )
-    looks_local = path.exists() or spec.startswith((".", "/", "~")) or path.suffix == ".safetensors"
-    if not looks_local:
-        check_hub_model(spec, revision, what)
+    if is_hub_id(spec):
+        check_hub_model(spec, revision, what, need_weights)
         return spec, None  # a Hub id such as "MIT/ast-finetuned-speech-commands-v2"
     if not path.exists():
         raise ModelLoadError(f"{what}: {spec} does not exist (expected a model folder, a .safetensors file or a Hub id)")
@@ -96,26 +97,41 @@ def resolve_model_source(spec: str, what: str = "teacher.model", need_weights: b
     return str(path), None
 
 
-@functools.cache
-def check_hub_model(repo_id: str, revision: str | None, what: str) -> None:
+def is_hub_id(spec: str) -> bool:
+    """Whether a model reference names a Hub repository (else a local folder or file)."""
+    path = Path(spec).expanduser()
+    return not (path.exists() or spec.startswith((".", "/", "~")) or path.suffix == ".safetensors")
+
+
+def check_hub_model(repo_id: str, revision: str | None, what: str, need_weights: bool = False) -> None:
     """A Hub id that is neither cached nor downloadable fails here, at once, with what to do.
 
     Left to transformers, a machine without network spends about a minute in huggingface_hub's
     retries and then reports a missing file "make sure you don't have a local directory with the
     same name". One metadata request (no retries) tells the cases apart: no network, no such model,
-    gated. Ids found in the cache, and offline mode (HF_HUB_OFFLINE), never reach the network here.
+    gated. Its answer lists the revision's files, so with `need_weights` a model whose weights are
+    pickles only is refused before anything is downloaded (check_hub_weights). Ids found in the
+    cache, and offline mode (HF_HUB_OFFLINE), never reach the network here.
     """
-    if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+    cached = isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    if cached and (not need_weights or is_offline_mode() or _safetensors_cached(repo_id, revision)):
         return
-    command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
-    download = f"download it once where the Hub is reachable (`{command}`) or set {what} to a local model folder"
-    uncached = f"{what}: {repo_id} is not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE})"
     if is_offline_mode():
-        raise ModelLoadError(f"{uncached} and HF_HUB_OFFLINE is set; {download}")
+        raise ModelLoadError(f"{_uncached(repo_id, what)} and HF_HUB_OFFLINE is set; {_download(repo_id, revision, what)}")
+    files = hub_files(repo_id, revision, what)
+    if need_weights and files is not None:
+        check_hub_weights(repo_id, revision, list(files), what)
+
+
+@functools.cache
+def hub_files(repo_id: str, revision: str | None, what: str) -> tuple[str, ...] | None:
+    """The files of a Hub model at `revision`, from one metadata request per run (None: the Hub
+    answered with an error of its own, busy or down, which the download will report)."""
     try:
-        HfApi().model_info(repo_id, revision=revision, timeout=10)
+        info = HfApi().model_info(repo_id, revision=revision, timeout=10)
     except httpx.TransportError as exc:  # no network, name resolution, proxy, timeout
-        raise ModelLoadError(f"{uncached} and the Hub cannot be reached ({first_line(exc)}); {download}") from None
+        raise ModelLoadError(f"{_uncached(repo_id, what)} and the Hub cannot be reached ({first_line(exc)}); "
+                             f"{_download(repo_id, revision, what)}") from None
     except GatedRepoError:
         raise ModelLoadError(f"{what}: {repo_id} is gated on the Hub: accept its terms at "
                              f"https://huggingface.co/{repo_id} and log in (`hf auth login`)") from None
@@ -126,7 +142,44 @@ def check_hub_model(repo_id: str, revision: str | None, what: str) -> None:
         raise ModelLoadError(f"{what}: no model {repo_id!r} on the Hub (or it is private: log in with "
                              "`hf auth login`); check the id, or give a local model folder") from None
     except HfHubHTTPError:
-        return  # the Hub answered with another error (busy, down): the download reports its own
+        return None
+    return tuple(s.rfilename for s in info.siblings or [])
+
+
+def _uncached(repo_id: str, what: str) -> str:
+    return f"{what}: {repo_id} is not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE})"
+
+
+def _download(repo_id: str, revision: str | None, what: str) -> str:
+    command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    return f"download it once where the Hub is reachable (`{command}`) or set {what} to a local model folder"
+
+
+def _safetensors_cached(repo_id: str, revision: str | None) -> bool:
+    return any(isinstance(try_to_load_from_cache(repo_id, name, revision=revision), str)
+               for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def check_hub_weights(repo_id: str, revision: str | None, files: list[str], what: str) -> None:
+    """Refuse a Hub revision whose weights are pickles only, naming where safetensors of it are.
+
+    The Hub's conversion bot often has a pull request with `model.safetensors` for such a model;
+    its revision (`refs/pr/<n>`) is what `teacher.revision` should say."""
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickles = sorted(name for name in files if name.lower().endswith(PICKLE_SUFFIXES))
+    if not pickles:
+        return  # no weights the kit knows of: transformers names what it looked for
+    at = f"{repo_id} at revision {revision or 'main'}"
+    refused = (f"{what}: {at} has only pickle weights ({', '.join(pickles)}), which can execute code when "
+               "loaded; only safetensors are accepted")
+    converted = safetensors_pull_request(repo_id)
+    if converted is not None and converted != revision:
+        key = "teacher.revision" if what == "teacher.model" else "its revision"
+        raise ModelLoadError(f"{refused}. The Hub's safetensors conversion of it is the pull request {converted}: "
+                             f"set {key}: {converted}")
+    raise ModelLoadError(f"{refused}, and the Hub has no safetensors conversion of it; {HOW_TO_CONVERT}, and set "
+                         f"{what} to that folder")
 
 
 def refuse_pickle_only(folder: Path, what: str) -> None:
@@ -245,7 +298,10 @@ def load_processor(spec: str, modality: str, revision: str | None = None, what: 
     """
     source, _ = resolve_model_source(spec, what, need_weights=False, revision=revision)
     if what == "teacher.model":  # its weights come next: a pickle is the graver problem, so it is named first
-        refuse_pickle_only(Path(source), what)
+        if Path(source).is_dir():
+            refuse_pickle_only(Path(source), what)
+        else:  # a Hub id: its file list, before anything is downloaded
+            check_hub_model(source, revision, what, need_weights=True)
     loader = {"audio": AutoFeatureExtractor, "text": AutoTokenizer, "image": AutoImageProcessor,
               "causal_lm": AutoTokenizer}[modality]
     try:
@@ -255,32 +311,66 @@ def load_processor(spec: str, modality: str, revision: str | None = None, what: 
                              "the model folder needs its preprocessor_config.json / tokenizer files") from None
 
 
+def label_space(config: PretrainedConfig | dict[str, Any]) -> tuple[int | None, list[str] | None]:
+    """(number of labels, their names or None) from a classifier's config, transformers' or the kit's
+    (a dict); names are None where the config carries only transformers' placeholders (LABEL_0, ...)."""
+    if isinstance(config, dict):
+        n, id2label = config.get("num_labels"), config.get("id2label")
+    else:
+        n, id2label = getattr(config, "num_labels", None), getattr(config, "id2label", None)
+    if n is None:
+        return None, None
+    id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
+    names = [id2label.get(i, f"LABEL_{i}") for i in range(n)]
+    return n, None if all(name == f"LABEL_{i}" for i, name in enumerate(names)) else names
+
+
 def model_label_names(model: torch.nn.Module) -> tuple[int | None, list[str] | None]:
     """(number of labels, their names or None) of a classifier: the kit's log-mel CNN or transformers."""
     if isinstance(model, LogMelCNN):
-        return model.config["num_labels"], model.label_names
-    config = model.config
-    n = getattr(config, "num_labels", None)
-    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
-    return n, [id2label.get(i, f"LABEL_{i}") for i in range(n)] if n is not None else None
+        return label_space({"num_labels": model.config["num_labels"], "id2label": dict(enumerate(model.label_names or []))})
+    return label_space(model.config)
+
+
+def teacher_label_space(spec: str, revision: str | None = None) -> tuple[int | None, list[str] | None]:
+    """The teacher's labels from its config alone (no weights loaded): what the data is mapped onto."""
+    if is_kit_model(spec):
+        return label_space(read_kit_config(Path(spec).expanduser(), "teacher.model"))
+    return label_space(load_model_config(spec, "teacher.model", revision))
 
 
 def check_label_space(model: torch.nn.Module, label_names: list[str], who: str) -> None:
     """The model must predict exactly the dataset's classes, in the same order."""
-    n, names = model_label_names(model)
+    check_labels(*model_label_names(model), label_names, who)
+
+
+def check_labels(n: int | None, names: list[str] | None, label_names: list[str], who: str) -> None:
+    """A classifier with `n` labels called `names` (None: unnamed) against the dataset's classes:
+    the same names (any case), as many, in the same order."""
+    if names is not None:
+        ours, theirs = {s.lower() for s in label_names}, {s.lower() for s in names}
+        if ours != theirs:
+            lacks = sorted(l for l in label_names if l.lower() not in theirs)
+            extra = sorted(l for l in names if l.lower() not in ours)
+            parts = ([f"the dataset has {_listed(lacks)} that it does not predict"] if lacks else []) + (
+                [f"it predicts {_listed(extra)} that the dataset lacks"] if extra else [])
+            raise ModelLoadError(f"{who} and the dataset name different labels: {'; '.join(parts)}. Labels are "
+                                 "matched by name, so the two must name the same classes")
     if n != len(label_names):
         raise ModelLoadError(
-            f"{who} predicts {n} labels but the dataset has {len(label_names)} ({', '.join(label_names[:8])}"
-            f"{', ...' if len(label_names) > 8 else ''}); the teacher and student must share one label space"
+            f"{who} predicts {n} labels but the dataset has {len(label_names)} ({_listed(label_names)}); "
+            "the teacher and student must share one label space"
         )
-    if names is None or all(name == f"LABEL_{i}" for i, name in enumerate(names)):
-        return  # the model carries no names; only the count can be checked
-    if [s.lower() for s in names] != [s.lower() for s in label_names]:
+    if names is not None and [s.lower() for s in names] != [s.lower() for s in label_names]:
         diffs = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(names, label_names)) if a.lower() != b.lower()]
         raise ModelLoadError(
             f"{who} label names differ from the dataset's at index {', '.join(diffs[:5])}"
             f"{' ...' if len(diffs) > 5 else ''}; map the dataset labels to the model's order"
         )
+
+
+def _listed(names: list[str], at_most: int = 8) -> str:
+    return ", ".join(names[:at_most]) + (f", ... ({len(names)} in all)" if len(names) > at_most else "")
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -16,7 +16,8 @@ from kd.config import StudentConfig
 from kd.errors import ModelLoadError
 from kd.export import load_student, save_student
 from kd.students import LogMelCNN, build_student, copy_teacher_layers, student_logits, use_channels_last
-from kd.teachers import check_hub_model, check_label_space, load_teacher, resolve_model_source, teacher_logits
+from kd.teachers import (check_label_space, check_labels, hub_files, load_teacher, resolve_model_source,
+                         teacher_logits)
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt"])
@@ -83,11 +84,11 @@ def hub(monkeypatch, tmp_path):
     app = FakeHub()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    check_hub_model.cache_clear()
+    hub_files.cache_clear()
     with BackgroundServer(app) as url:
         monkeypatch.setattr(constants, "ENDPOINT", url.removesuffix("/v1"))
         yield app
-    check_hub_model.cache_clear()
+    hub_files.cache_clear()
 
 
 def test_hub_ids_that_cannot_be_fetched_fail_at_once_with_what_to_do(hub, monkeypatch):
@@ -127,15 +128,28 @@ def test_a_cached_hub_id_never_reaches_the_network(hub, monkeypatch):
     assert hub.requests == []
 
 
-def hub_cache_entry(cache: str, repo: str, ref: str) -> Path:
-    """A Hugging Face cache entry for `repo` at `ref` holding a config.json, as a download leaves it."""
+def test_a_cached_config_without_weights_asks_the_hub_for_its_file_list(hub, monkeypatch):
+    """A config alone in the cache (the preprocessing came first) says nothing of the weights: a
+    teacher's are looked up on the Hub, a config-only reference (student.config) needs nothing more."""
+    from huggingface_hub import constants
+
+    hub_cache_entry(constants.HF_HUB_CACHE, "org/exists", "main", files=("config.json",))
+    assert resolve_model_source("org/exists", "student.config", need_weights=False) == ("org/exists", None)
+    assert hub.requests == []
+    assert resolve_model_source("org/exists") == ("org/exists", None)
+    assert hub.requests == ["org/exists"]
+
+
+def hub_cache_entry(cache: str, repo: str, ref: str, files: tuple[str, ...] = ("config.json", "model.safetensors")) -> Path:
+    """A Hugging Face cache entry for `repo` at `ref` holding `files`, as a download leaves it."""
     root = Path(cache) / f"models--{repo.replace('/', '--')}"
     (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "refs" / ref).write_text("0" * 40)
-    snapshot = root / "snapshots" / ("0" * 40) / "config.json"
-    snapshot.parent.mkdir(parents=True)
-    snapshot.write_text("{}")
-    return snapshot
+    snapshot = root / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (snapshot / name).write_text("{}")
+    return snapshot / files[0]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
@@ -180,10 +194,19 @@ def test_teacher_dtype_is_applied(tiny_teacher):
 def test_label_space_checks(tiny_teacher):
     teacher = load_teacher(str(tiny_teacher), "audio")
     check_label_space(teacher, list(TONE_LABELS), "teacher")
-    with pytest.raises(ModelLoadError, match="predicts 3 labels but the dataset has 2"):
+    with pytest.raises(ModelLoadError, match=r"teacher and the dataset name different labels: the dataset has a, b "
+                                             r"that it does not predict; it predicts high, low, mid that the dataset "
+                                             r"lacks\. Labels are matched by name"):
         check_label_space(teacher, ["a", "b"], "teacher")
+    with pytest.raises(ModelLoadError, match="the dataset has Drums that it does not predict; it predicts mid that "
+                                             "the dataset lacks"):
+        check_label_space(teacher, ["high", "low", "Drums"], "teacher")
     with pytest.raises(ModelLoadError, match="label names differ"):
         check_label_space(teacher, ["low", "mid", "high"], "teacher")
+    # A model without names (transformers' LABEL_0, ...) can only be checked by count.
+    check_labels(3, None, ["a", "b", "c"], "teacher")
+    with pytest.raises(ModelLoadError, match="predicts 3 labels but the dataset has 2"):
+        check_labels(3, None, ["a", "b"], "teacher")
 
 
 def test_logmel_student_shapes_and_single_sample():
@@ -311,7 +334,7 @@ def test_kit_teacher_label_names_are_checked(kit_teacher):
     check_label_space(teacher, list(TONE_LABELS), "teacher")
     with pytest.raises(ModelLoadError, match="label names differ from the dataset's at index 0: 'high' vs 'low'"):
         check_label_space(teacher, ["low", "mid", "high"], "teacher")
-    with pytest.raises(ModelLoadError, match="predicts 3 labels but the dataset has 2"):
+    with pytest.raises(ModelLoadError, match="the dataset has a, b that it does not predict"):
         check_label_space(teacher, ["a", "b"], "teacher")
 
 
