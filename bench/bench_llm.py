@@ -5,7 +5,7 @@
     python bench/bench_llm.py --steps 300 --seq 128 --out bench/llm    # longer
 
 What it does, all offline:
-1. converts the GGUF teacher to a safetensors folder once (python -m kd.convert_gguf), in .bench/;
+1. converts the GGUF teacher to a safetensors folder once (python -m kd.lm.convert_gguf), in .bench/;
 2. writes the corpus: docstrings of Python's standard library (real English technical prose that
    every Python install carries, so the benchmark needs no download and is the same on every machine
    with the same Python). Modules are split by a hash of their name: the test modules' text is never
@@ -37,9 +37,9 @@ import time
 import warnings
 from pathlib import Path
 
-from workloads import save_results  # puts the repository root on sys.path
-
 from kd.atomic import atomic_file  # noqa: E402
+
+from workloads import save_results  # puts the repository root on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".bench"
@@ -63,7 +63,8 @@ def find_gguf() -> Path:
 def teacher_folder() -> Path:
     folder = WORK / "smollm2-135m"
     if not (folder / "model.safetensors").is_file():
-        subprocess.run([sys.executable, "-m", "kd.convert_gguf", str(find_gguf()), str(folder)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "kd.lm.convert_gguf", str(find_gguf()), str(folder)], check=True,
+                       cwd=ROOT)
     return folder
 
 
@@ -149,15 +150,16 @@ def evaluate(students: dict[str, Path], teacher: Path, corpus: Path, args) -> di
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kd.config import DataConfig
-    from kd.lm_data import LMCollator, prepare_lm_splits
-    from kd.lm_losses import token_eval_sums
+    from kd.lm.data import LMCollator, prepare_lm_splits
+    from kd.lm.losses import token_eval_sums
 
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     cfg = DataConfig(dataset="json", modality="causal_lm", input_column="text", max_length=args.seq, packing=True)
     raw = load_dataset("json", data_files={"test": str(corpus / "test.jsonl")})["test"]
     rows = prepare_lm_splits({"test": raw.select(range(min(args.eval_rows, len(raw))))}, cfg, tokenizer)["test"]
     collate = LMCollator(tokenizer.pad_token_id or tokenizer.eos_token_id)
-    batches = [collate([rows[j] for j in range(i, min(i + args.batch, len(rows)))]) for i in range(0, len(rows), args.batch)]
+    batches = [collate([rows[j] for j in range(i, min(i + args.batch, len(rows)))])
+               for i in range(0, len(rows), args.batch)]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.no_grad():
         model = AutoModelForCausalLM.from_pretrained(teacher, use_safetensors=True).to(device).eval()
@@ -213,11 +215,13 @@ def main() -> int:
     rows = [("teacher SmolLM2-135M-Instruct", t_params, scores["kd"]["teacher_perplexity"], 1.0, None, None)]
     rows += [(labels[name], summaries[name]["params"]["student"], scores[name]["perplexity"], scores[name]["agreement"],
               summaries[name]["tokens_per_s"], summaries[name]["peak_allocated"]) for name in labels]
-    lines = ["| model | parameters | test perplexity | top-1 agreement with teacher | train tokens/s | peak allocated |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | parameters | test perplexity | top-1 agreement with teacher | train tokens/s "
+             "| peak allocated |", "|---|---|---|---|---|---|"]
     for name, params, ppl, agree, rate, peak in rows:
-        lines.append(f"| {name} | {params / 1e6:.1f}M | {ppl:.2f} | {'-' if agree is None else f'{100 * agree:.1f}%'} "
-                     f"| {'-' if rate is None else f'{rate:.0f}'} | {'-' if peak is None else f'{peak / 1e9:.2f} GB'} |")
+        agree_text = "-" if agree is None else f"{100 * agree:.1f}%"
+        rate_text = "-" if rate is None else f"{rate:.0f}"
+        peak_text = "-" if peak is None else f"{peak / 1e9:.2f} GB"
+        lines.append(f"| {name} | {params / 1e6:.1f}M | {ppl:.2f} | {agree_text} | {rate_text} | {peak_text} |")
     env = kd["env"]
     lines.append(f"\n{args.steps} steps x {args.batch} rows x {args.seq} tokens, lr {args.lr}, precision "
                  f"{args.precision}; device {env.get('gpu_name') or env.get('device')}, torch {env['torch']}, "

@@ -23,8 +23,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from workloads import (demo_workload, environment, flagship_workload, isolate_caches, kit_run, print_environment,
-                       save_results)
+from workloads import (
+    demo_workload,
+    environment,
+    flagship_workload,
+    isolate_caches,
+    kit_run,
+    print_environment,
+    save_results,
+)
 
 GB = 1e9  # decimal, as memory.vram_budget_gb
 
@@ -34,7 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workloads", nargs="+", choices=["demo", "flagship"], default=["demo", "flagship"])
     parser.add_argument("--skip-oom", action="store_true", help="only the estimate against the peaks")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    parser.add_argument("--work-dir", type=Path, default=None, help="where runs and synthetic data go (default: a temp dir)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where runs and synthetic data go (default: a temp dir)")
     return parser.parse_args()
 
 
@@ -99,7 +107,8 @@ def show_estimate(name: str, r: dict) -> None:
     for phase, p in (r["phase_peaks"] or {}).items():
         print(f"   {phase:>16} peak allocated {gib(p['allocated'])}, reserved {gib(p['reserved'])}")
     for key, what in (("estimate_over_reserved", "estimate / peak reserved"),
-                      ("estimate_over_allocated", "estimate / peak allocated"), ("estimate_over_nvml", "estimate / NVML")):
+                      ("estimate_over_allocated", "estimate / peak allocated"),
+                      ("estimate_over_nvml", "estimate / NVML")):
         if key in r:
             verdict = "within 20%" if abs(r[key] - 1) <= 0.2 else "OFF by more than 20%"
             print(f"   {what}: {r[key]:.2f} ({verdict})")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
+import resource
 import sys
 import tempfile
-import resource
 import time
 from pathlib import Path
 
@@ -81,7 +81,8 @@ def main() -> None:
     print(f"python {platform.python_version()}, textual {textual.__version__}, {platform.machine()}")
     print(f"file: {size / 1e6:.0f} MB, {last_step} steps")
     print(f"history loaded (app started -> caught up with the last step): {result['loaded_s']:.1f} s "
-          f"= {size / 1e6 / result['loaded_s']:.0f} MB/s, off the UI thread; only the last --history step lines are parsed")
+          f"= {size / 1e6 / result['loaded_s']:.0f} MB/s, off the UI thread; "
+          "only the last --history step lines are parsed")
     print(f"points kept per series: {result['points']} (bounded by --history); "
           f"peak resident memory of the process: {peak / 1e6:.0f} MB")
     print(f"one full screen refresh afterwards: {1000 * result['refresh_s']:.0f} ms")

@@ -29,9 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 from kd.config import load_config  # noqa: E402
 from kd.data import prepare_data  # noqa: E402
-from kd.detect import KeywordModel, detect, ort_session  # noqa: E402
-from kd.export import load_student  # noqa: E402
-from kd.onnx_export import INT8_NAME, ONNX_NAME, Graph, onnx_predictions, split_batches  # noqa: E402
+from kd.export.detect import KeywordModel, detect, ort_session  # noqa: E402
+from kd.export.onnx import INT8_NAME, ONNX_NAME, Graph, onnx_predictions, split_batches  # noqa: E402
+from kd.export.student import load_student  # noqa: E402
+
 from workloads import save_results  # noqa: E402
 
 

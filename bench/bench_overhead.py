@@ -25,10 +25,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import accelerate  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-import accelerate  # noqa: E402
 
 from kd.build import build_run  # noqa: E402
 from kd.config import config_from_dict  # noqa: E402
@@ -45,7 +45,8 @@ def plain_loop(run, steps: int, cfg) -> float:
     student = LogMelCNN(len(data.label_names), data.sampling_rate, cfg.student.n_mels, cfg.student.channels)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = transformers.get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=steps)
-    loader = make_loader(data.splits["train"], cfg.data, cfg.train.batch_size, data.collate, True, False)
+    loader = make_loader(data.splits["train"], cfg.data, cfg.train.batch_size, collate=data.collate, shuffle=True,
+                         pin_memory=False)
     alpha, temperature = cfg.distillation.alpha, cfg.distillation.temperature
     done = 0
     started = time.perf_counter()

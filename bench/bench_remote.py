@@ -1,6 +1,6 @@
 """A remote teacher on a real LM: SmolLM2-135M served over the OpenAI-compatible API, scored by the kit.
 
-    python bench/bench_remote.py                       # serves .bench/smollm2-135m with kd.serve_teacher
+    python bench/bench_remote.py                       # serves .bench/smollm2-135m with kd.teachers.remote.server
     python bench/bench_remote.py --url http://127.0.0.1:8001/v1 --model /path/served   # any server (vLLM)
 
 Needs the converted teacher (`make demo-llm` writes .bench/smollm2-135m and .bench/llm-corpus). Measures,
@@ -35,15 +35,16 @@ sys.path.insert(0, str(ROOT))
 WORK = ROOT / ".bench"
 
 from kd.config import EndpointConfig  # noqa: E402
-from kd.lm_losses import TopK  # noqa: E402
-from kd.openai_api import TokenMap, completion_logprobs, score_request  # noqa: E402
-from kd.remote_client import EndpointClient  # noqa: E402
+from kd.lm.losses import TopK  # noqa: E402
+from kd.teachers.remote.client import EndpointClient  # noqa: E402
+from kd.teachers.remote.protocol import TokenMap, completion_logprobs, score_request  # noqa: E402
+
 from workloads import save_results  # noqa: E402
 
 
 def start_server(folder: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "kd.serve_teacher", "--model", str(folder), "--port", str(port)],
-                            cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "kd.teachers.remote.server", "--model", str(folder),
+                             "--port", str(port)], cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -79,7 +80,8 @@ def agreement(client: EndpointClient, model_id: str, folder: Path, tokenizer, sa
             top1 += int(r_ids[p, 0]) == l_ids[0]
             overlap += len(set(r_ids[p].tolist()) & set(l_ids)) / k
             l_map = dict(zip(l_ids, local.logprobs[p].tolist()))
-            worst = max([worst] + [abs(float(v) - l_map[int(i)]) for v, i in zip(r_lps[p], r_ids[p]) if int(i) in l_map])
+            worst = max([worst] + [abs(float(v) - l_map[int(i)]) for v, i in zip(r_lps[p], r_ids[p])
+                                   if int(i) in l_map])
             positions += 1
     return {"positions": positions, "top1_agreement": top1 / positions, "topk_overlap": overlap / positions,
             "max_abs_logprob_diff": worst}
@@ -99,14 +101,15 @@ def generate_agreement(url: str, model_id: str, folder: Path, tokenizer, api: st
     from transformers import AutoModelForCausalLM
 
     from kd.config import DataConfig, config_from_dict
-    from kd.lm_data import LMCollator, prepare_prompt_splits
-    from kd.remote_teacher import RemoteTeacher
+    from kd.lm.data import LMCollator, prepare_prompt_splits
+    from kd.teachers.remote.source import RemoteTeacher
 
     with tempfile.TemporaryDirectory() as cache:
         cfg = config_from_dict({
             "data": {"dataset": "json", "data_dir": "x", "modality": "causal_lm", "max_length": 256},
-            "teacher": {"model": str(folder), "endpoint": {"url": url, "model": model_id, "top_k": k, "mode": "generate",
-                                                           "api": api, "max_new_tokens": new_tokens, "timeout_s": 600}},
+            "teacher": {"model": str(folder), "endpoint": {"url": url, "model": model_id, "top_k": k,
+                                                           "mode": "generate", "api": api,
+                                                           "max_new_tokens": new_tokens, "timeout_s": 600}},
             "student": {"type": "hf"}, "distillation": {"cache_dir": cache}})
         split = prepare_prompt_splits({"train": Dataset.from_dict({"prompt": PROMPTS})},
                                       DataConfig(dataset="json", modality="causal_lm", max_length=256), tokenizer,
@@ -157,8 +160,9 @@ def client_speed(url: str, model_id: str, samples: list[list[int]], k: int, conc
         figures = client.snapshot()
     finally:
         client.close()
-    return {"requests": len(samples), "requests_per_s": len(samples) / elapsed, "latency_p50_s": figures["latency_p50_s"],
-            "latency_p95_s": figures["latency_p95_s"], "concurrency": concurrency}
+    return {"requests": len(samples), "requests_per_s": len(samples) / elapsed,
+            "latency_p50_s": figures["latency_p50_s"], "latency_p95_s": figures["latency_p95_s"],
+            "concurrency": concurrency}
 
 
 def train(name: str, url: str, model_id: str, prefetch: int, args) -> dict:
@@ -172,8 +176,9 @@ def train(name: str, url: str, model_id: str, prefetch: int, args) -> dict:
                  f"distillation.cache_dir={cache}", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
                  "data.max_eval_samples=8", "data.test_split=null", f"data.max_length={args.seq}",
                  f"train.batch_size={args.batch}", "telemetry.log_every=5", "telemetry.warmup_steps=2"]
-    subprocess.run([sys.executable, str(ROOT / "train_kd.py"), "--config", str(ROOT / "configs" / "remote_teacher.yaml"),
-                    *overrides], check=True, cwd=ROOT)
+    config = ROOT / "configs" / "remote_teacher.yaml"
+    subprocess.run([sys.executable, str(ROOT / "train_kd.py"), "--config", str(config), *overrides], check=True,
+                   cwd=ROOT)
     steps = [e for e in read_events(out / "telemetry.jsonl") if e["type"] == "step"]
     timed = [e for e in steps if e.get("rate")]
     waited = sum(e["remote_teacher"]["wait_s"] for e in steps)
@@ -185,7 +190,7 @@ def train(name: str, url: str, model_id: str, prefetch: int, args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", help="an external server's base URL (default: start kd.serve_teacher here)")
+    parser.add_argument("--url", help="an external server's base URL (default: start kd.teachers.remote.server here)")
     parser.add_argument("--model", help="the external server's model id")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--rows", type=int, default=16, help="rows scored for agreement and speed")
@@ -216,7 +221,7 @@ def main() -> int:
             if server is not None:
                 server.terminate()
                 server.wait(timeout=30)
-        result.update(server="kd.serve_teacher" if args.url is None else args.url, model=model_id, k=args.k,
+        result.update(server="kd.teachers.remote.server" if args.url is None else args.url, model=model_id, k=args.k,
                       torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
         out = ROOT / args.out
         out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +242,7 @@ def main() -> int:
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
-    result = {"server": "kd.serve_teacher" if args.url is None else args.url, "model": model_id, "k": args.k,
+    result = {"server": "kd.teachers.remote.server" if args.url is None else args.url, "model": model_id, "k": args.k,
               "seq": args.seq, "agreement": agree, "client": speed, "training": runs,
               "prefetch_speedup": runs[4]["tokens_per_s"] / runs[0]["tokens_per_s"],
               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),

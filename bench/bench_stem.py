@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_onnx import median_ms  # noqa: E402
+
+from kd.audio.logmel_cnn import STEM_STRIDES, LogMelCNN  # noqa: E402
+from kd.export.detect import ort_session  # noqa: E402
+from kd.export.onnx import export_onnx, run_onnx  # noqa: E402
 
 from workloads import environment, print_environment, save_results  # puts the repository root on sys.path
-
-from bench_onnx import median_ms  # noqa: E402
-from kd.detect import ort_session  # noqa: E402
-from kd.logmel_cnn import STEM_STRIDES, LogMelCNN  # noqa: E402
-from kd.onnx_export import export_onnx, run_onnx  # noqa: E402
 
 
 def train_step_ms(model: LogMelCNN, batch: int, rate: int, device: torch.device, repeats: int) -> float:
@@ -57,7 +57,7 @@ def latency_ms(model: LogMelCNN, rate: int, repeats: int) -> dict[str, float]:
     torch.set_num_threads(1)
     try:
         with tempfile.TemporaryDirectory() as folder:
-            _, report = export_onnx(model, None, {"waveform": clip}, folder, {})
+            _, report = export_onnx(model, None, {"waveform": clip}, folder, metadata={})
             session = ort_session(report.path, threads=1)
             inputs = {"waveform": clip.numpy().astype(np.float32)}
             onnx_ms = median_ms(lambda: run_onnx(session, inputs), repeats)
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['onnx_ms']:>9.2f} ms")
     full, strided = rows[1], rows[2]
     ratios = {key: full[key] / strided[key] for key in ("train_step_ms", "eager_ms", "onnx_ms")}
-    print("stride 1 / stride 2: " + ", ".join(f"{key.removesuffix('_ms')} {value:.2f}x" for key, value in ratios.items()))
+    shown = ", ".join(f"{key.removesuffix('_ms')} {value:.2f}x" for key, value in ratios.items())
+    print(f"stride 1 / stride 2: {shown}")
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"env": env, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "device": device.type, "strides": rows, "ratios": ratios}

@@ -37,8 +37,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from workloads import (ROOT, Workload, demo_workload, environment, flagship_workload, isolate_caches, kit_run,
-                       print_environment, save_results)
+from workloads import (
+    ROOT,
+    Workload,
+    demo_workload,
+    environment,
+    flagship_workload,
+    isolate_caches,
+    kit_run,
+    print_environment,
+    save_results,
+)
 
 NAIVE = ["teacher.device=cpu", "teacher.dtype=fp32", "data.pin_memory=false", "data.persistent_workers=false",
          "student.channels_last=false", "data.decode_cache=false", "data.features_on_device=false",
@@ -49,14 +58,17 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="+", choices=["demo", "flagship"], default=["demo", "flagship"])
     parser.add_argument("--epochs", type=int, default=None, help="epochs per path (default: 3 on a GPU, 2 on a CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each component (default 20 GPU, 3 CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats of each component (default 20 GPU, 3 CPU)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="naive/optimised pairs, alternating order; the median ratio is reported (default: 1 on a "
                              "GPU, 3 on a CPU)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    parser.add_argument("--work-dir", type=Path, default=None, help="where runs and synthetic data go (default: a temp dir)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where runs and synthetic data go (default: a temp dir)")
     parser.add_argument("--agreement-only", action="store_true",
-                        help="only the demo teacher's fp16/bf16 agreement with fp32 (needs the teacher `make demo` trains)")
+                        help="only the demo teacher's fp16/bf16 agreement with fp32 "
+                             "(needs the teacher `make demo` trains)")
     parser.add_argument("--utilisation-only", type=int, metavar="STEPS", default=None,
                         help="only the GPU utilisation in telemetry over STEPS optimizer steps of the flagship as "
                              "shipped (600: about half a minute on an H100); needs a GPU")
@@ -157,7 +169,7 @@ def time_components(trainer, repeats: int) -> dict:
     import torch.nn.functional as F
 
     from kd.students import student_logits
-    from kd.teachers import teacher_logits
+    from kd.teachers.loading import teacher_logits
 
     acc = trainer.acc
     acc.gradient_accumulation_steps = 1  # every call below is a whole optimizer step
@@ -208,7 +220,7 @@ def data_path_rates(work: Path, cuda: bool, epochs: int) -> dict:
 
     from kd.config import load_config
     from kd.data import make_loader, prepare_data
-    from kd.teachers import load_processor
+    from kd.teachers.loading import load_processor
 
     workload = flagship_workload(work, cuda, epochs, micro=128, accum=1, steps_per_epoch=8)
     device = torch.device("cuda" if cuda else "cpu")
@@ -220,7 +232,7 @@ def data_path_rates(work: Path, cuda: bool, epochs: int) -> dict:
         started = time.perf_counter()
         data = prepare_data(cfg.data, load_processor(cfg.teacher.model, "audio"), 16000)
         setup_s = time.perf_counter() - started
-        loader = make_loader(data.splits["train"], cfg.data, 128, data.collate, True, pin_memory=cuda)
+        loader = make_loader(data.splits["train"], cfg.data, 128, collate=data.collate, shuffle=True, pin_memory=cuda)
         features = data.features.to(device) if data.features is not None else None
         pinned = cuda and cfg.data.pin_memory
         clips, started = 0, time.perf_counter()
@@ -265,7 +277,8 @@ def utilisation_only(work: Path, cuda: bool, results: dict, out: Path | None, st
         print("error: --utilisation-only measures a GPU; no CUDA device here", file=sys.stderr)
         return 2
     if steps < 60:
-        print(f"error: --utilisation-only {steps}: give at least 60 steps (losses are logged every 20)", file=sys.stderr)
+        print(f"error: --utilisation-only {steps}: give at least 60 steps (losses are logged every 20)",
+              file=sys.stderr)
         return 2
     per_epoch = 24
     workload = flagship_workload(work, cuda, epochs=-(-steps // per_epoch), steps_per_epoch=per_epoch)
@@ -279,14 +292,15 @@ def utilisation_only(work: Path, cuda: bool, results: dict, out: Path | None, st
         print("error: the step lines carry no NVML utilisation (is nvidia-ml-py installed?)", file=sys.stderr)
         return 2
     rate = throughput(done.events, steps // 10)  # samples/s and data wait over the same steady steps
-    result = {"steps": steps, "steady_steps": rate["measured_steps"], "steady_seconds": steady[-1]["ts"] - steady[0]["ts"],
+    result = {"steps": steps, "steady_steps": rate["measured_steps"],
+              "steady_seconds": steady[-1]["ts"] - steady[0]["ts"],
               "samples_per_s": rate["samples_per_s"], "data_wait_share": rate["data_wait_share"],
               "util_pct_median": statistics.median(utils), "util_pct_mean": statistics.mean(utils),
               "util_pct_min": min(utils), "readings": len(utils)}
     print(f"   {result['steady_steps']} steady steps in {result['steady_seconds']:.1f} s, "
           f"{result['samples_per_s']:.0f} samples/s, data wait {100 * result['data_wait_share']:.0f}%: GPU utilisation "
-          f"median {result['util_pct_median']:.0f}% (mean {result['util_pct_mean']:.0f}%, min {result['util_pct_min']:.0f}%, "
-          f"{len(utils)} readings; target >= 80%)")
+          f"median {result['util_pct_median']:.0f}% (mean {result['util_pct_mean']:.0f}%, "
+          f"min {result['util_pct_min']:.0f}%, {len(utils)} readings; target >= 80%)")
     results["utilisation"] = result
     save_results(results, out)
     return 0
@@ -300,7 +314,7 @@ def half_teacher_agreement(workload: Workload) -> dict | None:
 
     from kd.config import load_config
     from kd.data import prepare_data
-    from kd.teachers import DTYPES, is_kit_model, load_processor, load_teacher, teacher_logits
+    from kd.teachers.loading import DTYPES, is_kit_model, load_processor, load_teacher, teacher_logits
 
     cfg = load_config(ROOT / workload.config, workload.overrides)
     if workload.random_teacher:  # agreement would say nothing about a trained teacher

@@ -35,9 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from workloads import ROOT, save_results  # noqa: E402  (puts the repository on the path)
-
 from kd.atomic import atomic_file  # noqa: E402
+
+from workloads import ROOT, save_results  # noqa: E402  (puts the repository on the path)
 
 PY = sys.executable
 SKIPPED = "skipped (no GPU)"  # the exit recorded for a GPU-only step on a machine without one

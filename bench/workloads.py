@@ -103,7 +103,7 @@ def random_demo_teacher(folder: Path, sampling_rate: int) -> Path:
 
     from kd.config import load_config
     from kd.demo.kws_data import KEYWORDS
-    from kd.export import save_student
+    from kd.export.student import save_student
     from kd.students import build_student
 
     cfg = load_config(ROOT / "configs/demo_teacher.yaml")
@@ -152,9 +152,10 @@ def environment() -> dict:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    return {"device": gpu or f"CPU ({cpu})", "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-            "datasets": datasets.__version__, "date": datetime.date.today().isoformat()}
+    return {"device": gpu or f"CPU ({cpu})", "cpu": cpu, "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+            "date": datetime.date.today().isoformat()}
 
 
 def save_results(results: dict, out: Path | None) -> None:

@@ -18,41 +18,57 @@ import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import TorchDynamoPlugin, set_seed
 
+from kd.audio.logmel_cnn import read_config as read_kit_config
 from kd.config import Config
 from kd.data import PreparedData, check_data_source, prepare_data
 from kd.errors import ConfigError, DataError, ModelLoadError, SourceError, TrainingError
-from kd.logmel_cnn import read_config as read_kit_config
+from kd.lm.vocabulary import check_shared_vocabulary
 from kd.memory import cuda_index
-from kd.preflight import (Estimate, advice, choose_teacher_device, estimate_memory, fmt, format_estimate,
-                          largest_fitting_micro_batch)
-from kd.soft_targets import (CachedTeacher, CachedTokenTeacher, SoftTargets, TeacherForward, cache_path, open_cache,
-                             teacher_identity)
+from kd.preflight import (
+    Estimate,
+    advice,
+    choose_teacher_device,
+    estimate_memory,
+    fmt,
+    format_estimate,
+    largest_fitting_micro_batch,
+)
 from kd.students import build_student, model_input_key, use_channels_last
-from kd.teacher_cache import CacheError
-from kd.teachers import (check_hub_model, check_labels, count_parameters, is_hub_id, is_kit_model, load_model_config,
-                         load_processor, load_teacher, teacher_label_space)
-from kd.vocabulary import check_shared_vocabulary
-
+from kd.teachers.factory import LazyTeacher, open_soft_targets
+from kd.teachers.loading import (
+    check_hub_model,
+    check_labels,
+    count_parameters,
+    is_hub_id,
+    is_kit_model,
+    load_processor,
+    teacher_label_space,
+)
+from kd.teachers.source import SoftTargetSource
 
 # The Python package each Accelerate tracker needs (telemetry.report_to).
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
                     "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     cfg: Config
     accelerator: Accelerator
     data: PreparedData
     student: torch.nn.Module
-    teacher: torch.nn.Module | None
     processor: Any
     input_key: str  # "waveform" (log-mel student) or "inputs" (transformers student)
     env: dict[str, Any]
     params: dict[str, int | None]
     estimate: Estimate | None = None
     advice: list[tuple[str, int]] = field(default_factory=list)
-    soft_targets: SoftTargets | None = None  # None: no distillation
+    soft_targets: SoftTargetSource | None = None  # None: no distillation
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        """The teacher model in memory for training (None: no KD, a remote one, or every soft target on disk)."""
+        return self.soft_targets.teacher if self.soft_targets is not None else None
 
 
 def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) -> Run:
@@ -67,7 +83,8 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
               "are counted analytically, not measured; the GPU settings are checked when training")
     accelerator = Accelerator(
         # fp16 autocast exists on CUDA only; a plan made elsewhere still counts 16-bit activations.
-        mixed_precision="no" if planning_elsewhere and cfg.train.mixed_precision == "fp16" else cfg.train.mixed_precision,
+        mixed_precision=("no" if planning_elsewhere and cfg.train.mixed_precision == "fp16"
+                         else cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=cfg.telemetry.report_to or None,
         project_dir=str(cfg.output_dir),
@@ -108,23 +125,16 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
     else:
         say(f"Data: {len(data.splits['train'])} training samples, {len(data.label_names)} labels")
 
-    teacher, cached, remote = None, None, None
-    if cfg.remote_teacher:  # soft targets from a server; a local teacher is loaded only to initialise the student
-        remote = open_remote_teacher(cfg, processor, data, accelerator)
-        if cfg.student.init_from_teacher:
-            teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
-    elif cfg.distillation.enabled:
-        cached = open_teacher_cache(cfg, accelerator, data, processor, create=not plan_only, precompute=precompute)
-        if cached is None or not cached.complete() or cfg.student.init_from_teacher:
-            teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
-    elif cfg.student.init_from_teacher:  # a baseline without KD that starts where its KD twin starts
-        teacher = load_teacher(cfg.teacher.model, cfg.data.modality, cfg.teacher.revision, cfg.teacher.dtype)
+    teacher = LazyTeacher(cfg)  # loaded once, where a source or the student's initialisation needs it
+    soft_targets = open_soft_targets(cfg, accelerator, data, processor, teacher=teacher, plan_only=plan_only,
+                                     precompute=precompute)
     student = build_student(cfg.student, cfg.data.modality, data.label_names, data.sampling_rate,
-                            teacher, cfg.teacher.model)
+                            teacher=teacher() if cfg.student.init_from_teacher else None,
+                            teacher_spec=cfg.teacher.model)
     if cfg.data.modality == "causal_lm":
-        prepare_language_models(cfg, processor, teacher, student)
-    if not cfg.distillation.enabled or remote is not None or (cached is not None and cached.complete()):
-        teacher = None  # loaded only to initialise the student from it (no KD, or every soft target on disk)
+        prepare_language_models(cfg, processor, teacher.model, student)
+    # The teacher that runs in training (None: no KD, a remote one, or every soft target on disk).
+    running = soft_targets.teacher if soft_targets is not None else None
     if data.features is not None:
         data.features.to(accelerator.device)
     describe_features(cfg, data, processor, accelerator)
@@ -132,26 +142,22 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
         # The collate function would compute the model inputs from the clean clip, while the student
         # sees the augmented one: the soft targets would describe another input.
         why = ("data.features_on_device is false" if not cfg.data.features_on_device
-               else f"{type(processor).__name__} has no on-device version in kd/features.py")
+               else f"{type(processor).__name__} has no on-device version in kd/audio/features.py")
         raise ConfigError([f"augment.enabled: the model inputs must be computed from the augmented waveform on "
                            f"the device, but {why}; set data.features_on_device: true or augment.enabled: false"])
-    estimate, advice = plan_memory(cfg, accelerator, data, teacher, student, model_input_key(student))
-    if teacher is not None and next(teacher.parameters()).device.type == "cpu" and cfg.teacher.dtype != "fp32":
+    estimate, advice = plan_memory(cfg, accelerator, data, teacher=running, student=student,
+                                   input_key=model_input_key(student))
+    if running is not None and next(running.parameters()).device.type == "cpu" and cfg.teacher.dtype != "fp32":
         say(f"Note: the teacher runs on the CPU in {cfg.teacher.dtype}; CPUs rarely have fast half-precision "
             "kernels (an AST forward measured 6x slower than in fp32), so teacher.dtype: fp32 is faster there")
     if accelerator.device.type == "cuda" and cfg.data.pin_memory:
         say("Non-blocking transfers enabled")
-    params = {"teacher": count_parameters(teacher) if teacher is not None else None,
+    params = {"teacher": count_parameters(running) if running is not None else None,
               "student": count_parameters(student)}
     say(f"Parameters: teacher {_fmt_count(params['teacher'])}, student {_fmt_count(params['student'])}")
-    soft_targets: SoftTargets | None = remote
-    if cached is not None:
-        cached.teacher = teacher
-        soft_targets = cached
-    elif teacher is not None:
-        soft_targets = TeacherForward(teacher)
-    return Run(cfg, accelerator, data, student, teacher, processor, model_input_key(student), env, params,
-               estimate, advice, soft_targets)
+    return Run(cfg=cfg, accelerator=accelerator, data=data, student=student, processor=processor,
+               input_key=model_input_key(student), env=env, params=params, estimate=estimate, advice=advice,
+               soft_targets=soft_targets)
 
 
 def check_sources(cfg: Config) -> list[str]:
@@ -184,68 +190,6 @@ def labels_of_teacher(cfg: Config) -> tuple[int | None, list[str] | None] | None
     return teacher_label_space(cfg.teacher.model, cfg.teacher.revision)
 
 
-def open_teacher_cache(cfg: Config, accelerator: Accelerator, data: PreparedData, processor: Any,
-                       create: bool = True, precompute: bool = False) -> CachedTeacher | None:
-    """The teacher cache for this run (distillation.teacher_cache), or None for online KD.
-
-    `create=False` (planning): an absent cache is not created, the plan then counts the teacher."""
-    dist, say = cfg.distillation, accelerator.print
-    if dist.teacher_cache == "off":
-        return None
-    lm = cfg.data.modality == "causal_lm"
-    if lm and dist.cache_top_k is None:  # 'require' without top-k is a config error for causal_lm
-        say("Teacher cache off: a language model's full next-token distributions are too large to store; set "
-            "distillation.cache_top_k (e.g. 64) to cache its top k per token")
-        return None
-    if cfg.augment.enabled:  # 'require' with augmentation is a config error (kd/config.py)
-        say("Teacher cache off: augment.enabled changes the teacher's inputs every epoch, so its outputs "
-            "are computed online (distillation.teacher_cache: auto)")
-        return None
-    device_kind = "cpu" if cfg.teacher.device == "cpu" else accelerator.device.type
-    identity = teacher_identity(cfg, processor, data.sampling_rate, device_kind, data.features is not None)
-    sizes = {role: len(ds) for role, ds in data.splits.items()}
-    outputs = load_model_config(cfg.teacher.model, "teacher.model").vocab_size if lm else len(data.label_names)
-    if not create and dist.teacher_cache == "auto" and not cache_path(cfg, identity, outputs).is_file():
-        return None  # planning: the teacher will run, so the plan counts it (require: open_cache refuses)
-    with accelerator.main_process_first():  # one process creates the file and its tables
-        cache, split_ids = open_cache(cfg, identity, outputs, data.label_names, data.fingerprints, sizes,
-                                      may_create=precompute or dist.teacher_cache == "auto")
-    cached = (CachedTokenTeacher if lm else CachedTeacher)(cache, split_ids, sizes, teacher=None)
-    coverage = ", ".join(f"{role} {cached.covered[role]}/{sizes[role]}" for role in split_ids)
-    if dist.teacher_cache == "require" and not cached.complete() and not precompute:
-        raise CacheError(f"distillation.teacher_cache is 'require' but the cache {cache.path} is incomplete "
-                         f"({coverage}); fill it with `python train_kd.py --config <your config> "
-                         "--precompute-teacher`, or set distillation.teacher_cache: auto")
-    state = "complete: the teacher is not loaded" if cached.complete() else "the teacher fills what is missing"
-    say(f"Teacher cache {cache.path}: {coverage} ({state})")
-    return cached
-
-
-def open_remote_teacher(cfg: Config, tokenizer: Any, data: PreparedData, accelerator: Accelerator):
-    """teacher.endpoint: probe the server (or, when it is down, fall back on the cached answers and
-    train on the samples they cover, saying how many are missing)."""
-    from kd.remote_teacher import RemoteTeacher
-
-    remote = RemoteTeacher(cfg, tokenizer, say=accelerator.print)
-    if remote.offline:
-        for role, ds in list(data.splits.items()):
-            missing = set(remote.missing(ds))
-            if len(missing) == len(ds) and role == "train":
-                remote.close()
-                raise TrainingError(f"the remote teacher is unreachable and none of the {len(ds)} training samples "
-                                    "has a cached answer; start the server and run again")
-            if len(missing) == len(ds):
-                del data.splits[role]
-                accelerator.print(f"Remote teacher offline: no {role} sample is cached, so this run has no {role} "
-                                  "evaluation")
-                continue
-            if missing:
-                data.splits[role] = ds.select([i for i in range(len(ds)) if i not in missing])
-            accelerator.print(f"Remote teacher offline: {role} split {len(ds) - len(missing)}/{len(ds)} samples "
-                              f"cached, {len(missing)} missing (left out of this run)")
-    return remote
-
-
 def prepare_language_models(cfg: Config, tokenizer: Any, teacher: torch.nn.Module | None,
                             student: torch.nn.Module) -> None:
     """Causal LMs: one vocabulary for teacher and student (checked before anything trains), and no
@@ -255,8 +199,9 @@ def prepare_language_models(cfg: Config, tokenizer: Any, teacher: torch.nn.Modul
                              f"shared with the remote teacher has {len(tokenizer)}; build the student with "
                              "that tokenizer's vocabulary size")
     if teacher is not None:
-        check_shared_vocabulary(tokenizer, student_tokenizer(cfg), teacher.config.vocab_size,
-                                student.config.vocab_size, cfg.teacher.model, cfg.student.config or
+        check_shared_vocabulary(tokenizer, student_tokenizer(cfg), teacher_width=teacher.config.vocab_size,
+                                student_width=student.config.vocab_size, teacher_name=cfg.teacher.model,
+                                student_name=cfg.student.config or
                                 f"built from {cfg.teacher.model}'s config")
         teacher.config.use_cache = False
     student.config.use_cache = False
@@ -280,7 +225,7 @@ def describe_features(cfg: Config, data: PreparedData, processor: Any, accelerat
     if data.features is not None:
         accelerator.print(f"Features: {name} computed in batches on the {accelerator.device.type.upper()}")
     elif cfg.data.features_on_device:
-        accelerator.print(f"Features: {name} has no on-device version in kd/features.py; it runs per clip "
+        accelerator.print(f"Features: {name} has no on-device version in kd/audio/features.py; it runs per clip "
                           "in the DataLoader workers")
     else:
         accelerator.print(f"Features: {name} per clip in the DataLoader workers (data.features_on_device: false)")
@@ -340,7 +285,7 @@ def check_device(cfg: Config, gpu_settings: bool = True) -> None:
     if cfg.teacher.device == "cuda" and not has_cuda:
         raise ConfigError(["teacher.device: 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'"])
     if cfg.remote_teacher:
-        from kd.remote_teacher import api_key
+        from kd.teachers.remote.source import api_key
 
         api_key(cfg.teacher.endpoint)  # the key's variable is set (its value is never printed or stored)
     missing = [name for name in cfg.telemetry.report_to if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None]
@@ -354,7 +299,7 @@ def check_device(cfg: Config, gpu_settings: bool = True) -> None:
                                "or set export.onnx: false"])
 
 
-def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teacher: torch.nn.Module | None,
+def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, *, teacher: torch.nn.Module | None,
                 student: torch.nn.Module, input_key: str) -> tuple[Estimate, list[tuple[str, int]]]:
     """Cap the process to the budget, estimate memory, place the teacher, and say what would help."""
     say, device = accelerator.print, accelerator.device
@@ -385,8 +330,9 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, teach
         while True:
             batch = data.collate([train[i % len(train)] for i in range(rows)])
             try:
-                return estimate_memory(teacher, student, batch, input_key, micro, cfg.train.mixed_precision, on_gpu,
-                                       device, cfg.memory.loss_chunk, features=features,
+                return estimate_memory(teacher, student, batch, input_key, micro_batch=micro,
+                                       mixed_precision=cfg.train.mixed_precision, teacher_on_gpu=on_gpu,
+                                       device=device, loss_chunk=cfg.memory.loss_chunk, features=features,
                                        autocast=accelerator.autocast)
             except torch.OutOfMemoryError:
                 if device.type != "cuda" or rows == 1:

@@ -69,7 +69,7 @@ class DataConfig:
 
 @dataclass
 class EndpointConfig:
-    """A teacher behind an OpenAI-compatible server (kd/remote_teacher.py); causal_lm only. `score`:
+    """A teacher behind an OpenAI-compatible server (kd/teachers/remote/source.py); causal_lm only. `score`:
     it scores the data's text (echo + logprobs on /completions), token-level KD on existing data.
     `generate`: it answers the data's prompts, and the student learns prompt + answer."""
 
@@ -112,14 +112,14 @@ class StudentConfig:
     init_from_teacher: bool = False
     teacher_layers: list[int] | None = None
     channels_last: bool = True
-    normalize: Literal["utterance", "batch"] = "utterance"  # logmel_cnn front end (kd/logmel_cnn.py)
+    normalize: Literal["utterance", "batch"] = "utterance"  # logmel_cnn front end (kd/audio/logmel_cnn.py)
     pool: Literal["time_max", "avg"] = "time_max"  # logmel_cnn pooling of the last feature map
     stem_stride: Literal[1, 2] = 1  # logmel_cnn first convolution's stride (2: 3.4-4.2x cheaper steps)
 
 
 @dataclass
 class AugmentConfig:
-    """On-device waveform augmentation of training batches (kd/augment.py); off unless enabled."""
+    """On-device waveform augmentation of training batches (kd/audio/augment.py); off unless enabled."""
 
     enabled: bool = False
     speed: float = 0.1  # play speed drawn from [1 - speed, 1 + speed] (tempo and pitch)
@@ -143,13 +143,14 @@ class DistillationConfig:
     alpha_start: float | None = None
     alpha_end: float | None = None
     alpha_step_at: float = 0.5
-    # Soft targets computed once and kept on disk (kd/teacher_cache.py); "auto" only where that is
+    # Soft targets computed once and kept on disk (kd/teachers/store.py); "auto" only where that is
     # exact, i.e. the teacher's input never changes between epochs (no augmentation).
     teacher_cache: Literal["off", "auto", "require"] = "auto"
     cache_dir: str | None = None  # null: <HF_HOME>/kd_teacher_cache, shared by every run of the same teacher
     cache_dtype: Literal["fp32", "fp16"] = "fp32"
-    cache_top_k: int | None = None  # null: every logit; k: the top k log-probabilities + the rest's mass (large label spaces)
-    # causal_lm: the token-level divergence (kd/lm_losses.py); jsd is TRL GKD's generalised JSD with jsd_beta
+    # null: every logit; k: the top k log-probabilities + the rest's mass (large label spaces)
+    cache_top_k: int | None = None
+    # causal_lm: the token-level divergence (kd/lm/losses.py); jsd is TRL GKD's generalised JSD with jsd_beta
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     jsd_beta: float = 0.5
 
@@ -185,7 +186,8 @@ class MemoryConfig:
     on_oom: Literal["shrink", "fail"] = "shrink"
     min_micro_batch: int = 1
     auto_batch_size: bool = False
-    loss_chunk: int = 256  # causal_lm: positions per loss chunk; ~6 fp32 (chunk, vocab) tensors live (49k vocab: 300 MB)
+    # causal_lm: positions per loss chunk; ~6 fp32 (chunk, vocab) tensors live (49k vocab: 300 MB)
+    loss_chunk: int = 256
 
 
 @dataclass
@@ -200,7 +202,7 @@ class TelemetryConfig:
 
 @dataclass
 class ExportConfig:
-    """What is written beside the final student's safetensors (kd/onnx_export.py)."""
+    """What is written beside the final student's safetensors (kd/export/onnx.py)."""
 
     onnx: bool = False  # model.onnx (audio: raw waveform in, logits out), checked against PyTorch
     int8: bool = False  # model.int8.onnx too (log-mel CNN): static int8, calibrated on training clips
@@ -543,12 +545,14 @@ def _check_values(cfg: Config) -> list[str]:
     if exp.int8:
         need(exp.onnx, "export.int8", True, "needs export.onnx: true (the int8 model is made from the fp32 one)")
         need(student.type == "logmel_cnn", "export.int8", True,
-             f"int8 quantisation is available for student.type: logmel_cnn, not {student.type!r}; set export.int8: false")
+             f"int8 quantisation is available for student.type: logmel_cnn, not {student.type!r}; "
+             "set export.int8: false")
     for key in ("check_samples", "calibration_samples"):
         need(getattr(exp, key) >= 1, f"export.{key}", getattr(exp, key), "must be an integer >= 1")
     need(tel.log_every >= 1, "telemetry.log_every", tel.log_every, "must be an integer >= 1")
     need(tel.warmup_steps >= 0, "telemetry.warmup_steps", tel.warmup_steps, "must be >= 0")
-    need(tel.gpu_sample_s > 0, "telemetry.gpu_sample_s", tel.gpu_sample_s, "must be > 0 (seconds between NVML readings)")
+    need(tel.gpu_sample_s > 0, "telemetry.gpu_sample_s", tel.gpu_sample_s,
+         "must be > 0 (seconds between NVML readings)")
     return problems
 
 

@@ -8,7 +8,7 @@ teacher's rate and cut or padded to `data.max_seconds`, once, inside `Dataset.ma
 cache keeps the result (a memory-mapped Arrow file), so later runs and later epochs do no decoding.
 `data.decode_cache: false` decodes on every access instead (no disk cost, CPU work every epoch).
 
-The teacher's feature extractor runs batched on the device when kd.features has a version of it
+The teacher's feature extractor runs batched on the device when kd.audio.features has a version of it
 (`data.features_on_device`); otherwise per clip in the collate function, in the DataLoader workers.
 """
 
@@ -27,25 +27,37 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio
-from datasets import (Audio, ClassLabel, Dataset, DatasetDict, Features, Sequence, Value, load_dataset,
-                      load_dataset_builder, load_from_disk)
+from datasets import (
+    Audio,
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Features,
+    Sequence,
+    Value,
+    load_dataset,
+    load_dataset_builder,
+    load_from_disk,
+)
 from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader
 
+from kd.audio.features import DeviceFeatures, device_features
 from kd.audio.path_audio import PathAudio
 from kd.audio.speech_commands import NAME as SPEECH_COMMANDS
 from kd.audio.speech_commands import check_source as check_speech_commands
 from kd.audio.speech_commands import load_speech_commands
 from kd.config import DataConfig, EndpointConfig
 from kd.errors import DataError, first_line
-from kd.features import DeviceFeatures, device_features
 from kd.hub import parquet_export
-from kd.lm_data import LMCollator, prepare_lm_splits, prepare_prompt_splits
+from kd.lm.data import LMCollator, prepare_lm_splits, prepare_prompt_splits
 
 log = logging.getLogger(__name__)
 
 # Hub script datasets the kit reads another way.
-SCRIPT_REPLACEMENTS = {"google/speech_commands": f"data.dataset: {SPEECH_COMMANDS} (the kit reads its official archive)"}
+SCRIPT_REPLACEMENTS = {
+    "google/speech_commands": f"data.dataset: {SPEECH_COMMANDS} (the kit reads its official archive)",
+}
 LOCAL_BUILDERS = ("audiofolder", "imagefolder", "json", "csv", "parquet", "text", "arrow")
 WAVEFORM = "waveform"
 INDEX = "sample_index"  # each sample's position in its split: what the teacher cache keys rows by
@@ -75,7 +87,7 @@ def load_raw_splits(cfg: DataConfig) -> dict[str, Dataset]:
         if len(ds) == 0:
             raise DataError(f"{cfg.dataset} split {roles[role]!r} is empty")
         if cfg.modality == "causal_lm":
-            continue  # its columns are checked by kd/lm_data.py (text, prompt/completion or messages)
+            continue  # its columns are checked by kd/lm/data.py (text, prompt/completion or messages)
         needed = {"data.input_column": cfg.input_column, "data.label_column": cfg.label_column}
         if cfg.weight_column:
             needed["data.weight_column"] = cfg.weight_column
@@ -223,7 +235,7 @@ def prepare_data(cfg: DataConfig, processor: Any = None, sampling_rate: int | No
         return _prepare_lm(cfg, _subsample(cfg, splits), processor, answered_by)
     splits, label_names = resolve_labels(splits, cfg.label_column, label_order)  # before subsampling
     splits = _subsample(cfg, splits)
-    data = _prepare(cfg, splits, label_names, processor, sampling_rate)
+    data = _prepare(cfg, splits, label_names, processor, sampling_rate=sampling_rate)
     data.fingerprints = {role: content_fingerprint(ds, cfg.input_column) for role, ds in splits.items()}
     data.splits = {role: ds.add_column(INDEX, np.arange(len(ds), dtype=np.int64)) for role, ds in data.splits.items()}
     return data
@@ -236,7 +248,7 @@ def _subsample(cfg: DataConfig, splits: dict[str, Dataset]) -> dict[str, Dataset
 
 def _prepare_lm(cfg: DataConfig, splits: dict[str, Dataset], tokenizer: Any,
                 answered_by: EndpointConfig | None = None) -> PreparedData:
-    """Causal-LM splits (kd/lm_data.py): no label space, the tokenizer's vocabulary is the output."""
+    """Causal-LM splits (kd/lm/data.py): no label space, the tokenizer's vocabulary is the output."""
     if tokenizer is None:
         raise DataError("causal_lm data needs a tokenizer: set teacher.model (or student.config) to a model folder "
                         "with tokenizer files")
@@ -274,7 +286,7 @@ def content_fingerprint(ds: Dataset, columns: str | list[str]) -> str:
 
 
 def _prepare(cfg: DataConfig, splits: dict[str, Dataset], label_names: list[str], processor: Any,
-             sampling_rate: int | None) -> PreparedData:
+             *, sampling_rate: int | None) -> PreparedData:
     """Preprocess (cached by datasets) and describe the configured splits."""
     keep = [cfg.label_column] + ([cfg.weight_column] if cfg.weight_column else [])
     if cfg.modality == "audio":
@@ -439,7 +451,7 @@ def _num_proc(cfg: DataConfig, n_rows: int) -> int | None:
     return workers if workers > 1 else None
 
 
-def make_loader(ds: Dataset, cfg: DataConfig, batch_size: int, collate: Callable, shuffle: bool,
+def make_loader(ds: Dataset, cfg: DataConfig, batch_size: int, *, collate: Callable, shuffle: bool,
                 pin_memory: bool, seed: int = 0) -> DataLoader:
     """A DataLoader with the configured worker settings (pinned memory only where there is a GPU).
 

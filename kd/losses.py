@@ -31,7 +31,7 @@ def per_sample_losses(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
-    alpha: float,
+    *, alpha: float,
     temperature: float,
 ) -> dict[str, torch.Tensor]:
     """Per-sample total, ce and kd; `teacher_logits=None` is plain supervised training (kd is zero).
@@ -56,7 +56,7 @@ def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
-    alpha: float,
+    *, alpha: float,
     temperature: float,
     sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -65,7 +65,7 @@ def distillation_loss(
     `sample_weight` (one non-negative weight per sample, e.g. to up-weight hard negatives) turns
     every mean into a weighted mean.
     """
-    parts = per_sample_losses(student_logits, teacher_logits, labels, alpha, temperature)
+    parts = per_sample_losses(student_logits, teacher_logits, labels, alpha=alpha, temperature=temperature)
     if sample_weight is None:
         means = {name: value.mean() for name, value in parts.items()}
     else:

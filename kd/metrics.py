@@ -22,7 +22,7 @@ def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> floa
 
 
 def split_metrics(student_pred: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                  teacher_pred: torch.Tensor | None, loss: float) -> dict[str, float | None]:
+                  *, teacher_pred: torch.Tensor | None, loss: float) -> dict[str, float | None]:
     """The eval event's metrics: student accuracy and macro F1, teacher accuracy, agreement, loss."""
     return {
         "student_acc": accuracy(student_pred, labels),

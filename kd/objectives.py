@@ -7,7 +7,7 @@ split's batches into the eval event's metrics.
 - `Classification`: (1 - alpha) * CE + alpha * T^2 * KL per sample (kd/losses.py); metrics: student
   accuracy and macro F1, teacher accuracy, student/teacher agreement, loss.
 - `NextToken` (data.modality: causal_lm): the same mix per learnt token, with forward KL, reverse KL
-  or generalised JSD, computed in chunks of positions (kd/lm_losses.py); metrics: next-token
+  or generalised JSD, computed in chunks of positions (kd/lm/losses.py); metrics: next-token
   accuracy and agreement with the teacher, per-token loss, perplexity of student and teacher.
 """
 
@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from kd.config import Config
-from kd.lm_losses import token_distillation_loss, token_eval_sums
+from kd.lm.losses import token_distillation_loss, token_eval_sums
 from kd.losses import distillation_loss, per_sample_losses
 from kd.metrics import split_metrics
 
@@ -34,17 +34,19 @@ class Classification:
 
     def loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor | None, batch: dict[str, Any],
              targets: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return distillation_loss(s_logits, t_logits, targets, alpha, self.temperature, batch.get("sample_weight"))
+        return distillation_loss(s_logits, t_logits, targets, alpha=alpha, temperature=self.temperature,
+                                 sample_weight=batch.get("sample_weight"))
 
     def tokens(self, batch: dict[str, Any]) -> torch.Tensor | None:
         return None
 
     def scorer(self, accelerator: Accelerator, with_teacher: bool, alpha: float) -> "ClassificationScorer":
-        return ClassificationScorer(accelerator, self.num_classes, with_teacher, alpha, self.temperature)
+        return ClassificationScorer(accelerator, self.num_classes, with_teacher, alpha=alpha,
+                                    temperature=self.temperature)
 
 
 class ClassificationScorer:
-    def __init__(self, accelerator: Accelerator, num_classes: int, with_teacher: bool, alpha: float,
+    def __init__(self, accelerator: Accelerator, num_classes: int, with_teacher: bool, *, alpha: float,
                  temperature: float):
         self.acc, self.num_classes, self.with_teacher = accelerator, num_classes, with_teacher
         self.alpha, self.temperature = alpha, temperature
@@ -54,7 +56,8 @@ class ClassificationScorer:
         self.losses: list[torch.Tensor] = []
 
     def add(self, s_logits: torch.Tensor, t_logits: torch.Tensor | None, batch: dict[str, Any]) -> None:
-        loss = per_sample_losses(s_logits, t_logits, batch["labels"], self.alpha, self.temperature)["total"]
+        loss = per_sample_losses(s_logits, t_logits, batch["labels"], alpha=self.alpha,
+                                 temperature=self.temperature)["total"]
         t_pred = t_logits.argmax(-1).to(s_logits.device) if t_logits is not None else torch.zeros_like(batch["labels"])
         gathered = self.acc.gather_for_metrics((s_logits.argmax(-1), batch["labels"], t_pred, loss))
         for bucket, value in zip((self.preds, self.labels, self.t_preds, self.losses), gathered):
@@ -65,8 +68,8 @@ class ClassificationScorer:
 
     def metrics(self) -> dict[str, Any]:
         return split_metrics(torch.cat(self.preds), torch.cat(self.labels), self.num_classes,
-                             torch.cat(self.t_preds) if self.with_teacher else None,
-                             float(torch.cat(self.losses).float().mean()))
+                             teacher_pred=torch.cat(self.t_preds) if self.with_teacher else None,
+                             loss=float(torch.cat(self.losses).float().mean()))
 
 
 class NextToken:
@@ -79,8 +82,9 @@ class NextToken:
 
     def loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor | None, batch: dict[str, Any],
              targets: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return token_distillation_loss(s_logits, t_logits, targets, alpha, self.kind, self.beta, self.temperature,
-                                       self.chunk)
+        return token_distillation_loss(s_logits, t_logits, targets, alpha=alpha, kind=self.kind, beta=self.beta,
+                                       temperature=self.temperature,
+                                       chunk_size=self.chunk)
 
     def tokens(self, batch: dict[str, Any]) -> torch.Tensor:
         """Tokens the models read in this micro-batch (padding excluded), kept on the device."""
@@ -102,7 +106,8 @@ class NextTokenScorer:
 
     def add(self, s_logits: torch.Tensor, t_logits: torch.Tensor | None, batch: dict[str, Any]) -> None:
         o = self.objective
-        per_row = token_eval_sums(s_logits, t_logits, batch["labels"], o.kind, o.beta, o.temperature, o.chunk)
+        per_row = token_eval_sums(s_logits, t_logits, batch["labels"], kind=o.kind, beta=o.beta,
+                                  temperature=o.temperature, chunk_size=o.chunk)
         gathered = self.acc.gather_for_metrics(tuple(per_row[name] for name in self.NAMES))
         for name, value in zip(self.NAMES, gathered):
             self.sums[name] += float(value.double().sum())

@@ -28,7 +28,7 @@ from torch import nn
 
 from kd.memory import cuda_index
 from kd.students import student_logits
-from kd.teachers import teacher_logits
+from kd.teachers.loading import teacher_logits
 
 CUDA_CONTEXT_BYTES = int(0.5e9)
 ADAMW_STATE_PER_PARAM = 8  # exp_avg + exp_avg_sq in float32
@@ -57,7 +57,7 @@ def param_bytes(model: nn.Module | None) -> int:
 
 
 def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[str, Any], input_key: str,
-                    micro_batch: int, mixed_precision: str, teacher_on_gpu: bool, device: torch.device,
+                    *, micro_batch: int, mixed_precision: str, teacher_on_gpu: bool, device: torch.device,
                     loss_chunk: int = 1024, features: Callable | None = None,
                     autocast: Callable[[], ContextManager] = nullcontext) -> Estimate:
     """Estimate the GPU memory of training with this micro-batch (`batch`, as collated on the host,
@@ -79,8 +79,8 @@ def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[s
     numpy_state, python_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if device.type == "cuda":
-            student_act, teacher_act, shape = _measured_activations(teacher, student, batch, input_key, device,
-                                                                    features, autocast)
+            student_act, teacher_act, shape = _measured_activations(teacher, student, batch, input_key, device=device,
+                                                                    features=features, autocast=autocast)
             method = "measured"
         else:
             batch = dict(batch)
@@ -191,7 +191,7 @@ def batch_bytes(batch: Any) -> int:
     return 0
 
 
-def _measured_activations(teacher, student, batch, input_key, device, features,
+def _measured_activations(teacher, student, batch, input_key, *, device, features,
                           autocast) -> tuple[int, int, tuple[int, ...]]:
     """Peaks of the step's two halves above what was allocated before the batch came over: the batch
     and its features are alive in both, as in training."""

@@ -2,7 +2,7 @@
 
 - `logmel_cnn`: a small keyword-spotting CNN that turns raw audio into log-mel features inside its
   forward pass (torchaudio on the model's device), so the data path carries only waveforms
-  (kd/logmel_cnn.py).
+  (kd/audio/logmel_cnn.py).
 - `hf`: any transformers classification model or causal LM built from a config (a folder, a Hub id,
   or the teacher's own config with overrides such as fewer layers), trained from scratch or
   initialised from a subset of the teacher's layers, as DistilBERT was.
@@ -18,25 +18,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd.audio.logmel_cnn import LogMelCNN
 from kd.config import StudentConfig
 from kd.errors import ModelLoadError
-from kd.logmel_cnn import LogMelCNN
-from kd.teachers import TASK_CLASSES, load_model_config
+from kd.teachers.loading import TASK_CLASSES, load_model_config
 
 log = logging.getLogger(__name__)
 
 
 def build_student(cfg: StudentConfig, modality: str, label_names: list[str], sample_rate: int | None,
-                  teacher: nn.Module | None = None, teacher_spec: str | None = None) -> nn.Module:
+                  *, teacher: nn.Module | None = None, teacher_spec: str | None = None) -> nn.Module:
     if cfg.type == "logmel_cnn":
         return LogMelCNN(len(label_names), sample_rate=sample_rate or 16000, n_mels=cfg.n_mels,
                          channels=cfg.channels, dropout=cfg.dropout, normalize=cfg.normalize,
                          pool=cfg.pool, stem_stride=cfg.stem_stride)
-    return build_hf_student(cfg, modality, label_names, teacher, teacher_spec)
+    return build_hf_student(cfg, modality, label_names, teacher=teacher, teacher_spec=teacher_spec)
 
 
 def build_hf_student(cfg: StudentConfig, modality: str, label_names: list[str],
-                     teacher: nn.Module | None, teacher_spec: str | None) -> nn.Module:
+                     *, teacher: nn.Module | None, teacher_spec: str | None) -> nn.Module:
     spec = cfg.config or teacher_spec
     assert spec is not None  # config validation guarantees one of them
     config = load_model_config(spec, "student.config")

@@ -275,7 +275,7 @@ def lm_sentences(n: int, seed: int = 0) -> list[str]:
 
 
 def write_lm_dataset(folder: Path, shape: str = "text", sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
-    """train.jsonl / validation.jsonl (/ test.jsonl) in one of the three causal_lm shapes (kd/lm_data.py)."""
+    """train.jsonl / validation.jsonl (/ test.jsonl) in one of the three causal_lm shapes (kd/lm/data.py)."""
     import json
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -7,13 +7,9 @@ back to the host only every `telemetry.log_every` steps, so the hot loop does no
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import shutil
-import signal
-import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,18 +21,20 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from kd.atomic import plain_modes
-from kd.augment import WaveformAugment, describe
+from kd.audio.augment import WaveformAugment, describe
 from kd.build import Run
 from kd.config import save_config
 from kd.data import make_loader
 from kd.errors import KDError, TrainingError, first_line
-from kd.export import save_student
+from kd.export.onnx import export_saved_student
+from kd.export.student import save_student
 from kd.losses import LOSS_PARTS, alpha_at, raise_if_not_finite
 from kd.memory import GpuSampler, PhasePeaks, cuda_memory
 from kd.objectives import make_objective
-from kd.remote_client import RemoteTeacherError
-from kd.soft_targets import ROLES, CachedTeacher, fill
+from kd.oom import OomFault, OutOfMemoryFailure, plan_recovery, release_memory
+from kd.stopping import StopAfterStep
 from kd.students import student_logits
+from kd.teachers.source import SourceFailure, SplitRunner
 from kd.telemetry import TelemetryWriter
 
 CHECKPOINT_DIR = "checkpoints"
@@ -114,7 +112,7 @@ class Trainer:
         self.augment = None
         if self.cfg.augment.enabled:
             self.augment = WaveformAugment(self.cfg.augment, run.data.sampling_rate, self.num_classes,
-                                           self.cfg.run.seed, self.acc.process_index)
+                                           seed=self.cfg.run.seed, rank=self.acc.process_index)
             self.acc.print(f"Augmentation (training batches, teacher and student alike): {describe(self.cfg.augment)}")
         self.state.micro_batch, self.state.grad_accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
         # The sizes may differ from those the Accelerator was created with (memory.auto_batch_size).
@@ -146,14 +144,14 @@ class Trainer:
                                        num_training_steps=self.total_steps)
         self.acc.register_for_checkpointing(self.scheduler, self.state)
         self.metrics: dict[str, dict[str, Any]] = {}
-        self._stop_requested = False  # set by the first Ctrl-C (see _stop_on_ctrl_c)
+        self.ctrl_c = StopAfterStep()  # the first Ctrl-C stops after the current step (kd/stopping.py)
 
     def _loader(self, role: str, batch_size: int):
         """The role's DataLoader, prepared by Accelerate (sharded over processes, batches on the device)."""
         return self.acc.prepare(self._plain_loader(self.run.data.splits[role], batch_size, shuffle=role == "train"))
 
     def _plain_loader(self, ds, batch_size: int, shuffle: bool = False):
-        return make_loader(ds, self.cfg.data, batch_size, self.run.data.collate, shuffle=shuffle,
+        return make_loader(ds, self.cfg.data, batch_size, collate=self.run.data.collate, shuffle=shuffle,
                            pin_memory=self.acc.device.type == "cuda", seed=self.cfg.run.seed)
 
     def _use_sizes(self, micro_batch: int, grad_accum: int) -> None:
@@ -175,7 +173,7 @@ class Trainer:
             self.acc.print(f"Resumed from {resume_from} at step {self.state.step}, epoch {self.state.epoch}")
         self._start(resume_from)
         status, error = "failed", None
-        restore_sigint = self._stop_on_ctrl_c()
+        restore_sigint = self.ctrl_c.install(one_process=self.acc.num_processes == 1)
         try:
             self._train()
             self._finish()
@@ -198,27 +196,6 @@ class Trainer:
             if self.gpu is not None:
                 self.gpu.close()
             self.acc.end_training()
-
-    def _stop_on_ctrl_c(self):
-        """The first Ctrl-C stops at the end of the current step with a checkpoint; a second stops at once.
-
-        Stopping between steps rather than wherever KeyboardInterrupt happens to land (inside a
-        library's cleanup, a prefetch thread's join, a half-written gradient) leaves a state that
-        --resume continues exactly. One process only: under a multi-process launch every rank gets
-        the signal at a different point of its step, so they keep Python's default and stop at once.
-        Returns the function that puts the previous handler back.
-        """
-        if self.acc.num_processes != 1 or threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def on_sigint(signum, frame):
-            if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested = True
-            print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop now)", file=sys.stderr)
-
-        previous = signal.signal(signal.SIGINT, on_sigint)
-        return lambda: signal.signal(signal.SIGINT, previous)
 
     def _start(self, resume_from: Path | None) -> None:
         cfg, run = self.cfg, self.run
@@ -259,8 +236,8 @@ class Trainer:
                     epoch_done = self._train_epoch(window, bar)
                 except torch.OutOfMemoryError as exc:
                     oom = first_line(exc, default="CUDA out of memory")
-                except RemoteTeacherError as exc:
-                    raise RemoteTeacherError(f"{exc}; {self._save_before_failing()}") from None
+                except SourceFailure as exc:  # e.g. a teacher server that stopped answering
+                    raise type(exc)(f"{exc}; {self._save_before_failing()}") from None
                 if oom is not None:
                     # Outside the except block: the traceback, and with it every tensor of the failed
                     # step, is gone by now, so emptying the cache below really frees memory.
@@ -268,7 +245,9 @@ class Trainer:
                     window.reset(time.perf_counter())  # recovery time stays out of throughput
                     continue
                 if epoch_done:
-                    self._release_teacher_when_cached()
+                    note = self.targets.after_epoch(self.split_runner()) if self.targets is not None else None
+                    if note:
+                        self.acc.print(note)
                     state.epoch += 1
                     state.batches_in_epoch = 0
                     self._step_start = (0, state.samples)
@@ -300,7 +279,7 @@ class Trainer:
                 self._after_step(window, grad_norm, bar)
                 if state.step >= self.total_steps:
                     return False
-                if self._stop_requested:
+                if self.ctrl_c.requested:
                     self.save_checkpoint()
                     raise KeyboardInterrupt
             waited = time.perf_counter()
@@ -369,65 +348,27 @@ class Trainer:
         """The teacher model while one is loaded (None: no distillation, or every soft target cached)."""
         return self.targets.teacher if self.targets is not None else None
 
-    @property
-    def teacher_loaded(self) -> bool:
-        return self.teacher is not None
-
     # -----------------------------------------------------------------------------------------
-    def fill_cache(self, roles: tuple[str, ...] = ROLES) -> int:
-        """Compute the soft targets the cache lacks for `roles`, each process its own share (used by
-        --precompute-teacher, and after the first epoch so the rest of training needs no teacher)."""
-        targets = self.targets
-        if not isinstance(targets, CachedTeacher) or targets.teacher is None:
-            return 0
-        data, written = self.run.data, 0
-        roles = tuple(r for r in roles if r in targets.split_ids)
-        # Every process reads what is missing before any of them writes, so their shares agree.
-        missing = {role: targets.cache.missing(targets.split_ids[role], targets.sizes[role]) for role in roles}
-        self.acc.wait_for_everyone()
+    def split_runner(self) -> SplitRunner:
+        """What a soft-target source needs to run its teacher over whole splits: batches made as in
+        training but not sharded by Accelerate (each process computes its own share)."""
 
-        def loader(ds):  # each process its own share of the rows, so not sharded by Accelerate
-            return self._plain_loader(ds, self.cfg.train.batch_size)
-
-        def prepare(batch):
+        def prepare(batch: dict[str, Any]) -> dict[str, Any]:
             batch = send_to_device(batch, self.acc.device, non_blocking=self.cfg.data.pin_memory)
             self._add_features(batch)
             return batch
 
-        with self.acc.autocast():  # the teacher runs as it does in training
-            for role in roles:
-                written += fill(targets, role, missing[role], data.splits[role], loader, prepare, self.acc.process_index,
-                                self.acc.num_processes, show=self.acc.is_local_main_process)
-        self.acc.wait_for_everyone()
-        targets.refresh()
-        return written
+        return SplitRunner(splits=self.run.data.splits,
+                           loader=lambda ds: self._plain_loader(ds, self.cfg.train.batch_size), prepare=prepare,
+                           autocast=self.acc.autocast, barrier=self.acc.wait_for_everyone,
+                           rank=self.acc.process_index, world=self.acc.num_processes,
+                           show=self.acc.is_local_main_process)
 
     def precompute(self) -> None:
-        """--precompute-teacher: fill the cache for every configured split, then stop."""
-        targets = self.targets
-        if not isinstance(targets, CachedTeacher):
+        """--precompute-teacher: every soft target of every configured split computed and stored."""
+        if self.targets is None:
             raise KDError("--precompute-teacher: this run has no teacher cache (distillation.teacher_cache)")
-        started = time.time()
-        written = self.fill_cache() if not targets.complete() else 0
-        coverage = ", ".join(f"{r} {n}/{t}" for r, (n, t) in targets.describe()["coverage"].items())
-        # Every process reports its own share (so a 2-process fill shows that none computed a sample twice).
-        print(f"Teacher cache {targets.cache.path}: {written} soft targets computed by process "
-              f"{self.acc.process_index} in {time.time() - started:.1f} s; coverage {coverage}", flush=True)
-        if not targets.complete():
-            raise KDError(f"teacher cache {targets.cache.path} is still incomplete ({coverage})")
-
-    def _release_teacher_when_cached(self) -> None:
-        """After the first epoch: fill what the cache still lacks, then train on without the teacher."""
-        targets = self.targets
-        if not isinstance(targets, CachedTeacher) or targets.teacher is None:
-            return
-        self.fill_cache()
-        if targets.complete():
-            targets.drop_teacher()
-            self.run.teacher = None
-            coverage = targets.describe()["coverage"]
-            self.acc.print("Teacher cache complete (" + ", ".join(f"{r} {n}/{t}" for r, (n, t) in coverage.items())
-                           + "): the teacher is released, training goes on from the cache")
+        print(self.targets.precompute(self.split_runner()), flush=True)
 
     def _enter(self, phase: str) -> None:
         self.phase = phase
@@ -444,31 +385,25 @@ class Trainer:
 
     def _recover_from_oom(self, message: str, phase: str) -> None:
         """Drop the failed step, then retry it smaller (shrink) or checkpoint and stop (fail)."""
-        state, mcfg = self.state, self.cfg.memory
+        state = self.state
         mem = cuda_memory(self.acc.device)
         self.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
-        gc.collect()
-        if self.acc.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(self.acc.device)
         state.batches_in_epoch, state.samples = self._step_start  # the step restarts from its first sample
         old_micro, old_accum = state.micro_batch, state.grad_accum
-        new_micro = smaller_divisor(old_micro)
-        advice = oom_advice(self.cfg, phase, old_micro, old_accum, self.teacher_loaded)
+        plan = plan_recovery(self.cfg, phase, micro=old_micro, accum=old_accum, teacher_loaded=self.teacher is not None)
         event = {"phase": phase, "micro_batch": old_micro, "grad_accum": old_accum, "mem": mem,
-                 "message": message, "advice": advice}
-        if mcfg.on_oom == "fail" or new_micro < mcfg.min_micro_batch:
-            why = ("memory.on_oom is 'fail'" if mcfg.on_oom == "fail"
-                   else f"the micro-batch cannot shrink below memory.min_micro_batch={mcfg.min_micro_batch}")
+                 "message": message, "advice": plan.advice}
+        if plan.micro_batch is None:
             path = self.save_checkpoint()
             self.telemetry.emit("oom", state.step, action="fail", new_micro_batch=None, new_grad_accum=None,
                                 recovered=False, **event)
             raise OutOfMemoryFailure(
-                f"out of memory in {phase} at step {state.step + 1} with micro-batch {old_micro} ({why}); "
+                f"out of memory in {phase} at step {state.step + 1} with micro-batch {old_micro} ({plan.why_not}); "
                 f"the state after step {state.step} is saved in {path} (continue with --resume); "
-                f"to fit: {'; '.join(advice[:3])}")
-        factor = old_micro // new_micro  # exact: new_micro divides old_micro
-        new_accum = old_accum * factor  # the same effective batch
-        state.batches_in_epoch *= factor  # the same sample position, counted in the smaller batches
+                f"to fit: {'; '.join(plan.advice[:3])}")
+        new_micro, new_accum = plan.micro_batch, plan.grad_accum
+        state.batches_in_epoch *= old_micro // new_micro  # the same sample position, counted in smaller batches
         self._step_start = (state.batches_in_epoch, state.samples)
         self._use_sizes(new_micro, new_accum)
         self.telemetry.emit("oom", state.step, action="shrink", new_micro_batch=new_micro, new_grad_accum=new_accum,
@@ -589,87 +524,17 @@ class Trainer:
         state = self.acc.get_state_dict(self.student) if sharded else None
         if self.acc.is_main_process:
             processor = self.run.processor if self.run.input_key == "inputs" else None  # the student's own inputs
-            path = save_student(self.acc.unwrap_model(self.student, keep_torch_compile=False), self.output_dir / STUDENT_DIR,
-                                self.run.data.label_names, processor, state_dict=state)
+            model = self.acc.unwrap_model(self.student, keep_torch_compile=False)
+            path = save_student(model, self.output_dir / STUDENT_DIR, self.run.data.label_names, processor,
+                                state_dict=state)
             self.acc.print(f"Saved the student to {path}")
-            onnx = self._export_onnx(path, processor) if self.cfg.export.onnx else None
+            onnx = export_saved_student(path, processor, self.cfg, self.run.data, say=self.acc.print) \
+                if self.cfg.export.onnx else None
             self.telemetry.emit("checkpoint", self.state.step, path=str(path), kind="final",
                                 duration_s=time.perf_counter() - started, **({"onnx": asdict(onnx)} if onnx else {}))
-        # Every process leaves training together: a rank that returned while the main process was still
-        # saving tore its process group down under it, and the main process once hung at the end of a
-        # two-process CPU run with its peer gone (tests/test_lm.py, 2026-11-23).
+        # Every process leaves training together: a rank that returns while the main process is still
+        # saving tears the process group down under it.
         self.acc.wait_for_everyone()
-
-    def _export_onnx(self, folder: Path, processor: Any):
-        """model.onnx (and model.int8.onnx) beside the saved student, made from the saved folder itself
-        (so what ships is what was saved, whatever wrapped the model in training)."""
-        from kd.export import load_student
-        from kd.onnx_export import ExportError, export_student
-
-        cfg = self.cfg
-        model, labels = load_student(folder, cfg.data.modality)
-        try:
-            return export_student(model, processor, folder, self.run.data, label_names=labels,
-                                  modality=cfg.data.modality, max_seconds=cfg.data.max_seconds, int8=cfg.export.int8,
-                                  check_samples=cfg.export.check_samples,
-                                  calibration_samples=cfg.export.calibration_samples, say=self.acc.print)
-        except ExportError as exc:
-            raise ExportError(f"{exc} (the student itself is saved in {folder})") from None
-
-
-class OutOfMemoryFailure(TrainingError):
-    """Out of memory with no way left to shrink (or memory.on_oom: fail): the run stops, checkpointed."""
-
-
-def smaller_divisor(n: int) -> int:
-    """The largest divisor of n that is at most n / 2 (n // 2 for even n): positions stay exact."""
-    return next((d for d in range(n // 2, 0, -1) if n % d == 0), 0)
-
-
-def oom_advice(cfg: Any, phase: str, micro: int, accum: int, has_teacher: bool) -> list[str]:
-    """Concrete config changes that reduce memory, the most relevant to `phase` first."""
-    half = max(1, micro // 2)
-    advice = [f"train.batch_size={half} train.grad_accum={accum * (micro // half)} keeps the effective batch "
-              "with half the activation memory"]
-    if has_teacher:
-        teacher = []
-        if cfg.teacher.dtype == "fp32":
-            teacher.append("teacher.dtype=bf16 (or fp16) halves the teacher's weights and activations")
-        if cfg.teacher.device != "cpu":
-            teacher.append("teacher.device=cpu keeps the teacher out of VRAM (slower teacher forward)")
-        advice = teacher + advice if phase == "teacher_forward" else advice + teacher
-    if cfg.train.mixed_precision == "no":
-        advice.append("train.mixed_precision=bf16 (or fp16) halves activation memory")
-    if cfg.data.modality == "audio":
-        advice.append(f"data.max_seconds below {cfg.data.max_seconds} shortens every input")
-    elif cfg.data.modality in ("text", "causal_lm"):
-        advice.append(f"data.max_length below {cfg.data.max_length} shortens every input")
-    if cfg.data.modality == "causal_lm":
-        advice.append(f"memory.loss_chunk below {cfg.memory.loss_chunk} shrinks the (chunk x vocabulary) loss tensors")
-    return advice
-
-
-class OomFault:
-    """Fault injection: KD_FAULT_OOM_AT_STEP=N raises one out-of-memory error in optimizer step N.
-
-    It hits the last micro-batch of that step (so with accumulation, a partly accumulated step has
-    to be thrown away), in the phase KD_FAULT_OOM_PHASE names (teacher_forward, student_forward,
-    backward, optimizer; default backward). Works on any device, so recovery can be tested and
-    shown without a GPU.
-    """
-
-    def __init__(self, step: int | None, phase: str):
-        self.step, self.phase, self.fired = step, phase, False
-
-    @classmethod
-    def from_env(cls) -> "OomFault":
-        raw = os.environ.get("KD_FAULT_OOM_AT_STEP")
-        return cls(int(raw) if raw and raw.strip().isdigit() else None, os.environ.get("KD_FAULT_OOM_PHASE", "backward"))
-
-    def maybe_raise(self, step: int, phase: str) -> None:
-        if self.step == step and phase == self.phase and not self.fired:
-            self.fired = True
-            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by KD_FAULT_OOM_AT_STEP={step})")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -24,7 +24,7 @@ os.environ.update(HF_HOME=_HF_HOME, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from kd.synthetic import TONE_LABELS, save_tiny_wav2vec2, write_tone_dataset
+from kd.synthetic import TONE_LABELS, save_tiny_wav2vec2, write_tone_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["TONE_LABELS", "save_tiny_wav2vec2", "write_tone_dataset"]
@@ -79,8 +79,8 @@ class CliTimeout(AssertionError):
     """A command that did not end in time; the message holds its processes' stacks and last output."""
 
 
-def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, launcher: list[str] | None = None,
-            timeout: int = 300):
+def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+            launcher: list[str] | None = None, timeout: int = 300):
     """Run train_kd.py in a subprocess (optionally under `accelerate launch`) and return the result."""
     import subprocess
     import tempfile
@@ -93,7 +93,7 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train_kd.py")] + args
     # Output goes to files, not pipes: a stray worker that still holds a pipe open would block the
     # read forever (torch's elastic launcher starts each rank in its own session, out of our reach
-    # by process group), which once held a CI run for 90 minutes on a hung two-rank test.
+    # by process group).
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         with subprocess.Popen(cmd, cwd=cwd or ROOT, env=full_env, stdout=out, stderr=err, text=True,
                               start_new_session=True) as proc:
@@ -125,9 +125,8 @@ def once_more_if_hung(attempt):
     """(1, attempt(1)), or, if that launch hangs, (2, attempt(2)): the test gives each attempt its own
     folder (and the launcher its own port).
 
-    Two-process runs have hung past the timeout on the CI host and, once, here (a rank stuck after the
-    run had ended, its peer gone); the first hang's stacks go into a warning, a second hang fails with
-    its own."""
+    A two-process CPU run can hang after it has ended (a rank stuck with its peer gone); the first
+    hang's stacks go into a warning, a second hang fails with its own."""
     try:
         return 1, attempt(1)
     except CliTimeout as hang:

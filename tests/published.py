@@ -79,7 +79,8 @@ class FakeHub:
             revision = repo.find(unquote("/".join(rest[1:])) if rest else "main")
             if revision is None:
                 return error(404, "RevisionNotFound")
-            files = [{"rfilename": name, "size": len(content)} for name, content in sorted(repo.revisions[revision].items())]
+            files = [{"rfilename": name, "size": len(content)}
+                     for name, content in sorted(repo.revisions[revision].items())]
             return ok({"_id": repo_id, "id": repo_id, "sha": repo.sha(revision), "private": False, "disabled": False,
                        "gated": False, "downloads": 0, "likes": 0, "tags": [], "siblings": files,
                        "lastModified": "2022-11-14T00:00:00.000Z", "createdAt": "2022-11-14T00:00:00.000Z"})

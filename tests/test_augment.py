@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd.augment import WaveformAugment, add_noise, mask_band, mask_time, speed_perturb, time_shift
+from kd.audio.augment import WaveformAugment, add_noise, mask_band, mask_time, speed_perturb, time_shift
 from kd.config import AugmentConfig
 
 RATE = 8000
@@ -93,12 +93,13 @@ def test_noise_is_added_at_the_requested_snr():
 
 def test_teacher_and_student_get_the_same_augmented_batch_and_evaluation_the_clean_one(tmp_path, tone_data,
                                                                                        monkeypatch):
-    from conftest import TONE_LABELS, tiny_config
+    from kd.audio.logmel_cnn import LogMelCNN
     from kd.build import build_run
     from kd.config import config_from_dict
-    from kd.export import save_student
-    from kd.logmel_cnn import LogMelCNN
+    from kd.export.student import save_student
     from kd.trainer import Trainer
+
+    from conftest import TONE_LABELS, tiny_config
 
     teacher = save_student(LogMelCNN(3, sample_rate=16000, n_mels=16, channels=[8, 16]), tmp_path / "teacher",
                            list(TONE_LABELS))
@@ -128,14 +129,16 @@ def test_teacher_and_student_get_the_same_augmented_batch_and_evaluation_the_cle
 
 
 def run_losses(tmp_path, name: str, cfg: dict) -> list[dict]:
-    from conftest import run_cli, write_config
     from kd.telemetry import read_events
+
+    from conftest import run_cli, write_config
 
     result = run_cli(["--config", str(write_config(tmp_path / f"{name}.yaml", cfg))])
     assert result.returncode == 0, result.stderr[-3000:]
     return [e["loss"] for e in read_events(tmp_path / name) if e["type"] == "step"]
 
 
+@pytest.mark.launches
 def test_with_augmentation_off_the_losses_are_the_kits_before_it(tmp_path, tone_data, tiny_teacher):
     """The tiny KD run's first losses with the previous front end and no augmentation are the kit's
     recorded ones; augmentation switched on with every transform at zero changes nothing either.
@@ -162,6 +165,7 @@ def test_with_augmentation_off_the_losses_are_the_kits_before_it(tmp_path, tone_
                 assert a[part] == pytest.approx(b[part], rel=1e-4, abs=1e-6), (step, part)
 
 
+@pytest.mark.launches
 def test_augmentation_changes_the_training_losses(tmp_path, tone_data, tiny_teacher):
     from conftest import tiny_config
 
@@ -171,6 +175,7 @@ def test_augmentation_changes_the_training_losses(tmp_path, tone_data, tiny_teac
     assert plain[0]["ce"] != pytest.approx(augmented[0]["ce"], rel=1e-3)
 
 
+@pytest.mark.launches
 def test_augmentation_with_teacher_inputs_from_the_clean_clip_is_refused(tmp_path, tone_data, tiny_teacher):
     from conftest import run_cli, tiny_config, write_config
 

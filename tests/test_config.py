@@ -181,7 +181,8 @@ def test_output_dir_defaults_to_runs_name():
 
 
 REMOTE = {"data": {"dataset": "json", "data_dir": "x", "modality": "causal_lm", "max_length": 256},
-          "student": {"type": "hf"}, "teacher": {"model": "t", "endpoint": {"url": "http://127.0.0.1:8000/v1", "model": "m"}}}
+          "student": {"type": "hf"},
+          "teacher": {"model": "t", "endpoint": {"url": "http://127.0.0.1:8000/v1", "model": "m"}}}
 
 
 @pytest.mark.parametrize(
@@ -193,7 +194,8 @@ REMOTE = {"data": {"dataset": "json", "data_dir": "x", "modality": "causal_lm", 
         ({"api_key_env": "sk-abc123"}, {}, "teacher.endpoint.api_key_env", "NAME of an environment variable"),
         ({"mode": "rewrite"}, {}, "teacher.endpoint.mode", "'score', 'generate'"),
         ({"api": "chat"}, {}, "teacher.endpoint.api", "'completions' in score mode"),
-        ({"mode": "generate", "max_new_tokens": 255}, {}, "teacher.endpoint.max_new_tokens", "below data.max_length - 1"),
+        ({"mode": "generate", "max_new_tokens": 255}, {}, "teacher.endpoint.max_new_tokens",
+         "below data.max_length - 1"),
         ({"mode": "generate", "temperature": 3}, {}, "teacher.endpoint.temperature", "must be in [0, 2]"),
         ({"mode": "generate"}, {"packing": True}, "teacher.endpoint.mode", "data.packing: false"),
     ],

@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from test_oom import recorded_run
 
-from conftest import ROOT, run_cli, tiny_config, write_config
 from kd.build import build_run
 from kd.config import config_from_dict
 from kd.data import make_loader
 from kd.memory import PhasePeaks
 from kd.telemetry import read_events
 from kd.trainer import Trainer
-from test_oom import recorded_run
+
+from conftest import ROOT, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.cuda
 GB = 1e9
@@ -38,6 +39,7 @@ def _uncapped():
         torch.cuda.empty_cache()
 
 
+@pytest.mark.launches
 def test_run_on_cuda_uses_the_fast_path_caps_memory_and_reads_nvml(tmp_path, tone_data, tiny_teacher):
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", train={"max_steps": 6, "eval_every": 3},
                       telemetry={"log_every": 1, "gpu_sample_s": 0.05})
@@ -66,7 +68,8 @@ def test_student_weights_are_channels_last_and_batches_come_from_pinned_memory(t
     assert convs and all(w.is_cuda and w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     trainer = Trainer(run)
     assert trainer.train_dl.pin_memory
-    raw = make_loader(run.data.splits["train"], run.cfg.data, 4, run.data.collate, shuffle=False, pin_memory=True)
+    raw = make_loader(run.data.splits["train"], run.cfg.data, 4, collate=run.data.collate, shuffle=False,
+                      pin_memory=True)
     assert next(iter(raw))["waveform"].is_pinned()
     batch = next(iter(trainer.train_dl))
     assert batch["waveform"].is_cuda
@@ -116,6 +119,7 @@ def test_a_real_cuda_oom_in_each_phase_is_recovered_with_the_same_samples(tmp_pa
     assert events[-1]["status"] == "completed"
 
 
+@pytest.mark.launches
 def test_a_real_oom_with_on_oom_fail_checkpoints_and_exits_2(tmp_path, tone_data, tiny_teacher):
     """A student far too big for a 0.3 GB cap at this micro-batch, with auto_batch_size off."""
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run",
@@ -152,6 +156,7 @@ def test_the_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, worklo
     teacher, uses its architecture with random weights; the flagship's AST has random weights."""
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_memory import compare
+
     from workloads import demo_workload, flagship_workload, kit_run
 
     make = demo_workload if workload == "demo" else flagship_workload
@@ -160,6 +165,7 @@ def test_the_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, worklo
     assert 0.8 <= row["estimate_over_reserved"] <= 1.2, row
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_stays_finite_for_50_steps(tmp_path, tone_data, tiny_teacher, precision):
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run",
@@ -175,7 +181,7 @@ def test_half_precision_stays_finite_for_50_steps(tmp_path, tone_data, tiny_teac
 def test_on_device_features_on_cuda_equal_the_cpu_ones():
     from transformers import ASTFeatureExtractor, Wav2Vec2FeatureExtractor
 
-    from kd.features import device_features
+    from kd.audio.features import device_features
 
     rng = np.random.default_rng(0)
     wave = torch.from_numpy(rng.standard_normal((3, 16000)).astype(np.float32) * 0.1)
@@ -191,6 +197,7 @@ def test_on_device_features_on_cuda_equal_the_cpu_ones():
         torch.testing.assert_close(gpu.cpu(), expected, rtol=0, atol=2e-4)
 
 
+@pytest.mark.launches
 def test_compiled_training_on_cuda_gives_the_eager_losses(tmp_path, tone_data, tiny_teacher):
     losses = {}
     for compile in (False, True):
@@ -204,16 +211,18 @@ def test_compiled_training_on_cuda_gives_the_eager_losses(tmp_path, tone_data, t
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-3)
 
 
+@pytest.mark.launches
 def test_fsdp2_from_the_shipped_accelerate_config_trains_and_saves_a_whole_student(tmp_path):
     """configs/accelerate/fsdp2.yaml on the one GPU at hand (--num_processes 1): Accelerate shards the
     tiny LM student with FSDP2, the run distils, evaluates, and the saved student is whole (gathered,
     not a shard) and loads with transformers."""
     from safetensors.torch import load_file
+    from test_lm import lm_config
     from transformers import AutoModelForCausalLM
 
-    from conftest import accelerate_launch
     from kd.synthetic import save_tiny_llama, write_lm_dataset
-    from test_lm import lm_config
+
+    from conftest import accelerate_launch
 
     teacher = save_tiny_llama(tmp_path / "teacher")
     data = write_lm_dataset(tmp_path / "data", "text", {"train": 16, "validation": 6})
@@ -236,11 +245,11 @@ def test_fsdp2_from_the_shipped_accelerate_config_trains_and_saves_a_whole_stude
 def test_augmentation_on_cuda_waits_for_nothing_and_matches_the_cpu():
     """Every transform on, mixup included: on the GPU no operation of the augmentation waits for the
     device (torch's sync debug mode raises on one; a copy from pageable memory per parameter did,
-    nine times a step with the demo's settings), and without noise (drawn by the device's own generator) the result is the
-    CPU's."""
+    nine times a step with the demo's settings), and without noise (drawn by the device's own
+    generator) the result is the CPU's."""
     import dataclasses
 
-    from kd.augment import WaveformAugment
+    from kd.audio.augment import WaveformAugment
     from kd.config import AugmentConfig
 
     noisy = AugmentConfig(enabled=True, speed=0.1, shift_s=0.1, gain_db=6, noise_prob=1.0, time_masks=2,
@@ -277,7 +286,7 @@ def test_a_kd_training_step_never_waits_for_the_gpu(tmp_path, tone_data, tiny_te
     AcceleratorState._reset_state(reset_partial_state=True)  # this process's earlier runs chose another precision
     trainer = Trainer(build_run(config_from_dict(cfg)))
     if source == "cache":
-        trainer.fill_cache()
+        trainer.targets.fill(trainer.split_runner())
         assert trainer.targets.complete()
     batch = next(iter(trainer.train_dl))
     with trainer.acc.accumulate(trainer.student):

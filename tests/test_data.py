@@ -9,10 +9,11 @@ import soundfile
 import torch
 from datasets import Dataset, DatasetDict
 
-from conftest import TONE_LABELS, write_tone_dataset
 from kd.config import DataConfig
 from kd.data import AudioCollator, load_waveform, make_loader, prepare_data
 from kd.errors import DataError
+
+from conftest import TONE_LABELS, write_tone_dataset
 
 
 def audio_cfg(path, **kw) -> DataConfig:
@@ -111,7 +112,8 @@ def test_collator_adds_teacher_inputs_and_weights(tone_data, tiny_teacher):
     assert on_device.features is not None and "inputs" not in on_device.collate([on_device.splits["train"][0]])
     data = prepare_data(audio_cfg(tone_data, weight_column="weight", features_on_device=False), extractor, 16000)
     assert data.features is None
-    loader = make_loader(data.splits["train"], audio_cfg(tone_data), 5, data.collate, shuffle=False, pin_memory=False)
+    loader = make_loader(data.splits["train"], audio_cfg(tone_data), 5, collate=data.collate, shuffle=False,
+                         pin_memory=False)
     batch = next(iter(loader))
     assert batch["waveform"].shape == (5, 16000) and batch["labels"].shape == (5,)
     assert batch["inputs"]["input_values"].shape == (5, 16000)
@@ -124,7 +126,8 @@ def test_loader_worker_settings():
     cfg = DataConfig(dataset="x", num_workers=2, persistent_workers=True, prefetch_factor=3, pin_memory=True)
     ds = Dataset.from_dict({"waveform": [[0.0]], "label": [0]}).with_format("torch")
     collate = AudioCollator("label", None, None, 16000)
-    loader = make_loader(ds, cfg, 1, collate, shuffle=True, pin_memory=True)
+    loader = make_loader(ds, cfg, 1, collate=collate, shuffle=True, pin_memory=True)
     assert loader.num_workers == 2 and loader.persistent_workers and loader.prefetch_factor == 3 and loader.pin_memory
-    cpu_loader = make_loader(ds, DataConfig(dataset="x", num_workers=0), 1, collate, shuffle=False, pin_memory=False)
+    cpu_loader = make_loader(ds, DataConfig(dataset="x", num_workers=0), 1, collate=collate, shuffle=False,
+                             pin_memory=False)
     assert cpu_loader.prefetch_factor is None and not cpu_loader.persistent_workers and not cpu_loader.pin_memory

@@ -49,6 +49,7 @@ def demo_data(tmp_path_factory):
     return build_kws_dataset(tmp_path_factory.mktemp("demo") / "kws", progress=False)
 
 
+@pytest.mark.launches
 def test_demo_data_is_the_same_in_two_fresh_processes(tmp_path):
     """`make demo` builds its data in a fresh process; two such builds must be byte-identical for its
     table to repeat. eSpeak's noisy voices draw from its generator and libc's rand(), whose state
@@ -59,7 +60,8 @@ def test_demo_data_is_the_same_in_two_fresh_processes(tmp_path):
     import sys
 
     def build(name: str) -> dict:
-        code = f"from kd.demo.kws_data import build_kws_dataset; build_kws_dataset({str(tmp_path / name)!r}, progress=False)"
+        code = ("from kd.demo.kws_data import build_kws_dataset; "
+                f"build_kws_dataset({str(tmp_path / name)!r}, progress=False)")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         root = tmp_path / name
@@ -71,14 +73,16 @@ def test_demo_data_is_the_same_in_two_fresh_processes(tmp_path):
     assert not differing, f"{len(differing)} clips differ, e.g. {differing[:3]}"
 
 
+@pytest.mark.launches
 def test_demo_student_is_robust_to_recording_level(demo_data, tmp_path):
     """The demo's baseline config, trained three epochs by the CLI; on the demo's test clips (unseen
     voices) its exported student predicts the same word at 0.1x and 10x the recording level."""
     import torch
 
-    from conftest import run_cli
     from kd.data import load_waveform
-    from kd.export import load_student
+    from kd.export.student import load_student
+
+    from conftest import run_cli
 
     out = tmp_path / "run"
     result = run_cli(["--config", "configs/demo_baseline.yaml", f"data.data_dir={demo_data}", f"run.output_dir={out}",

@@ -42,8 +42,8 @@ def clip(label: str, rng: np.random.Generator) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tone_model(tmp_path_factory) -> Path:
     """A log-mel CNN trained in seconds to tell the three tones apart, exported with the kit."""
-    from kd.logmel_cnn import LogMelCNN
-    from kd.onnx_export import export_onnx
+    from kd.audio.logmel_cnn import LogMelCNN
+    from kd.export.onnx import export_onnx
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -58,15 +58,15 @@ def tone_model(tmp_path_factory) -> Path:
         opt.step()
     folder = tmp_path_factory.mktemp("detector")
     check = {"waveform": torch.from_numpy(np.stack([clip(name, rng) for name in TONE_LABELS]))}
-    export_onnx(model, None, check, folder, {"kd.labels": TONE_LABELS, "kd.sample_rate": RATE,
+    export_onnx(model, None, check, folder, metadata={"kd.labels": TONE_LABELS, "kd.sample_rate": RATE,
                                              "kd.window_samples": RATE, "kd.hop_samples": RATE // 10})
     return folder / "model.onnx"
 
 
 def detect_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     # The detector ships without torch: the process fails if anything imports it.
-    code = ("import sys; sys.modules['torch'] = None; from kd.detect import main; sys.argv[0] = 'kd.detect'; "
-            "sys.exit(main(sys.argv[1:]))")
+    code = ("import sys; sys.modules['torch'] = None; from kd.export.detect import main; "
+            "sys.argv[0] = 'kd.export.detect'; sys.exit(main(sys.argv[1:]))")
     return subprocess.run([sys.executable, "-c", code, *args], input=stdin, capture_output=True, cwd=ROOT,
                           timeout=120)
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 from transformers import ASTFeatureExtractor, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
-from conftest import run_cli, tiny_config, write_config, write_tone_dataset
+from kd.audio.features import ASTInputs, Wav2Vec2Inputs, device_features
 from kd.config import DataConfig
 from kd.data import prepare_data
-from kd.features import ASTInputs, Wav2Vec2Inputs, device_features
 from kd.students import LogMelCNN, use_channels_last
 from kd.telemetry import read_events
+
+from conftest import run_cli, tiny_config, write_config, write_tone_dataset
 
 
 def clips(n: int, samples: int, seed: int = 0) -> np.ndarray:
@@ -104,6 +105,7 @@ def step_losses(tmp_path, name, tone_data, teacher, data, student, steps=8, comp
     return [e["loss"] for e in read_events(tmp_path / name / "telemetry.jsonl") if e["type"] == "step"]
 
 
+@pytest.mark.launches
 def test_fast_data_path_leaves_the_losses_unchanged(tmp_path, tone_data, tiny_teacher):
     """Workers (persistent, prefetching), the decode cache, pinned memory and on-device features
     against the plain path: the first eight steps, over two epochs, give the same losses."""
@@ -116,6 +118,7 @@ def test_fast_data_path_leaves_the_losses_unchanged(tmp_path, tone_data, tiny_te
             assert b[part] == pytest.approx(a[part], rel=1e-5, abs=1e-6), (part, a, b)
 
 
+@pytest.mark.launches
 def test_broken_file_found_while_decoding_on_access_is_one_line(tmp_path, tiny_teacher):
     root = write_tone_dataset(tmp_path / "d", {"train": 8, "validation": 2, "test": 2})
     (root / "train" / "high_1.wav").write_bytes(b"not audio at all")
@@ -127,6 +130,7 @@ def test_broken_file_found_while_decoding_on_access_is_one_line(tmp_path, tiny_t
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.launches
 def test_compiled_student_trains_the_same_and_exports_plain_weights(tmp_path, tone_data, tiny_teacher):
     """train.compile through Accelerate's dynamo plugin. Dropout off: inductor draws its own random
     numbers, so with dropout the masks (not the arithmetic) would differ from eager mode."""

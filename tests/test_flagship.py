@@ -21,15 +21,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import free_port, run_cli
 from kd.audio.speech_commands import load_speech_commands, read_splits
 from kd.config import DataConfig
 from kd.data import load_raw_splits, resolve_labels
 from kd.downloads import cached_download_path, download_config
 from kd.errors import DataError, ModelLoadError
-from kd.serve_teacher import BackgroundServer
 from kd.synthetic import AST_SPEECH_COMMANDS_LABELS, archive_folder, save_tiny_ast, write_speech_commands
-from kd.teachers import check_labels
+from kd.teachers.loading import check_labels
+from kd.teachers.remote.server import BackgroundServer
+
+from conftest import free_port, run_cli
 from published import FakeHub, FileServer, Repo
 
 TEACHER = "MIT/ast-finetuned-speech-commands-v2"
@@ -80,6 +81,7 @@ def read_telemetry(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "telemetry.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.launches
 def test_the_flagship_trains_from_the_published_archive_and_teacher_then_reuses_its_caches(published, tmp_path):
     hub = FakeHub(models={TEACHER: Repo({"main": published["safetensors"]})})
     files = FileServer({ARCHIVE_PATH: published["archive"]})
@@ -116,6 +118,7 @@ def test_the_flagship_trains_from_the_published_archive_and_teacher_then_reuses_
     assert "Data: 70 training samples, 35 labels" in first.stdout
 
 
+@pytest.mark.launches
 @pytest.mark.cuda
 def test_the_flagship_runs_on_a_gpu_as_shipped_fp16_with_the_teacher_on_it(published, tmp_path):
     """The run above with the config's own GPU settings: fp16 mixed precision, the teacher in fp16 on
@@ -134,9 +137,10 @@ def test_the_flagship_runs_on_a_gpu_as_shipped_fp16_with_the_teacher_on_it(publi
     assert end["status"] == "completed" and 0 < end["peak"]["allocated"] < 5.5e9
     assert (tmp_path / "gpu" / "student" / "model.onnx").is_file()
     print(f"flagship on {start['env']['gpu_name']}: peak allocated {end['peak']['allocated'] / 1e6:.1f} MB, "
-          f"test {[l for l in lines if l['type'] == 'eval'][-1]['metrics']}")
+          f"test {[line for line in lines if line['type'] == 'eval'][-1]['metrics']}")
 
 
+@pytest.mark.launches
 def test_a_pickle_only_teacher_is_refused_before_any_download_naming_the_hubs_safetensors_revision(published, tmp_path):
     hub = FakeHub(models={TEACHER: Repo({"main": published["pickle_only"],
                                          "refs/pr/1": {**published["pickle_only"], **published["safetensors"]}},
@@ -163,7 +167,7 @@ def test_a_pickle_only_teacher_is_refused_before_any_download_naming_the_hubs_sa
 def test_a_pickle_only_teacher_without_a_conversion_says_how_to_convert_it(published, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from kd.teachers import hub_files, resolve_model_source
+    from kd.teachers.loading import hub_files, resolve_model_source
 
     hub = FakeHub(models={TEACHER: Repo({"main": published["pickle_only"]})})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -179,6 +183,7 @@ def test_a_pickle_only_teacher_without_a_conversion_says_how_to_convert_it(publi
     assert hub.downloads() == []
 
 
+@pytest.mark.launches
 def test_a_truncated_archive_is_named_removed_and_downloaded_again_by_the_next_run(published, tmp_path):
     hub = FakeHub(models={TEACHER: Repo({"main": published["safetensors"]})})
     whole = published["archive"]
@@ -201,6 +206,7 @@ def test_a_truncated_archive_is_named_removed_and_downloaded_again_by_the_next_r
         assert "Data: 70 training samples, 35 labels" in fixed.stdout
 
 
+@pytest.mark.launches
 def test_preflight_without_network_says_everything_it_could_not_fetch(tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"
     archive_url = closed + ARCHIVE_PATH
@@ -330,8 +336,9 @@ def test_labels_are_matched_to_the_teacher_by_name_and_a_different_word_set_is_n
 @pytest.mark.parametrize("export", [True, False], ids=["with-parquet-export", "script-only"])
 def test_a_hub_dataset_that_is_a_loading_script_gets_one_line_saying_what_loads(online, export):
     def script_repo(name: str) -> Repo:  # a card, the loading script named after the repository, .gitattributes
-        return Repo({"main": {"README.md": b"---\nviewer: false\n---\n# A dataset\n", f"{name}.py": b"import datasets\n",
-                              ".gitattributes": b"*.py text\n"}}, converts=["refs/convert/parquet"] if export else [])
+        card = b"---\nviewer: false\n---\n# A dataset\n"
+        return Repo({"main": {"README.md": card, f"{name}.py": b"import datasets\n", ".gitattributes": b"*.py text\n"}},
+                    converts=["refs/convert/parquet"] if export else [])
 
     hub = FakeHub(datasets={"google/speech_commands": script_repo("speech_commands"),
                             "someone/old_corpus": script_repo("old_corpus")})

@@ -10,12 +10,13 @@ import pytest
 import torch
 from datasets import load_dataset
 
-from conftest import accelerate_launch, once_more_if_hung, run_cli, write_config
 from kd.config import DataConfig
 from kd.errors import DataError
-from kd.lm_data import IGNORE, LMCollator, prepare_lm_splits
+from kd.lm.data import IGNORE, LMCollator, prepare_lm_splits
 from kd.synthetic import save_tiny_llama, write_lm_dataset
 from kd.telemetry import read_events
+
+from conftest import accelerate_launch, once_more_if_hung, run_cli, write_config
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def lm_config(data_dir: Path, teacher: Path | None, out: Path, **sections) -> di
         "data": {"dataset": "json", "data_dir": str(data_dir), "modality": "causal_lm", "input_column": "text",
                  "eval_split": "validation", "max_length": 48, "num_workers": 0},
         "teacher": {"model": str(teacher) if teacher else None},
-        "student": {"type": "hf", "init_from_teacher": teacher is not None, "teacher_layers": [0, 2] if teacher else None},
+        "student": {"type": "hf", "init_from_teacher": teacher is not None,
+                    "teacher_layers": [0, 2] if teacher else None},
         "distillation": {"enabled": teacher is not None, "alpha": 0.5, "temperature": 2.0},
         "train": {"batch_size": 4, "epochs": None, "max_steps": 4, "lr": 0.01, "eval_every": 2},
         "telemetry": {"log_every": 1, "warmup_steps": 0},
@@ -114,6 +116,7 @@ def lm_run(tmp_path_factory, tiny_llama):
     return tmp / "run", result
 
 
+@pytest.mark.launches
 def test_lm_run_telemetry_has_tokens_per_second_and_perplexity(lm_run):
     run_dir, result = lm_run
     events = read_events(run_dir / "telemetry.jsonl")
@@ -134,6 +137,7 @@ def test_lm_run_telemetry_has_tokens_per_second_and_perplexity(lm_run):
     assert start["estimate"]["logits"] > 0  # the LM estimate counts logits and the chunked loss
 
 
+@pytest.mark.launches
 def test_lm_student_saves_with_tokenizer_and_generates(lm_run, tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,8 +151,8 @@ def test_lm_student_saves_with_tokenizer_and_generates(lm_run, tokenizer):
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
     # export.onnx: (input_ids, attention_mask) -> logits at every position, dynamic batch and length
-    from kd.detect import ort_session
-    from kd.onnx_export import ATOL
+    from kd.export.detect import ort_session
+    from kd.export.onnx import ATOL
 
     batch = tok(["the cat sat on", "a dog"], return_tensors="pt", padding=True)
     sess = ort_session(folder / "model.onnx")
@@ -159,6 +163,7 @@ def test_lm_student_saves_with_tokenizer_and_generates(lm_run, tokenizer):
     assert abs(got - want)[real].max() <= ATOL
 
 
+@pytest.mark.launches
 def test_monitor_once_shows_tokens_per_second_and_perplexity(lm_run):
     import subprocess
     import sys
@@ -171,6 +176,7 @@ def test_monitor_once_shows_tokens_per_second_and_perplexity(lm_run):
     assert "tokens/s" in out.stdout and "perplexity" in out.stdout and "(teacher " in out.stdout
 
 
+@pytest.mark.launches
 def test_ce_only_baseline_from_the_teacher_config(tmp_path, tiny_llama):
     """No teacher: the student is built from a config folder and trained on next-token CE alone."""
     data = write_lm_dataset(tmp_path / "data", "text", {"train": 12, "validation": 4})
@@ -185,6 +191,7 @@ def test_ce_only_baseline_from_the_teacher_config(tmp_path, tiny_llama):
     assert final["teacher_perplexity"] is None and final["perplexity"] > 1
 
 
+@pytest.mark.launches
 def test_different_vocabularies_are_refused_before_training(tmp_path, tiny_llama):
     other = save_tiny_llama(tmp_path / "other", tokenizer_seed=1, vocab_size=280)
     data = write_lm_dataset(tmp_path / "data", "text", {"train": 8, "validation": 4})
@@ -256,8 +263,8 @@ def test_gguf_converts_to_a_safetensors_teacher_with_the_same_outputs(tmp_path, 
     pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kd.convert_gguf import main
-    from kd.teachers import load_teacher
+    from kd.lm.convert_gguf import main
+    from kd.teachers.loading import load_teacher
 
     end = AutoTokenizer.from_pretrained(tiny_llama).convert_tokens_to_ids("<|end|>")
     gguf_file = write_gguf_from_hf(tiny_llama, tmp_path / "tiny.gguf", eos_token_id=end)
@@ -274,9 +281,9 @@ def test_gguf_converts_to_a_safetensors_teacher_with_the_same_outputs(tmp_path, 
 
 
 def test_gguf_is_accepted_only_by_the_converter(tmp_path, tiny_llama, capsys):
-    from kd.convert_gguf import main
     from kd.errors import ModelLoadError
-    from kd.teachers import load_teacher
+    from kd.lm.convert_gguf import main
+    from kd.teachers.loading import load_teacher
 
     assert main([str(tmp_path / "missing.gguf"), str(tmp_path / "out")]) == 2
     assert "no such file" in capsys.readouterr().err
@@ -292,13 +299,15 @@ def test_gguf_is_accepted_only_by_the_converter(tmp_path, tiny_llama, capsys):
         load_teacher(str(gguf_only), "causal_lm")
 
 
+@pytest.mark.launches
 def test_two_cpu_processes_train_and_evaluate_a_language_model(tmp_path, tiny_llama):
     """DDP over two CPU processes (gloo): sharded rows, tokens/s summed over processes, eval rows
     gathered once each, one telemetry file, one saved student."""
     data = write_lm_dataset(tmp_path / "data", "text", {"train": 16, "validation": 6})
 
     def attempt(n):  # a hung launch is retried once (conftest.once_more_if_hung)
-        cfg = lm_config(data, tiny_llama, tmp_path / f"run{n}", train={"max_steps": 2, "eval_every": 2, "batch_size": 2})
+        cfg = lm_config(data, tiny_llama, tmp_path / f"run{n}",
+                        train={"max_steps": 2, "eval_every": 2, "batch_size": 2})
         return run_cli(["--config", str(write_config(tmp_path / f"c{n}.yaml", cfg))], launcher=accelerate_launch(2),
                        env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
 
@@ -315,7 +324,8 @@ def test_two_cpu_processes_train_and_evaluate_a_language_model(tmp_path, tiny_ll
 
 
 @pytest.mark.parametrize("change,fragment", [
-    ({"data": {"modality": "audio"}, "distillation": {"divergence": "jsd"}}, "distillation.divergence: 'jsd' is for causal_lm"),
+    ({"data": {"modality": "audio"}, "distillation": {"divergence": "jsd"}},
+     "distillation.divergence: 'jsd' is for causal_lm"),
     ({"distillation": {"teacher_cache": "require"}}, "set distillation.cache_top_k"),
     ({"distillation": {"jsd_beta": 1.5}}, "distillation.jsd_beta"),
     ({"memory": {"loss_chunk": 0}}, "memory.loss_chunk"),
@@ -331,6 +341,7 @@ def test_language_model_config_errors(tmp_path, tiny_llama, change, fragment):
         config_from_dict(cfg)
 
 
+@pytest.mark.launches
 def test_out_of_memory_in_the_loss_shrinks_the_micro_batch_and_names_lm_settings(tmp_path, tiny_llama):
     data = write_lm_dataset(tmp_path / "data", "text", {"train": 16, "validation": 4})
     cfg = lm_config(data, tiny_llama, tmp_path / "run", train={"max_steps": 3, "eval_every": 3})
@@ -356,18 +367,19 @@ def test_shipped_accelerate_configs_are_read_by_accelerate(name, kind, detail):
     cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
     assert cfg.distributed_type.value == kind
     if kind == "DEEPSPEED":
-        assert cfg.deepspeed_config["zero_stage"] == detail and cfg.deepspeed_config["offload_optimizer_device"] == "cpu"
+        assert cfg.deepspeed_config["zero_stage"] == detail
+        assert cfg.deepspeed_config["offload_optimizer_device"] == "cpu"
     if kind == "FSDP":
         assert cfg.fsdp_config["fsdp_version"] == detail
 
 
 def test_token_cache_stores_top_k_at_learnt_positions_only(tmp_path):
-    from kd.teacher_cache import CacheError, TokenCache
+    from kd.teachers.store import CacheError, TokenCache
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 50)
     labels = torch.tensor([[IGNORE, 3, 4, IGNORE, IGNORE], [1, 2, 3, 4, IGNORE]])
-    cache = TokenCache(tmp_path, {"teacher": "lm"}, 50, "fp32", top_k=8)
+    cache = TokenCache(tmp_path, {"teacher": "lm"}, 50, dtype="fp32", top_k=8)
     split = cache.register_split("train", "fp", 2)
     assert cache.put(split, [0, 1], logits, labels) == 2
     rows = cache.get(split, [0, 1])
@@ -375,7 +387,7 @@ def test_token_cache_stores_top_k_at_learnt_positions_only(tmp_path):
     top = logits[0, 1:3].log_softmax(-1).topk(8)
     assert (rows[0][0] == top.indices.numpy()).all() and torch.allclose(torch.from_numpy(rows[0][1]), top.values)
     with pytest.raises(CacheError, match="top_k"):
-        TokenCache(tmp_path, {"teacher": "x"}, 50, "fp32", top_k=None)
+        TokenCache(tmp_path, {"teacher": "x"}, 50, dtype="fp32", top_k=None)
     import sqlite3
 
     with sqlite3.connect(cache.path) as db:
@@ -385,18 +397,20 @@ def test_token_cache_stores_top_k_at_learnt_positions_only(tmp_path):
 
 
 def test_top_k_teacher_in_evaluation_with_k_equal_to_vocabulary_is_exact():
-    from kd.lm_losses import TopK, token_eval_sums
+    from kd.lm.losses import TopK, token_eval_sums
 
     torch.manual_seed(1)
     student, teacher = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
     labels = torch.tensor([[1, 2, IGNORE, 3], [IGNORE, 0, 8, 5]])
-    full = token_eval_sums(student, teacher, labels, "jsd", 0.5, 1.0)  # top-k tempering is exact at T = 1
+    full = token_eval_sums(student, teacher, labels, kind="jsd", beta=0.5,
+                           temperature=1.0)  # top-k tempering is exact at T = 1
     top = teacher.log_softmax(-1).topk(9)
-    as_top_k = token_eval_sums(student, TopK(top.indices, top.values), labels, "jsd", 0.5, 1.0)
+    as_top_k = token_eval_sums(student, TopK(top.indices, top.values), labels, kind="jsd", beta=0.5, temperature=1.0)
     for name in full:
         assert torch.allclose(full[name], as_top_k[name], atol=1e-5), name
 
 
+@pytest.mark.launches
 def test_cached_top_k_teacher_trains_like_its_first_epoch_and_require_needs_no_teacher(tmp_path, tiny_llama):
     """distillation.cache_top_k: epoch 1 stores the teacher's top k per learnt token (and fills the
     eval split), epoch 2 trains from the cache; a `require` run after --precompute-teacher never

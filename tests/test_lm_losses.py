@@ -1,4 +1,4 @@
-"""Token-level LM distillation losses: properties against direct computations (kd/lm_losses.py)."""
+"""Token-level LM distillation losses: properties against direct computations (kd/lm/losses.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kd.lm_losses import TopK, divergence, token_kd_loss
+from kd.lm.losses import TopK, divergence, token_kd_loss
 
 KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)]
 
@@ -36,10 +36,10 @@ def test_equals_a_direct_computation_and_is_zero_for_identical_logits(kind, beta
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 11) * 2, torch.randn(2, 5, 11) * 2
     mask = torch.ones(2, 5, dtype=torch.bool)
-    total, count = token_kd_loss(student, teacher, mask, kind, beta, temperature, chunk_size=3)
+    total, count = token_kd_loss(student, teacher, mask, kind=kind, beta=beta, temperature=temperature, chunk_size=3)
     assert int(count) == 10
     assert float(total) == pytest.approx(float(direct(student, teacher, kind, beta, temperature).sum()), rel=1e-4)
-    same, _ = token_kd_loss(teacher, teacher, mask, kind, beta, temperature)
+    same, _ = token_kd_loss(teacher, teacher, mask, kind=kind, beta=beta, temperature=temperature)
     assert abs(float(same)) < 1e-5
 
 
@@ -56,10 +56,10 @@ def test_top_k_with_k_equal_to_the_vocabulary_is_the_full_loss(kind, beta):
     torch.manual_seed(2)
     student, teacher = torch.randn(3, 4, 13), torch.randn(3, 4, 13) * 3
     mask = torch.rand(3, 4) > 0.3
-    full, _ = token_kd_loss(student, teacher, mask, kind, beta, 1.0)
+    full, _ = token_kd_loss(student, teacher, mask, kind=kind, beta=beta, temperature=1.0)
     logp = teacher.log_softmax(-1)
     values, indices = logp.topk(13, dim=-1)
-    top, _ = token_kd_loss(student, TopK(indices, values), mask, kind, beta, 1.0)
+    top, _ = token_kd_loss(student, TopK(indices, values), mask, kind=kind, beta=beta, temperature=1.0)
     assert float(top) == pytest.approx(float(full), rel=1e-4, abs=1e-5)
 
 
@@ -68,7 +68,7 @@ def test_top_k_tail_bucket_makes_a_proper_distribution():
     torch.manual_seed(3)
     student, teacher = torch.randn(1, 1, 50), torch.randn(1, 1, 50) * 4
     values, indices = teacher.log_softmax(-1).topk(5, dim=-1)
-    loss, _ = token_kd_loss(student, TopK(indices, values), torch.ones(1, 1, dtype=torch.bool), "forward_kl")
+    loss, _ = token_kd_loss(student, TopK(indices, values), torch.ones(1, 1, dtype=torch.bool), kind="forward_kl")
     p_top, q = values.exp()[0, 0].double(), student.softmax(-1)[0, 0].double()
     q_top = q[indices[0, 0]]
     p = torch.cat([p_top, 1 - p_top.sum(0, keepdim=True)])
@@ -82,14 +82,15 @@ def test_masked_positions_contribute_nothing_and_a_fully_masked_batch_is_finite(
     teacher = torch.randn(2, 6, 7)
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[0, :3] = True
-    total, count = token_kd_loss(student, teacher, mask, "jsd", 0.5)
+    total, count = token_kd_loss(student, teacher, mask, kind="jsd", beta=0.5)
     changed = teacher.clone()
     changed[~mask] = torch.randn_like(changed[~mask]) * 10  # anything at masked positions
-    assert float(token_kd_loss(student, changed, mask, "jsd", 0.5)[0].detach()) == pytest.approx(float(total.detach()))
+    assert float(token_kd_loss(student, changed, mask, kind="jsd",
+                               beta=0.5)[0].detach()) == pytest.approx(float(total.detach()))
     total.backward()
     assert student.grad[~mask].abs().max() == 0 and student.grad[mask].abs().max() > 0
     student.grad = None
-    none, zero = token_kd_loss(student, teacher, torch.zeros(2, 6, dtype=torch.bool), "reverse_kl")
+    none, zero = token_kd_loss(student, teacher, torch.zeros(2, 6, dtype=torch.bool), kind="reverse_kl")
     none.backward()
     assert int(zero) == 0 and float(none.detach()) == 0.0 and torch.isfinite(student.grad).all()
 
@@ -112,7 +113,7 @@ def test_chunking_keeps_only_the_inputs_for_backward():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, _ = token_kd_loss(student, teacher, mask, "jsd", chunk_size=chunk)
+            loss, _ = token_kd_loss(student, teacher, mask, kind="jsd", chunk_size=chunk)
         return sum(seen.values()), loss
 
     chunked, a = saved_bytes(32)
@@ -123,7 +124,7 @@ def test_chunking_keeps_only_the_inputs_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the same loss written plainly
-        from kd.lm_losses import _bucket_log_probs
+        from kd.lm.losses import _bucket_log_probs
 
         b = divergence(*_bucket_log_probs(student[mask], teacher[mask], 1.0), "jsd").sum()
     plain = sum(seen.values())

@@ -16,7 +16,8 @@ from kd.losses import alpha_at, distillation_loss, kd_divergence, raise_if_not_f
 @pytest.fixture
 def logits():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(6, 5, generator=g) * 3, torch.randn(6, 5, generator=g) * 3, torch.randint(0, 5, (6,), generator=g)
+    student, teacher = torch.randn(6, 5, generator=g) * 3, torch.randn(6, 5, generator=g) * 3
+    return student, teacher, torch.randint(0, 5, (6,), generator=g)
 
 
 def test_kl_is_zero_for_identical_logits(logits):
@@ -72,35 +73,37 @@ def test_no_teacher_is_plain_cross_entropy(logits):
 def test_sample_weights_give_a_weighted_mean(logits):
     s, t, y = logits
     w = torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0, 0.0])
-    loss, _ = distillation_loss(s, t, y, 0.5, 2.0, sample_weight=w)
+    loss, _ = distillation_loss(s, t, y, alpha=0.5, temperature=2.0, sample_weight=w)
     keep = w > 0
     per = 0.5 * F.cross_entropy(s, y, reduction="none") + 0.5 * kd_divergence(s, t, 2.0)
     assert torch.allclose(loss, (per[keep] * w[keep]).sum() / w.sum(), atol=1e-6)
-    unweighted, _ = distillation_loss(s, t, y, 0.5, 2.0, sample_weight=torch.ones(6))
+    unweighted, _ = distillation_loss(s, t, y, alpha=0.5, temperature=2.0, sample_weight=torch.ones(6))
     assert torch.allclose(unweighted, per.mean(), atol=1e-6)
 
 
 def test_single_sample_batch_works():
     s, t, y = torch.randn(1, 4, requires_grad=True), torch.randn(1, 4), torch.tensor([2])
-    loss, _ = distillation_loss(s, t, y, 0.5, 2.0)
+    loss, _ = distillation_loss(s, t, y, alpha=0.5, temperature=2.0)
     loss.backward()
     assert torch.isfinite(loss) and s.grad is not None
 
 
 def test_empty_batch_is_a_clear_error():
     with pytest.raises(TrainingError, match="empty batch"):
-        distillation_loss(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 0.5, 2.0)
+        distillation_loss(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), alpha=0.5,
+                          temperature=2.0)
 
 
 def test_label_space_mismatch_in_logits_is_a_clear_error():
     with pytest.raises(TrainingError, match="same label space"):
-        distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), 0.5, 2.0)
+        distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), alpha=0.5,
+                          temperature=2.0)
 
 
 def test_half_precision_logits_are_handled_in_float32():
     s = torch.tensor([[60000.0, -60000.0]], dtype=torch.float16)
     t = torch.tensor([[-60000.0, 60000.0]], dtype=torch.float16)
-    loss, parts = distillation_loss(s, t, torch.tensor([0]), 0.5, 1.0)
+    loss, parts = distillation_loss(s, t, torch.tensor([0]), alpha=0.5, temperature=1.0)
     assert all(math.isfinite(v.item()) for v in parts.values())
 
 

@@ -68,9 +68,11 @@ def test_sampler_reads_in_the_background(monkeypatch):
     assert "shutdown" in calls
 
 
+@pytest.mark.launches
 def test_cpu_run_writes_null_gpu_fields(tmp_path, tone_data, tiny_teacher):
-    from conftest import run_cli, tiny_config, write_config
     from kd.telemetry import read_events
+
+    from conftest import run_cli, tiny_config, write_config
 
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", train={"max_steps": 2, "eval_every": 100})
     result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])

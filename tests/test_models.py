@@ -11,13 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TONE_LABELS, save_tiny_wav2vec2
 from kd.config import StudentConfig
 from kd.errors import ModelLoadError
-from kd.export import load_student, save_student
+from kd.export.student import load_student, save_student
 from kd.students import LogMelCNN, build_student, copy_teacher_layers, student_logits, use_channels_last
-from kd.teachers import (check_label_space, check_labels, hub_files, load_teacher, resolve_model_source,
-                         teacher_logits)
+from kd.teachers.loading import (
+    check_label_space,
+    check_labels,
+    hub_files,
+    load_teacher,
+    resolve_model_source,
+    teacher_logits,
+)
+
+from conftest import TONE_LABELS, save_tiny_wav2vec2
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt"])
@@ -79,7 +86,7 @@ def hub(monkeypatch, tmp_path):
     """huggingface_hub pointed at a FakeHub and an empty cache of this test's own, online."""
     from huggingface_hub import constants
 
-    from kd.serve_teacher import BackgroundServer
+    from kd.teachers.remote.server import BackgroundServer
 
     app = FakeHub()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -140,7 +147,8 @@ def test_a_cached_config_without_weights_asks_the_hub_for_its_file_list(hub, mon
     assert hub.requests == ["org/exists"]
 
 
-def hub_cache_entry(cache: str, repo: str, ref: str, files: tuple[str, ...] = ("config.json", "model.safetensors")) -> Path:
+def hub_cache_entry(cache: str, repo: str, ref: str,
+                    files: tuple[str, ...] = ("config.json", "model.safetensors")) -> Path:
     """A Hugging Face cache entry for `repo` at `ref` holding `files`, as a download leaves it."""
     root = Path(cache) / f"models--{repo.replace('/', '--')}"
     (root / "refs").mkdir(parents=True, exist_ok=True)
@@ -229,7 +237,7 @@ def test_channels_last_keeps_outputs():
 def test_hf_student_from_teacher_layers_copies_weights(tiny_teacher):
     teacher = load_teacher(str(tiny_teacher), "audio")
     cfg = StudentConfig(type="hf", init_from_teacher=True, teacher_layers=[1, 3])
-    student = build_student(cfg, "audio", list(TONE_LABELS), 16000, teacher, str(tiny_teacher))
+    student = build_student(cfg, "audio", list(TONE_LABELS), 16000, teacher=teacher, teacher_spec=str(tiny_teacher))
     assert student.config.num_hidden_layers == 2
     s, t = student.state_dict(), teacher.state_dict()
     key = "wav2vec2.encoder.layers.{}.attention.k_proj.weight"
@@ -249,7 +257,7 @@ def test_layer_copy_refuses_incompatible_shapes(tiny_teacher, tmp_path):
 def test_student_config_override_typo_is_caught(tiny_teacher):
     cfg = StudentConfig(type="hf", config_overrides={"num_hiden_layers": 1})
     with pytest.raises(ModelLoadError, match="did you mean num_hidden_layers"):
-        build_student(cfg, "audio", list(TONE_LABELS), 16000, None, str(tiny_teacher))
+        build_student(cfg, "audio", list(TONE_LABELS), 16000, teacher=None, teacher_spec=str(tiny_teacher))
 
 
 def test_export_round_trip_logmel(tmp_path):
@@ -407,8 +415,9 @@ def test_utterance_front_end_ignores_recording_level_and_zero_padding_level():
 def test_teacher_with_pickle_weights_and_no_preprocessor_is_refused_for_the_pickle(tmp_path, tone_data, tiny_teacher,
                                                                                    capsys):
     """Both are wrong; the pickle is named first, since it is the graver problem (and the run stops there)."""
-    from conftest import tiny_config, write_config
     from train_kd import main
+
+    from conftest import tiny_config, write_config
 
     folder = tmp_path / "legacy"
     shutil.copytree(tiny_teacher, folder)

@@ -264,7 +264,7 @@ async def test_app_judges_a_cut_file_by_its_modification_time(tmp_path):
 
 def remote_figures(requests: int, retries: int = 0, rate_limited: int = 0, k: int = 20, hits: int = 0,
                    fetched: int = 8) -> dict:
-    """A step line's remote_teacher field, as kd/remote_teacher.py writes it."""
+    """A step line's remote_teacher field, as kd/teachers/remote/source.py writes it."""
     return {"source": "remote", "requests": requests, "ok": requests - retries, "retries": retries,
             "rate_limited": rate_limited, "errors": 0, "latency_p50_s": 0.041, "latency_p95_s": 0.065, "k": k,
             "in_flight": 8, "max_in_flight": 8, "cache_hits": hits, "fetched": fetched,

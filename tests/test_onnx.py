@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TONE_LABELS, run_cli, tiny_config, umask_mode, write_config
-from kd.export import load_student
-from kd.detect import ort_session
-from kd.onnx_export import ATOL, ExportError, check_logits
+from kd.export.detect import ort_session
+from kd.export.onnx import ATOL, ExportError, check_logits
+from kd.export.student import load_student
 from kd.telemetry import read_events
+
+from conftest import TONE_LABELS, run_cli, tiny_config, umask_mode, write_config
 
 pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,7 @@ def exported_run(tmp_path_factory, tone_data):
     return tmp / "run", result
 
 
+@pytest.mark.launches
 def test_export_writes_a_checked_waveform_model_with_its_metadata(exported_run):
     run_dir, result = exported_run
     student = run_dir / "student"
@@ -65,6 +67,7 @@ def test_export_writes_a_checked_waveform_model_with_its_metadata(exported_run):
         assert np.abs(got - want).max() <= ATOL
 
 
+@pytest.mark.launches
 def test_export_report_is_in_the_final_checkpoint_event(exported_run):
     run_dir, result = exported_run
     final = [e for e in read_events(run_dir / "telemetry.jsonl") if e["type"] == "checkpoint" and e["kind"] == "final"]
@@ -75,6 +78,7 @@ def test_export_report_is_in_the_final_checkpoint_event(exported_run):
     assert f"test accuracy {100 * report['int8_accuracy']:.2f}% (fp32 {100 * report['accuracy']:.2f}%)" in result.stdout
 
 
+@pytest.mark.launches
 def test_int8_model_keeps_the_front_end_in_float_and_mostly_agrees(exported_run):
     import onnx
 
@@ -101,8 +105,9 @@ def test_a_mismatch_fails_with_the_largest_difference():
         check_logits(want[:1], want)
 
 
+@pytest.mark.launches
 def test_a_failed_check_writes_nothing(exported_run, tmp_path, monkeypatch):
-    import kd.onnx_export as onnx_export
+    import kd.export.onnx as onnx_export
 
     student = tmp_path / "student"
     model, labels = load_student(exported_run[0] / "student")
@@ -110,14 +115,15 @@ def test_a_failed_check_writes_nothing(exported_run, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "run_onnx", lambda sess, inputs: sess.run(["logits"], inputs)[0] + 1e-2)
     batch = {"waveform": torch.from_numpy(noise_clips(3)), "labels": torch.zeros(3, dtype=torch.long)}
     with pytest.raises(ExportError, match="by up to 0.01"):
-        onnx_export.export_onnx(model, None, batch, student, {"kd.labels": labels})
+        onnx_export.export_onnx(model, None, batch, student, metadata={"kd.labels": labels})
     assert list(student.iterdir()) == []
 
 
+@pytest.mark.launches
 def test_command_exports_an_existing_student(exported_run, tmp_path):
     run_dir = exported_run[0]
     (run_dir / "student" / "model.onnx").unlink()
-    result = subprocess.run([sys.executable, "-m", "kd.onnx_export", str(run_dir / "student")],
+    result = subprocess.run([sys.executable, "-m", "kd.export.onnx", str(run_dir / "student")],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run_dir / "student" / "model.onnx").is_file() and "logits match PyTorch" in result.stdout
@@ -126,7 +132,7 @@ def test_command_exports_an_existing_student(exported_run, tmp_path):
     lonely.mkdir()
     for name in ("config.json", "model.safetensors"):
         (lonely / name).write_bytes((run_dir / "student" / name).read_bytes())
-    result = subprocess.run([sys.executable, "-m", "kd.onnx_export", str(lonely)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "kd.export.onnx", str(lonely)], capture_output=True, text=True,
                             timeout=300, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

@@ -6,11 +6,13 @@ from collections import Counter
 
 import pytest
 
-from conftest import run_cli, tiny_config, write_config
 from kd.build import build_run
 from kd.config import config_from_dict
+from kd.oom import smaller_divisor
 from kd.telemetry import read_events
-from kd.trainer import Trainer, smaller_divisor
+from kd.trainer import Trainer
+
+from conftest import run_cli, tiny_config, write_config
 
 
 def fingerprint(waveform) -> tuple:
@@ -70,6 +72,7 @@ def test_shrink_retries_the_step_with_the_same_samples(tmp_path, tone_data, tiny
     assert (trainer.state.micro_batch, trainer.state.grad_accum) == (2, 2 * grad_accum)
 
 
+@pytest.mark.launches
 def test_fail_mode_checkpoints_and_stops_with_advice(tmp_path, tone_data, tiny_teacher):
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", memory={"on_oom": "fail"},
                       train={"max_steps": 4, "eval_every": 100})
@@ -86,6 +89,7 @@ def test_fail_mode_checkpoints_and_stops_with_advice(tmp_path, tone_data, tiny_t
     assert events[-1]["type"] == "run_end" and events[-1]["status"] == "oom"
 
 
+@pytest.mark.launches
 def test_minimum_micro_batch_stops_shrinking(tmp_path, tone_data, tiny_teacher):
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", memory={"min_micro_batch": 4},
                       train={"max_steps": 3, "eval_every": 100})
@@ -94,6 +98,7 @@ def test_minimum_micro_batch_stops_shrinking(tmp_path, tone_data, tiny_teacher):
     assert "cannot shrink below memory.min_micro_batch=4" in result.stderr
 
 
+@pytest.mark.launches
 def test_resume_after_a_shrink_keeps_the_smaller_sizes(tmp_path, tone_data, tiny_teacher):
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run",
                       train={"max_steps": 6, "checkpoint_every": 3, "keep_checkpoints": 5, "eval_every": 100})

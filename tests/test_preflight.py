@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_cli, tiny_config, write_config
 from kd.config import config_from_dict
 from kd.preflight import CUDA_CONTEXT_BYTES, Estimate, advice, choose_teacher_device, estimate_memory
 from kd.students import LogMelCNN
-from kd.teachers import load_teacher
+from kd.teachers.loading import load_teacher
+
+from conftest import run_cli, tiny_config, write_config
 
 CPU = torch.device("cpu")
 
@@ -24,7 +25,8 @@ def test_estimate_arithmetic(tiny_teacher):
     student = LogMelCNN(3, n_mels=16, channels=[8, 16])
     n_teacher = sum(p.numel() for p in teacher.parameters())
     n_student = sum(p.numel() for p in student.parameters())
-    est = estimate_memory(teacher, student, probe_batch(), "waveform", 4, "no", True, CPU)
+    est = estimate_memory(teacher, student, probe_batch(), "waveform", micro_batch=4, mixed_precision="no",
+                          teacher_on_gpu=True, device=CPU)
     assert est.teacher_weights == 4 * n_teacher
     assert (est.student_weights, est.grads, est.optimizer) == (4 * n_student, 4 * n_student, 8 * n_student)
     assert est.cuda_context == CUDA_CONTEXT_BYTES and est.method == "analytic"
@@ -32,8 +34,11 @@ def test_estimate_arithmetic(tiny_teacher):
     assert est.total == sum([est.teacher_weights, est.student_weights, est.grads, est.optimizer, est.activations,
                              est.cuda_context])
     half = load_teacher(str(tiny_teacher), "audio", dtype="bf16")
-    assert estimate_memory(half, student, probe_batch(), "waveform", 4, "no", True, CPU).teacher_weights == 2 * n_teacher
-    off = estimate_memory(teacher, student, probe_batch(), "waveform", 4, "no", False, CPU)
+    halved = estimate_memory(half, student, probe_batch(), "waveform", micro_batch=4, mixed_precision="no",
+                             teacher_on_gpu=True, device=CPU)
+    assert halved.teacher_weights == 2 * n_teacher
+    off = estimate_memory(teacher, student, probe_batch(), "waveform", micro_batch=4, mixed_precision="no",
+                          teacher_on_gpu=False, device=CPU)
     assert off.teacher_weights == 0 and off.teacher_activations == 0
 
 
@@ -43,9 +48,12 @@ def test_activations_scale_with_the_micro_batch_and_precision():
     from kd.preflight import batch_bytes
 
     student = LogMelCNN(3, n_mels=16, channels=[8, 16])
-    small = estimate_memory(None, student, probe_batch(), "waveform", 4, "no", False, CPU).activations
-    large = estimate_memory(None, student, probe_batch(), "waveform", 8, "no", False, CPU).activations
-    mixed = estimate_memory(None, student, probe_batch(), "waveform", 8, "bf16", False, CPU).activations
+    small = estimate_memory(None, student, probe_batch(), "waveform", micro_batch=4, mixed_precision="no",
+                            teacher_on_gpu=False, device=CPU).activations
+    large = estimate_memory(None, student, probe_batch(), "waveform", micro_batch=8, mixed_precision="no",
+                            teacher_on_gpu=False, device=CPU).activations
+    mixed = estimate_memory(None, student, probe_batch(), "waveform", micro_batch=8, mixed_precision="bf16",
+                            teacher_on_gpu=False, device=CPU).activations
     batch = batch_bytes(probe_batch()) * 8 // 2  # waveform, processed inputs and labels: 2 rows scaled to 8
     assert batch == 8 * (16000 * 4 * 2 + 8)
     assert large == pytest.approx(2 * small, rel=0.01)
@@ -70,7 +78,7 @@ def test_probe_leaves_no_trace(tmp_path, model):
     before = {k: v.clone() for k, v in student.state_dict().items()}
     batch = probe_batch()
     torch_rng, numpy_rng, python_rng = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
-    estimate_memory(None, student, batch, key, 4, "no", False, CPU)
+    estimate_memory(None, student, batch, key, micro_batch=4, mixed_precision="no", teacher_on_gpu=False, device=CPU)
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert torch.equal(torch_rng, torch.get_rng_state()) and all(p.grad is None for p in student.parameters())
     assert (np.random.get_state()[1] == numpy_rng).all() and random.getstate() == python_rng
@@ -117,6 +125,7 @@ def test_advice_says_when_only_a_bigger_budget_or_student_can_fit():
     texts = [t for t, _ in advice(est, cfg, budget=900_000_001, student=LogMelCNN(3))]
     assert texts[0].startswith("teacher.device: cpu") and not any("vram_budget_gb" in t for t in texts)
 
+@pytest.mark.launches
 def test_preflight_flag_prints_and_writes_nothing(tmp_path, tone_data, tiny_teacher):
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", memory={"vram_budget_gb": 0.1})
     result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg)), "--preflight"])
@@ -127,6 +136,7 @@ def test_preflight_flag_prints_and_writes_nothing(tmp_path, tone_data, tiny_teac
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.launches
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks planning a GPU config on a machine without one")
 def test_preflight_plans_a_gpu_config_without_a_gpu(tmp_path, tone_data, tiny_teacher):
     """configs/5gb.yaml's settings (fp16, the teacher on CUDA, GPU only) planned on a CPU: the
@@ -167,7 +177,8 @@ def test_flagship_architecture_fits_the_budget_analytically():
     student = LogMelCNN(35, 16000, 40, [64, 128, 128, 256])
     batch = {"waveform": torch.randn(2, 16000), "inputs": {"input_values": torch.randn(2, 128, 128)},
              "labels": torch.zeros(2, dtype=torch.long)}
-    est = estimate_memory(teacher, student, batch, "waveform", 128, "fp16", True, CPU)
+    est = estimate_memory(teacher, student, batch, "waveform", micro_batch=128, mixed_precision="fp16",
+                          teacher_on_gpu=True, device=CPU)
     assert 80e6 < sum(p.numel() for p in teacher.parameters()) < 90e6
     assert est.teacher_weights == pytest.approx(0.17e9, rel=0.05)
     assert est.total < 5.5e9
@@ -186,6 +197,7 @@ def test_largest_fitting_micro_batch_keeps_the_effective_batch():
     assert largest_fitting_micro_batch(8, lambda m: False) == 0
 
 
+@pytest.mark.launches
 def test_auto_batch_size_picks_what_fits_and_records_it(tmp_path, tone_data, tiny_teacher):
     from kd.telemetry import read_events
 

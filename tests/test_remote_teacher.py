@@ -15,15 +15,16 @@ import pytest
 import torch
 from starlette.responses import JSONResponse, PlainTextResponse
 
-from conftest import run_cli, write_config
 from kd.config import EndpointConfig, config_from_dict
-from kd.lm_losses import TopK
-from kd.openai_api import ProtocolError, TokenMap, check_alignment
-from kd.remote_client import EndpointClient, RemoteTeacherError, retry_after_s
-from kd.remote_teacher import RemoteTeacher
-from kd.serve_teacher import BackgroundServer, TeacherLM, build_app
+from kd.lm.losses import TopK
 from kd.synthetic import save_tiny_llama, save_tiny_tokenizer, write_lm_dataset
+from kd.teachers.remote.client import EndpointClient, RemoteTeacherError, retry_after_s
+from kd.teachers.remote.protocol import ProtocolError, TokenMap, check_alignment
+from kd.teachers.remote.server import BackgroundServer, TeacherLM, build_app
+from kd.teachers.remote.source import RemoteTeacher
 from kd.telemetry import read_events
+
+from conftest import run_cli, write_config
 
 KEY = "sk-test-1234567890-secret"
 
@@ -143,7 +144,8 @@ def test_remote_scores_equal_the_local_teachers_top_k(tmp_path, llama, teacher_l
     data = write_lm_dataset(tmp_path / "data", "text", {"train": 4, "validation": 2})
     cfg = config_from_dict({
         "data": {"dataset": "json", "data_dir": str(data), "modality": "causal_lm", "input_column": "text"},
-        "teacher": {"model": str(llama), "endpoint": {"url": "http://127.0.0.1:1/v1", "model": "tiny", "top_k": 8, "min_top_k": 4}},
+        "teacher": {"model": str(llama),
+                    "endpoint": {"url": "http://127.0.0.1:1/v1", "model": "tiny", "top_k": 8, "min_top_k": 4}},
         "student": {"type": "hf"}, "distillation": {"cache_dir": str(tmp_path / "cache")}})
     tok = teacher_lm.tokenizer
     rows = [tok(t)["input_ids"] for t in ("the cat sat on the mat", "a dog ran", "birds sing loud songs today")]
@@ -196,11 +198,11 @@ class RefuseTokenIds:
 
 
 def prompt_batch(tok, prompts: list[str], chat: bool, max_new_tokens: int) -> tuple[dict, list[dict]]:
-    """The prompt rows generate mode trains from (kd/lm_data.py) and their collated batch."""
+    """The prompt rows generate mode trains from (kd/lm/data.py) and their collated batch."""
     from datasets import Dataset
 
     from kd.config import DataConfig
-    from kd.lm_data import LMCollator, prepare_prompt_splits
+    from kd.lm.data import LMCollator, prepare_prompt_splits
 
     ds = Dataset.from_dict({"prompt": prompts, "completion": ["ignored"] * len(prompts)})
     cfg = DataConfig(dataset="json", modality="causal_lm", max_length=48)
@@ -263,8 +265,8 @@ def test_generate_mode_trains_on_the_teachers_answer_with_its_top_k(llama, teach
 
 
 def test_an_answer_that_stopped_ends_with_the_end_token(teacher_lm):
-    from kd.openai_api import Scored
-    from kd.remote_modes import Generate
+    from kd.teachers.remote.modes import Generate
+    from kd.teachers.remote.protocol import Scored
 
     tok = teacher_lm.tokenizer
     mode = Generate(EndpointConfig(url="http://x/v1", model="tiny", mode="generate", max_new_tokens=4),
@@ -386,19 +388,22 @@ def steps(run_dir: Path) -> list[dict]:
     return [e for e in read_events(run_dir / "telemetry.jsonl") if e["type"] == "step"]
 
 
+@pytest.mark.launches
 def test_remote_run_telemetry_cache_reuse_and_the_key(tmp_path, llama, teacher_lm):
     faults = Faults(build_app(teacher_lm, "tiny", api_key=KEY))
     env = {"KD_TEST_TEACHER_KEY": KEY}
     with BackgroundServer(faults) as url:
-        first = run_cli(["--config", str(remote_config(tmp_path, llama, url, "first", api_key_env="KD_TEST_TEACHER_KEY"))],
-                        env=env)
+        first = run_cli(["--config", str(remote_config(tmp_path, llama, url, "first",
+                                                       api_key_env="KD_TEST_TEACHER_KEY"))], env=env)
         assert first.returncode == 0, first.stderr[-3000:]
         fetched = faults.completions
         stored = stored_answers(tmp_path)
-        second = run_cli(["--config", str(remote_config(tmp_path, llama, url, "second", api_key_env="KD_TEST_TEACHER_KEY")),
+        second = run_cli(["--config", str(remote_config(tmp_path, llama, url, "second",
+                                                        api_key_env="KD_TEST_TEACHER_KEY")),
                           "--cache-read-only"], env=env)
         assert second.returncode == 0, second.stderr[-3000:]
-        missing_key = run_cli(["--config", str(remote_config(tmp_path, llama, url, "nokey", api_key_env="KD_NOT_SET_VAR"))])
+        missing_key = run_cli(["--config", str(remote_config(tmp_path, llama, url, "nokey",
+                                                             api_key_env="KD_NOT_SET_VAR"))])
     remote = [s["remote_teacher"] for s in steps(tmp_path / "first")]
     assert {"requests", "hit_rate", "latency_p50_s", "latency_p95_s", "retries", "rate_limited", "k", "queue",
             "wait_s"} <= set(remote[0])
@@ -419,6 +424,7 @@ def test_remote_run_telemetry_cache_reuse_and_the_key(tmp_path, llama, teacher_l
     assert "Traceback" not in missing_key.stderr
 
 
+@pytest.mark.launches
 def test_failed_run_checkpoints_trains_offline_and_resumes_without_refetching(tmp_path, llama, teacher_lm):
     # 1. The server starts failing after 14 answers (the probe + 13 rows): the run stops, checkpointed.
     faults = Faults(build_app(teacher_lm, "tiny"), [None] * 14 + [500] * 200)
@@ -451,6 +457,7 @@ def test_failed_run_checkpoints_trains_offline_and_resumes_without_refetching(tm
     assert healthy.completions == 1 + len(distinct) - before  # the probe and the rows the failed run lacked
 
 
+@pytest.mark.launches
 def test_generate_run_trains_on_answers_and_a_rerun_asks_only_what_changed(tmp_path, llama, teacher_lm):
     faults = Faults(build_app(teacher_lm, "tiny"))
     generate = {"mode": "generate", "max_new_tokens": 8}
@@ -487,7 +494,7 @@ def stored_answers(tmp: Path) -> int:
 def test_server_chat_answers_greedily_with_top_logprobs(teacher_lm):
     import httpx
 
-    from kd.openai_api import chat_logprobs
+    from kd.teachers.remote.protocol import chat_logprobs
 
     messages = [{"role": "user", "content": "finish: the cat"}]
     with BackgroundServer(build_app(teacher_lm, "tiny")) as url:
@@ -523,7 +530,7 @@ def test_cache_read_only_needs_a_remote_teacher(tmp_path, capsys):
 def answer(seed: int):
     import numpy as np
 
-    from kd.openai_api import Scored
+    from kd.teachers.remote.protocol import Scored
 
     rng = np.random.default_rng(seed)
     return Scored(rng.integers(0, 300, 12).astype(np.int32), rng.integers(0, 300, (12, 5)).astype(np.int32),
@@ -536,7 +543,7 @@ def test_answer_store_survives_concurrent_writers_and_honours_ttl_and_read_only(
 
     import numpy as np
 
-    from kd.response_cache import ResponseCache
+    from kd.teachers.remote.response_cache import ResponseCache
 
     identity = {"model": "tiny", "tokenizer": "abc"}
     cache = ResponseCache(tmp_path, identity)
@@ -568,7 +575,7 @@ def test_answer_store_survives_concurrent_writers_and_honours_ttl_and_read_only(
 
 
 def _write_answers(folder: str, identity: dict, p: int) -> None:
-    from kd.response_cache import ResponseCache
+    from kd.teachers.remote.response_cache import ResponseCache
 
     cache = ResponseCache(Path(folder), identity)
     for i in range(40):

@@ -13,13 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, accelerate_launch, once_more_if_hung, run_cli, tiny_config, write_config
 from kd.config import config_from_dict
 from kd.data import content_fingerprint, load_raw_splits
 from kd.errors import ConfigError
-from kd.soft_targets import teacher_identity
-from kd.teacher_cache import CacheError, TeacherCache, identity_key
+from kd.teachers.identity import teacher_identity
+from kd.teachers.store import CacheError, TeacherCache, identity_key
 from kd.telemetry import read_events
+
+from conftest import ROOT, accelerate_launch, once_more_if_hung, run_cli, tiny_config, write_config
 
 
 def _config(tmp_path: Path, tone_data: Path, teacher: Path, name: str, **distillation) -> Path:
@@ -33,6 +34,7 @@ def _losses(run_dir: Path) -> list[float]:
     return [e["loss"]["total"] for e in read_events(run_dir / "telemetry.jsonl") if e["type"] == "step"]
 
 
+@pytest.mark.launches
 def test_cached_training_equals_online_training(tmp_path, tone_data, tiny_teacher):
     """Epoch 1 fills the cache, epoch 2 trains from it: the same losses as a run with the teacher on
     every batch; a later `require` run never loads the teacher and reproduces them exactly."""
@@ -75,13 +77,13 @@ def test_cached_training_equals_online_training(tmp_path, tone_data, tiny_teache
 
 def test_require_with_incomplete_cache_refuses_and_never_loads_the_teacher(tmp_path, tone_data, tiny_teacher,
                                                                             monkeypatch):
-    import kd.build
+    import kd.teachers.factory
     from kd.build import build_run
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the teacher was loaded")
 
-    monkeypatch.setattr(kd.build, "load_teacher", forbidden)
+    monkeypatch.setattr(kd.teachers.factory, "load_teacher", forbidden)
     cfg = config_from_dict(tiny_config(tone_data, tiny_teacher, tmp_path / "run",
                                        distillation={"cache_dir": str(tmp_path / "cache"), "teacher_cache": "require"}))
     with pytest.raises(CacheError, match=r"no cache for this teacher.*--precompute-teacher"):
@@ -91,14 +93,16 @@ def test_require_with_incomplete_cache_refuses_and_never_loads_the_teacher(tmp_p
     from accelerate.state import AcceleratorState
 
     from kd.data import prepare_data
-    from kd.soft_targets import open_cache
-    from kd.teachers import load_processor
+    from kd.teachers.cached import open_cache
+    from kd.teachers.loading import load_processor
 
     processor = load_processor(str(tiny_teacher), "audio")
     data = prepare_data(cfg.data, processor, processor.sampling_rate)
-    identity = teacher_identity(cfg, processor, data.sampling_rate, "cpu", data.features is not None)
+    identity = teacher_identity(cfg, processor, sampling_rate=data.sampling_rate, device_kind="cpu",
+                                features_on_device=data.features is not None)
     sizes = {role: len(ds) for role, ds in data.splits.items()}
-    cache, split_ids = open_cache(cfg, identity, len(data.label_names), data.label_names, data.fingerprints, sizes,
+    cache, split_ids = open_cache(cfg, identity, num_outputs=len(data.label_names), label_names=data.label_names,
+                                  fingerprints=data.fingerprints, sizes=sizes,
                                   may_create=True)
     cache.put(split_ids["train"], [0, 1], torch.zeros(2, len(data.label_names)))
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -106,6 +110,7 @@ def test_require_with_incomplete_cache_refuses_and_never_loads_the_teacher(tmp_p
         build_run(cfg)
 
 
+@pytest.mark.launches
 def test_interrupted_precompute_resumes_and_two_processes_write_each_sample_once(tmp_path, tone_data, tiny_teacher):
     def attempt(n):  # each attempt its own folder and cache; a hung launch is retried once
         base = tmp_path / f"try{n}"
@@ -137,7 +142,8 @@ def test_a_changed_teacher_dtype_rate_or_dataset_is_a_miss(tmp_path, tone_data, 
             section, name = dotted.split("__")
             raw[section][name] = value
         cfg = config_from_dict(raw)
-        return identity_key(teacher_identity(cfg, None, cfg.data.sampling_rate, "cpu", False))
+        return identity_key(teacher_identity(cfg, None, sampling_rate=cfg.data.sampling_rate, device_kind="cpu",
+                                             features_on_device=False))
 
     reference = key()
     assert key() == reference  # stable
@@ -192,7 +198,7 @@ def test_a_row_of_the_wrong_size_is_reported(tmp_path):
 def test_round_trip_in_fp16_and_fp32(tmp_path):
     logits = torch.randn(6, 5) * 10
     for dtype, tol in (("fp32", 0.0), ("fp16", 1e-2)):
-        cache = TeacherCache(tmp_path, {"teacher": "z"}, 5, list("abcde"), dtype)
+        cache = TeacherCache(tmp_path, {"teacher": "z"}, 5, list("abcde"), dtype=dtype)
         split = cache.register_split("test", "fp", 6)
         assert cache.put(split, range(6), logits) == 6
         assert cache.put(split, range(6), logits) == 0  # rows already there are kept
@@ -201,6 +207,7 @@ def test_round_trip_in_fp16_and_fp32(tmp_path):
         assert cache.missing(split, 8) == [6, 7]
 
 
+@pytest.mark.launches
 def test_cache_with_augmentation(tmp_path, tone_data, tiny_teacher):
     with pytest.raises(ConfigError, match=r"distillation.teacher_cache.*augment.enabled"):
         config_from_dict(tiny_config(tone_data, tiny_teacher, tmp_path, distillation={"teacher_cache": "require"},
@@ -226,6 +233,7 @@ def test_unquoted_off_in_yaml_means_off(tmp_path, tone_data, tiny_teacher):
     assert load_config(path).distillation.teacher_cache == "off"
 
 
+@pytest.mark.launches
 def test_two_processes_fill_during_epoch_one_and_train_on_from_the_cache(tmp_path, tone_data, tiny_teacher):
     """Two CPU processes: each stores the rows of its own batches, the end of epoch 1 fills the rest
     (validation and test) without computing a sample twice, and epoch 2 matches online KD."""
@@ -256,7 +264,7 @@ def test_top_k_rows_keep_the_top_probabilities_and_the_total_mass(tmp_path):
     distribution has the teacher's top-k probabilities, sums to one, and is close in KL."""
     torch.manual_seed(0)
     logits = torch.randn(8, 1000) * 3
-    cache = TeacherCache(tmp_path, {"teacher": "lm"}, 1000, [str(i) for i in range(1000)], "fp32", top_k=32)
+    cache = TeacherCache(tmp_path, {"teacher": "lm"}, 1000, [str(i) for i in range(1000)], dtype="fp32", top_k=32)
     assert cache.row_bytes == 32 * 4 + 33 * 4  # 260 bytes instead of 4000
     split = cache.register_split("train", "fp", 8)
     cache.put(split, range(8), logits)

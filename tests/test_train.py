@@ -12,11 +12,23 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import (ROOT, TONE_LABELS, accelerate_launch, kill_process_tree, once_more_if_hung, run_cli, tiny_config,
-                      umask_mode, write_config)
 from kd.config import load_config
-from kd.export import load_student
+from kd.export.student import load_student
 from kd.telemetry import COMMON_FIELDS, EVENT_FIELDS, read_events
+
+from conftest import (
+    ROOT,
+    TONE_LABELS,
+    accelerate_launch,
+    kill_process_tree,
+    once_more_if_hung,
+    run_cli,
+    tiny_config,
+    umask_mode,
+    write_config,
+)
+
+pytestmark = pytest.mark.launches  # every test here starts train_kd.py in a subprocess
 
 
 def strict_lines(path: Path) -> list[dict]:
@@ -229,9 +241,9 @@ def train_hf_student(tmp_path: Path, data: dict, teacher: Path, layer: int) -> l
 
 
 def assert_onnx_export(events: list[dict], input_names: list[str]) -> None:
-    """export.onnx wrote a model taking `input_names`, checked against PyTorch (kd/onnx_export.py)."""
-    from kd.detect import ort_session
-    from kd.onnx_export import ATOL
+    """export.onnx wrote a model taking `input_names`, checked against PyTorch (kd/export/onnx.py)."""
+    from kd.export.detect import ort_session
+    from kd.export.onnx import ATOL
 
     report = [e for e in events if e["type"] == "checkpoint" and e["kind"] == "final"][0]["onnx"]
     assert report["checked"] >= 1 and report["max_abs_diff"] <= ATOL and 0 <= report["accuracy"] <= 1

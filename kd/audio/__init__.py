@@ -1,1 +1,2 @@
-"""Audio data the kit knows by name (kd/audio/speech_commands.py: Speech Commands from its official archive)."""
+"""Audio: the kit's log-mel CNN, teacher features computed on the device, waveform augmentation, clip storage
+without torchcodec, and Speech Commands read from its official archive."""

@@ -22,8 +22,16 @@ from typing import Any
 import datasets
 
 from kd.audio.path_audio import PathAudio  # stores paths without importing torchcodec
-from kd.downloads import (BROKEN_ARCHIVE, cached_download_path, check_reachable, download_config, extract_whole, fetch,
-                          forget_download, is_url)
+from kd.downloads import (
+    BROKEN_ARCHIVE,
+    cached_download_path,
+    check_reachable,
+    download_config,
+    extract_whole,
+    fetch,
+    forget_download,
+    is_url,
+)
 from kd.errors import DataError, first_line
 from kd.preflight import fmt
 

@@ -60,7 +60,7 @@ def build_kws_dataset(root: str | Path, variants_per_accent: int = 20, takes: in
                 rate_wpm, pitch = int(rng.integers(110, 230)), int(rng.integers(15, 85))
                 speech = engine.synthesize(word, voice, rate_wpm=rate_wpm, pitch=pitch,
                                            pitch_range=int(rng.integers(20, 80)), seed=int(rng.integers(2**31)))
-                clip = place_in_window(speech, engine.sample_rate, sample_rate, rng, snr_db)
+                clip = place_in_window(speech, engine.sample_rate, sample_rate, rng, snr_db=snr_db)
                 name = f"{word}_{voice.replace('+', '_')}_{take}.wav"
                 soundfile.write(folder / name, clip, sample_rate, subtype="PCM_16")
                 rows[split].append({"file_name": name, "label": word, "voice": voice,
@@ -82,7 +82,7 @@ def build_kws_dataset(root: str | Path, variants_per_accent: int = 20, takes: in
 
 
 def place_in_window(speech: np.ndarray, speech_rate: int, rate: int, rng: np.random.Generator,
-                    snr_db: tuple[float, float]) -> np.ndarray:
+                    *, snr_db: tuple[float, float]) -> np.ndarray:
     """Resample, put the word at a random offset in a 1 s clip, scale it, and add coloured noise."""
     wave = torchaudio.functional.resample(torch.from_numpy(speech), speech_rate, rate).numpy()
     voiced = np.flatnonzero(np.abs(wave) > 0.02 * (np.abs(wave).max() + 1e-9))

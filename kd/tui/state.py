@@ -1,4 +1,4 @@
-"""What the monitor knows about a run, built from telemetry events (schema v1, GUIDE section 3).
+"""What the monitor knows about a run, built from telemetry events (schema v1, docs/telemetry.md).
 
 Pure Python (no torch, no Textual): the app feeds events in from its reader thread and renders
 snapshots; `--once` renders the same state as text. Reading rules implemented here:
@@ -16,10 +16,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-SERIES = ("loss_total", "loss_ce", "loss_kd", "samples_per_s", "tokens_per_s", "steps_per_s", "data_share", "mem_allocated",
-          "mem_reserved", "mem_peak", "gpu_used", "gpu_util", "lr", "grad_norm", "alpha")
+SERIES = ("loss_total", "loss_ce", "loss_kd", "samples_per_s", "tokens_per_s", "steps_per_s", "data_share",
+          "mem_allocated", "mem_reserved", "mem_peak", "gpu_used", "gpu_util", "lr", "grad_norm", "alpha")
 REMOTE_TOTALS = ("requests", "retries", "rate_limited", "errors", "cache_hits", "fetched", "wait_s")
-END_STATUS = {"completed": "finished", "failed": "failed", "interrupted": "interrupted", "oom": "failed (out of memory)"}
+END_STATUS = {"completed": "finished", "failed": "failed", "interrupted": "interrupted",
+              "oom": "failed (out of memory)"}
 
 
 @dataclass
@@ -278,7 +279,8 @@ def perplexity_text(e: dict[str, Any], prefix: str = "") -> str:
     if e.get("perplexity") is None:
         return ""
     teacher = e.get("teacher_perplexity")
-    return f"{prefix}perplexity {fmt_num(e['perplexity'], 4)}" + (f" (teacher {fmt_num(teacher, 4)})" if teacher else "")
+    shown = f"{prefix}perplexity {fmt_num(e['perplexity'], 4)}"
+    return shown + (f" (teacher {fmt_num(teacher, 4)})" if teacher else "")
 
 
 def summary_text(state: RunState, now: float | None = None) -> str:
@@ -286,7 +288,8 @@ def summary_text(state: RunState, now: float | None = None) -> str:
     lines = []
     total = state.total_steps
     lines.append(f"run {state.name} [{state.status_text(now)}] step {state.step}/{total or '?'} "
-                 f"epoch {state.epoch:.2f} elapsed {fmt_duration(state.elapsed(now))} ETA {fmt_duration(state.eta(now))}")
+                 f"epoch {state.epoch:.2f} elapsed {fmt_duration(state.elapsed(now))} "
+                 f"ETA {fmt_duration(state.eta(now))}")
     budget = state.budget_bytes
     used = state.vram_used()
     if used is not None:

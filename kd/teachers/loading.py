@@ -1,9 +1,10 @@
 """Safe teacher loading, freezing, placement and the no-grad forward.
 
 A teacher is a transformers classifier (Hub id, model folder or .safetensors file) or a model
-folder this kit exported (a log-mel CNN trained by train_kd.py, kd/logmel_cnn.py), which makes
-chains possible: teacher -> assistant -> student. Weights are read from safetensors only. Pickle-based checkpoints (.bin, .pt, .pth, .ckpt) can run
-arbitrary code when loaded, so they are refused with a message saying how to convert them.
+folder this kit exported (a log-mel CNN trained by train_kd.py, kd/audio/logmel_cnn.py), which makes
+chains possible: teacher -> assistant -> student. Weights are read from safetensors only.
+Pickle-based checkpoints (.bin, .pt, .pth, .ckpt) can run arbitrary code when loaded, so they are
+refused with a message saying how to convert them.
 `trust_remote_code` is never enabled: the model class must ship with transformers.
 """
 
@@ -34,11 +35,11 @@ from transformers import (
     PreTrainedModel,
 )
 
+from kd.audio.logmel_cnn import KIND as LOGMEL_KIND
+from kd.audio.logmel_cnn import LogMelCNN, load_logmel_cnn, read_kind
+from kd.audio.logmel_cnn import read_config as read_kit_config
 from kd.errors import ModelLoadError, first_line
 from kd.hub import safetensors_pull_request
-from kd.logmel_cnn import KIND as LOGMEL_KIND
-from kd.logmel_cnn import LogMelCNN, load_logmel_cnn, read_kind
-from kd.logmel_cnn import read_config as read_kit_config
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def resolve_model_source(spec: str, what: str = "teacher.model", need_weights: b
         check_hub_model(spec, revision, what, need_weights)
         return spec, None  # a Hub id such as "MIT/ast-finetuned-speech-commands-v2"
     if not path.exists():
-        raise ModelLoadError(f"{what}: {spec} does not exist (expected a model folder, a .safetensors file or a Hub id)")
+        raise ModelLoadError(f"{what}: {spec} does not exist (expected a model folder, a .safetensors file or "
+                             "a Hub id)")
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ModelLoadError(f"{what}: {spec} is not a .safetensors file or a model folder")
@@ -117,7 +119,8 @@ def check_hub_model(repo_id: str, revision: str | None, what: str, need_weights:
     if cached and (not need_weights or is_offline_mode() or _safetensors_cached(repo_id, revision)):
         return
     if is_offline_mode():
-        raise ModelLoadError(f"{_uncached(repo_id, what)} and HF_HUB_OFFLINE is set; {_download(repo_id, revision, what)}")
+        raise ModelLoadError(f"{_uncached(repo_id, what)} and HF_HUB_OFFLINE is set; "
+                             f"{_download(repo_id, revision, what)}")
     files = hub_files(repo_id, revision, what)
     if need_weights and files is not None:
         check_hub_weights(repo_id, revision, list(files), what)
@@ -328,7 +331,8 @@ def label_space(config: PretrainedConfig | dict[str, Any]) -> tuple[int | None, 
 def model_label_names(model: torch.nn.Module) -> tuple[int | None, list[str] | None]:
     """(number of labels, their names or None) of a classifier: the kit's log-mel CNN or transformers."""
     if isinstance(model, LogMelCNN):
-        return label_space({"num_labels": model.config["num_labels"], "id2label": dict(enumerate(model.label_names or []))})
+        names = dict(enumerate(model.label_names or []))
+        return label_space({"num_labels": model.config["num_labels"], "id2label": names})
     return label_space(model.config)
 
 
@@ -350,8 +354,8 @@ def check_labels(n: int | None, names: list[str] | None, label_names: list[str],
     if names is not None:
         ours, theirs = {s.lower() for s in label_names}, {s.lower() for s in names}
         if ours != theirs:
-            lacks = sorted(l for l in label_names if l.lower() not in theirs)
-            extra = sorted(l for l in names if l.lower() not in ours)
+            lacks = sorted(name for name in label_names if name.lower() not in theirs)
+            extra = sorted(name for name in names if name.lower() not in ours)
             parts = ([f"the dataset has {_listed(lacks)} that it does not predict"] if lacks else []) + (
                 [f"it predicts {_listed(extra)} that the dataset lacks"] if extra else [])
             raise ModelLoadError(f"{who} and the dataset name different labels: {'; '.join(parts)}. Labels are "

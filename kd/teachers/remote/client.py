@@ -29,13 +29,13 @@ from typing import Any, Callable
 import httpx
 
 from kd.config import EndpointConfig
-from kd.errors import KDError
-from kd.openai_api import server_error
+from kd.teachers.remote.protocol import server_error
+from kd.teachers.source import SourceFailure
 
 RESTORE_AFTER = 10  # consecutive successes before a reduced top_logprobs goes back up
 
 
-class RemoteTeacherError(KDError):
+class RemoteTeacherError(SourceFailure):
     """The remote teacher refused a request, or did not answer within the retry budget."""
 
 
@@ -206,8 +206,9 @@ class EndpointClient:
             for key in self.counters:
                 self.counters[key] = 0
             self.latencies = []
-            return {**counters, "latency_p50_s": _percentile(latencies, 0.5), "latency_p95_s": _percentile(latencies, 0.95),
-                    "k": self.k, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight}
+            return {**counters, "latency_p50_s": _percentile(latencies, 0.5),
+                    "latency_p95_s": _percentile(latencies, 0.95), "k": self.k, "in_flight": self.in_flight,
+                    "max_in_flight": self.max_in_flight}
 
         return self.call(take())
 

@@ -32,7 +32,7 @@ Params = torch.Tensor | np.ndarray
 class WaveformAugment:
     """`augment(waveform, labels, epoch, index)` -> (augmented waveform, soft targets or None)."""
 
-    def __init__(self, cfg: AugmentConfig, sample_rate: int, num_classes: int, seed: int, rank: int = 0):
+    def __init__(self, cfg: AugmentConfig, sample_rate: int, num_classes: int, *, seed: int, rank: int = 0):
         self.cfg, self.rate, self.num_classes = cfg, sample_rate, num_classes
         self.seed, self.rank = seed, rank
 

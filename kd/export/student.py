@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from kd.atomic import atomic_folder
+from kd.audio.logmel_cnn import CONFIG_NAME, WEIGHTS_NAME, LogMelCNN, load_logmel_cnn
 from kd.errors import ModelLoadError
-from kd.logmel_cnn import CONFIG_NAME, WEIGHTS_NAME, LogMelCNN, load_logmel_cnn
-from kd.teachers import TASK_CLASSES, resolve_model_source
+from kd.teachers.loading import TASK_CLASSES, resolve_model_source
 
 
 def save_student(model: torch.nn.Module, path: str | Path, label_names: list[str], processor: Any = None,

@@ -89,7 +89,7 @@ def stored_identity(identity: dict[str, Any], num_labels: int, dtype: str, top_k
     return dict(identity, cache_dtype=dtype, **({"top_k": k} if k else {}))
 
 
-def cache_file(folder: Path, identity: dict[str, Any], num_labels: int, dtype: str, top_k: int | None) -> Path:
+def cache_file(folder: Path, identity: dict[str, Any], num_labels: int, *, dtype: str, top_k: int | None) -> Path:
     return Path(folder).expanduser() / f"{identity_key(stored_identity(identity, num_labels, dtype, top_k))}.sqlite"
 
 
@@ -97,10 +97,10 @@ class TeacherCache:
     """One teacher identity's soft targets. Thread- and process-safe; each thread gets a connection."""
 
     def __init__(self, folder: Path, identity: dict[str, Any], num_labels: int, label_names: list[str],
-                 dtype: str = "fp32", top_k: int | None = None):
+                 *, dtype: str = "fp32", top_k: int | None = None):
         self.top_k = effective_top_k(top_k, num_labels)
         self.identity = stored_identity(identity, num_labels, dtype, top_k)
-        self.path = cache_file(folder, identity, num_labels, dtype, top_k)
+        self.path = cache_file(folder, identity, num_labels, dtype=dtype, top_k=top_k)
         self.num_labels, self.label_names, self.dtype = num_labels, list(label_names), DTYPES[dtype]
         self._local = threading.local()
         self._check_or_create()
@@ -182,8 +182,8 @@ class TeacherCache:
         top, idx = logp.topk(self.top_k, dim=-1)
         # log(1 - sum p_top), computed stably; at least the smallest float so the log stays finite.
         rest = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(top, dim=-1)), min=torch.finfo(torch.float32).tiny))
-        return [idx[r].numpy().astype("<i4").tobytes() + np.append(top[r].numpy(), rest[r].item()).astype(self.dtype).tobytes()
-                for r in range(len(top))]
+        return [idx[r].numpy().astype("<i4").tobytes()
+                + np.append(top[r].numpy(), rest[r].item()).astype(self.dtype).tobytes() for r in range(len(top))]
 
     def decode(self, blob: bytes) -> np.ndarray:
         """One stored row as float32 logits over all labels (top_k: log-probabilities, the rest's
@@ -215,7 +215,8 @@ class TeacherCache:
                 out[idx] = self.decode(blob)
         return out
 
-    def put(self, split_id: str, indices: Iterable[int], logits: torch.Tensor, labels: torch.Tensor | None = None) -> int:
+    def put(self, split_id: str, indices: Iterable[int], logits: torch.Tensor,
+            labels: torch.Tensor | None = None) -> int:
         """Store rows (one transaction); rows already there are kept. Returns how many were new.
         `labels`: language models only (which positions are learnt)."""
         rows = [(split_id, int(i), blob) for i, blob in zip(indices, self.encode(logits, labels))]
@@ -243,9 +244,9 @@ class TokenCache(TeacherCache):
     row's length therefore varies and is written at its start. Per position k x (4 + 2 or 4) bytes
     (k = 64, fp16: 384 B, against 98 kB for SmolLM2's full fp16 distribution)."""
 
-    def __init__(self, folder: Path, identity: dict[str, Any], vocab_size: int, dtype: str = "fp32",
+    def __init__(self, folder: Path, identity: dict[str, Any], vocab_size: int, *, dtype: str = "fp32",
                  top_k: int = 64):
-        super().__init__(folder, identity, vocab_size, [], dtype, top_k)
+        super().__init__(folder, identity, vocab_size, [], dtype=dtype, top_k=top_k)
         if self.top_k is None:
             raise CacheError(f"a language-model cache needs top_k below the vocabulary size ({vocab_size})")
 
@@ -256,7 +257,7 @@ class TokenCache(TeacherCache):
                                f"{n} positions of top {self.top_k}")
 
     def encode(self, logits: torch.Tensor, labels: torch.Tensor | None = None) -> list[bytes]:
-        from kd.lm_losses import IGNORE, TopK
+        from kd.lm.losses import IGNORE, TopK
 
         assert labels is not None, "a token cache stores the learnt positions: labels are needed"
         rows = []

@@ -1,7 +1,7 @@
 """Convert a GGUF language model into a safetensors model folder the kit can use as a teacher.
 
-    python -m kd.convert_gguf path/to/model.gguf models/smollm2-135m            # fp32 weights
-    python -m kd.convert_gguf path/to/model.gguf models/smollm2-135m --dtype bf16
+    python -m kd.lm.convert_gguf path/to/model.gguf models/smollm2-135m            # fp32 weights
+    python -m kd.lm.convert_gguf path/to/model.gguf models/smollm2-135m --dtype bf16
 
 GGUF files (llama.cpp's format) are how many small LMs are shipped. Like safetensors they hold
 tensors and metadata, no code; transformers reads them (with the `gguf` package) and dequantises
@@ -89,7 +89,7 @@ def repair_special_tokens(tokenizer, gguf_path: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kd.convert_gguf", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m kd.lm.convert_gguf", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("gguf_file", help="the .gguf file to convert")
     parser.add_argument("out_dir", help="the model folder to write (replaced atomically if it exists)")

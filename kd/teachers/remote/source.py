@@ -1,6 +1,6 @@
 """A teacher behind an OpenAI-compatible server (teacher.endpoint) as a source of soft targets.
 
-It answers the same `logits(batch, role)` as a local or cached teacher (kd/soft_targets.py), with the
+It answers the same `logits(batch, role)` as a local or cached teacher (kd/teachers/source.py), with the
 teacher's top k per learnt position (`TopK`; the token loss puts the rest of the mass in a tail
 bucket). What it adds:
 
@@ -10,11 +10,11 @@ bucket). What it adds:
 - Prefetch: `prefetch(batches, upcoming)` sends the requests of a batch's rows and of the next
   `prefetch_batches` batches before the loop trains on it, and hands each batch over with its
   soft targets attached, waiting only for answers not back yet (`wait_s`).
-- Every answer stored on arrival (kd/response_cache.py): a restarted or resumed run asks nothing
+- Every answer stored on arrival (kd/teachers/remote/response_cache.py): a restarted or resumed run asks nothing
   twice. With the server down, a run trains on the samples whose answers are cached and says how
   many are missing.
 
-What is asked and how answers become soft targets depends on the mode (kd/remote_modes.py): score
+What is asked and how answers become soft targets depends on the mode (kd/teachers/remote/modes.py): score
 (the teacher scores the data's text) or generate (it answers the data's prompts, and the batch is
 rebuilt as prompt + answer).
 """
@@ -28,13 +28,15 @@ from concurrent.futures import Future
 from typing import Any, Iterable, Iterator
 
 from kd.config import Config, EndpointConfig
-from kd.errors import ConfigError, KDError
-from kd.lm_losses import TopK
-from kd.openai_api import ProtocolError, Scored, TokenMap
-from kd.remote_client import EndpointClient, RemoteTeacherError, Unreachable
-from kd.remote_modes import make_mode
-from kd.response_cache import ResponseCache
-from kd.soft_targets import SoftTargets, preprocessing_identity
+from kd.data import PreparedData
+from kd.errors import ConfigError, KDError, TrainingError
+from kd.lm.losses import TopK
+from kd.teachers.identity import preprocessing_identity
+from kd.teachers.remote.client import EndpointClient, RemoteTeacherError, Unreachable
+from kd.teachers.remote.modes import make_mode
+from kd.teachers.remote.protocol import ProtocolError, Scored, TokenMap
+from kd.teachers.remote.response_cache import ResponseCache
+from kd.teachers.source import SoftTargetSource
 
 
 def api_key(ep: EndpointConfig) -> str | None:
@@ -48,7 +50,7 @@ def api_key(ep: EndpointConfig) -> str | None:
     return key
 
 
-class RemoteTeacher(SoftTargets):
+class RemoteTeacher(SoftTargetSource):
     source = "remote"
     telemetry_key = "remote_teacher"
 
@@ -211,3 +213,26 @@ class RemoteTeacher(SoftTargets):
 def _row_key(row: dict[str, Any]) -> str:
     """A row's identity while its answer is in flight: its tokens (and, for chat, its messages)."""
     return ",".join(map(str, row["input_ids"])) + "|" + row.get("messages_json", "")
+
+
+def open_remote_teacher(cfg: Config, tokenizer: Any, data: PreparedData, accelerator: Any) -> RemoteTeacher:
+    """teacher.endpoint: probe the server (or, when it is down, fall back on the cached answers and
+    train on the samples they cover, saying how many are missing)."""
+    remote = RemoteTeacher(cfg, tokenizer, say=accelerator.print)
+    if remote.offline:
+        for role, ds in list(data.splits.items()):
+            missing = set(remote.missing(ds))
+            if len(missing) == len(ds) and role == "train":
+                remote.close()
+                raise TrainingError(f"the remote teacher is unreachable and none of the {len(ds)} training samples "
+                                    "has a cached answer; start the server and run again")
+            if len(missing) == len(ds):
+                del data.splits[role]
+                accelerator.print(f"Remote teacher offline: no {role} sample is cached, so this run has no {role} "
+                                  "evaluation")
+                continue
+            if missing:
+                data.splits[role] = ds.select([i for i in range(len(ds)) if i not in missing])
+            accelerator.print(f"Remote teacher offline: {role} split {len(ds) - len(missing)}/{len(ds)} samples "
+                              f"cached, {len(missing)} missing (left out of this run)")
+    return remote

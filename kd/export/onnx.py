@@ -1,8 +1,8 @@
 """A student you can ship: one ONNX graph from what a deployment has to logits, checked against PyTorch.
 
     # Export a finished run's student (its config.yaml, one folder up, names the data to check on)
-    python -m kd.onnx_export runs/demo-kd/student
-    python -m kd.onnx_export runs/demo-kd/student --int8        # also an int8 model, with its accuracy
+    python -m kd.export.onnx runs/demo-kd/student
+    python -m kd.export.onnx runs/demo-kd/student --int8        # also an int8 model, with its accuracy
 
     # Or at the end of training: export.onnx: true (and export.int8: true) in the run's config
 
@@ -17,7 +17,7 @@ Checked at export on real validation inputs: onnxruntime's logits equal PyTorch'
 (absolute, fp32) and the argmax agrees on every one; otherwise the export fails showing the largest
 difference, and nothing is written. Files are written atomically beside model.safetensors
 (model.onnx, model.int8.onnx) with the label names, input rate and clip length in the metadata
-(`kd.labels`, `kd.sample_rate`, `kd.window_samples`, `kd.hop_samples`; read by `python -m kd.detect`).
+(`kd.labels`, `kd.sample_rate`, `kd.window_samples`, `kd.hop_samples`; read by `python -m kd.export.detect`).
 
 int8 (the log-mel CNN): static quantisation in QDQ format of the convolutions and the classifier,
 calibrated on training clips; the front end stays float32 (its power spectra span far more than 8
@@ -33,7 +33,7 @@ import io
 import json
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from kd.atomic import atomic_file
-from kd.detect import ort_session
+from kd.audio.logmel_cnn import LogMelCNN
 from kd.errors import KDError
-from kd.logmel_cnn import LogMelCNN
+from kd.export.detect import ort_session
 
 ONNX_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
@@ -130,7 +130,7 @@ def build_graph(model: nn.Module, processor: Any, example: dict[str, Any]) -> Gr
         model.channels_last = False  # a layout for GPU kernels; the ONNX graph keeps the default
         return Graph(model, ["waveform"])
     if "waveform" in example:
-        from kd.features import device_features
+        from kd.audio.features import device_features
 
         features = device_features(processor) if processor is not None else None
         if features is not None:
@@ -154,7 +154,7 @@ def _dynamic_shapes(graph: Graph, inputs: dict[str, torch.Tensor]) -> Any:
 
 
 def export_onnx(model: nn.Module, processor: Any, check_batch: dict[str, Any], folder: str | Path,
-                metadata: dict[str, Any]) -> tuple[Graph, OnnxReport]:
+                *, metadata: dict[str, Any]) -> tuple[Graph, OnnxReport]:
     """Write `folder`/model.onnx (atomically) and check it against PyTorch on `check_batch`."""
     import onnx
 
@@ -196,8 +196,9 @@ def check_logits(got: np.ndarray, expected: np.ndarray, mask: torch.Tensor | Non
     largest = float(diff[keep].max()) if keep.any() else 0.0
     if not np.isfinite(largest) or largest > ATOL:
         where = np.unravel_index(int(np.nanargmax(np.where(keep[..., None], diff, -1))), diff.shape)
-        raise ExportError(f"ONNX logits differ from PyTorch's by up to {largest:.3g} (at {tuple(int(i) for i in where)}; "
-                          f"tolerance {ATOL:g}); the exported graph does not compute what the student computes")
+        at = tuple(int(i) for i in where)
+        raise ExportError(f"ONNX logits differ from PyTorch's by up to {largest:.3g} (at {at}; tolerance {ATOL:g}); "
+                          "the exported graph does not compute what the student computes")
     disagree = int(((got.argmax(-1) != expected.argmax(-1)) & keep).sum())
     if disagree:
         raise ExportError(f"ONNX and PyTorch predict different labels on {disagree} of {int(keep.sum())} inputs "
@@ -275,7 +276,7 @@ def export_student(model: nn.Module, processor: Any, folder: str | Path, data: A
                          "kd.hop_samples": int(round(DEFAULT_HOP_S * data.sampling_rate))})
     split = {"eval": "validation"}.get(check_role, check_role)
     say(f"Exporting the student to ONNX and checking it on {len(check_batch['labels'])} {split} inputs ...")
-    graph, report = export_onnx(model, processor, check_batch, folder, metadata)
+    graph, report = export_onnx(model, processor, check_batch, folder, metadata=metadata)
     classifier = modality != "causal_lm"
     test_role = "test" if "test" in data.splits else check_role
     if classifier:
@@ -312,8 +313,8 @@ def _quiet() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m kd.export.onnx", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("student", help="an exported student folder (e.g. runs/demo-kd/student)")
     parser.add_argument("--config", help="the run's config, for the data to check on (default: "
                                          "STUDENT/../config.yaml, written by train_kd.py)")
@@ -335,8 +336,8 @@ def export_folder(student: str | Path, config: str | Path | None = None, int8: b
     from kd.build import sampling_rate
     from kd.config import load_config
     from kd.data import prepare_data
-    from kd.export import load_student
-    from kd.teachers import load_processor
+    from kd.export.student import load_student
+    from kd.teachers.loading import load_processor
 
     folder = Path(student)
     config = Path(config) if config else folder.parent / "config.yaml"
@@ -344,13 +345,28 @@ def export_folder(student: str | Path, config: str | Path | None = None, int8: b
         raise ExportError(f"{config} not found: pass --config with the config of the run that trained {folder} "
                           "(its data is what the export is checked on)")
     cfg = load_config(config)
-    model, labels = load_student(folder, cfg.data.modality)
+    model, _ = load_student(folder, cfg.data.modality)
     processor = None if isinstance(model, LogMelCNN) else load_processor(str(folder), cfg.data.modality, what="student")
     rate = model.sample_rate if isinstance(model, LogMelCNN) else sampling_rate(cfg, processor)
     data = prepare_data(cfg.data, processor, rate)
-    return export_student(model, processor, folder, data, label_names=labels, modality=cfg.data.modality,
-                          max_seconds=cfg.data.max_seconds, int8=int8, check_samples=check_samples,
-                          calibration_samples=cfg.export.calibration_samples)
+    return export_saved_student(folder, processor, cfg, data, int8=int8, check_samples=check_samples)
+
+
+def export_saved_student(folder: str | Path, processor: Any, cfg: Any, data: Any, *, int8: bool | None = None,
+                         check_samples: int | None = None, say=print) -> OnnxReport:
+    """model.onnx (and model.int8.onnx) beside a saved student, made from the saved folder itself, so
+    what ships is what was saved, whatever wrapped the model in training. `int8` and `check_samples`
+    default to the config's export section."""
+    from kd.export.student import load_student
+
+    model, labels = load_student(folder, cfg.data.modality)
+    try:
+        return export_student(model, processor, folder, data, label_names=labels, modality=cfg.data.modality,
+                              max_seconds=cfg.data.max_seconds, int8=cfg.export.int8 if int8 is None else int8,
+                              check_samples=cfg.export.check_samples if check_samples is None else check_samples,
+                              calibration_samples=cfg.export.calibration_samples, say=say)
+    except ExportError as exc:
+        raise ExportError(f"{exc} (the student itself is saved in {folder})") from None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The OpenAI-compatible wire format of a remote teacher: requests, responses, and token mapping.
 
-Pure functions and small classes, no network (kd/remote_client.py sends, kd/remote_teacher.py decides
+Pure functions and small classes, no network (kd/teachers/remote/client.py sends, kd/teachers/remote/source.py decides
 what to ask). Two things are asked of a server:
 
 - score: `/completions` with the sample's token ids as the prompt, `echo: true`, `logprobs: k` and
@@ -73,7 +73,7 @@ def score_request(model: str, ids: list[int], k: int) -> dict[str, Any]:
             "logprobs": k, "return_tokens_as_token_ids": True}
 
 
-def completion_request(model: str, ids: list[int], k: int, max_tokens: int, temperature: float,
+def completion_request(model: str, ids: list[int], *, k: int, max_tokens: int, temperature: float,
                        as_ids: bool = True) -> dict[str, Any]:
     """Generate: continue the prompt's token ids, with the top k of every new token."""
     body = {"model": model, "prompt": list(ids), "max_tokens": max_tokens, "temperature": temperature,
@@ -83,7 +83,7 @@ def completion_request(model: str, ids: list[int], k: int, max_tokens: int, temp
     return body
 
 
-def chat_request(model: str, messages: list[dict[str, str]], k: int, max_tokens: int, temperature: float,
+def chat_request(model: str, messages: list[dict[str, str]], *, k: int, max_tokens: int, temperature: float,
                  as_ids: bool = True) -> dict[str, Any]:
     """Generate: answer the conversation, with the top k of every answer token."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
@@ -96,7 +96,7 @@ def chat_request(model: str, messages: list[dict[str, str]], k: int, max_tokens:
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """A conversation as a chat server feeds it to the model before it answers: the chat template
     with the generation prompt, tokenised without added special tokens (the template writes its own).
-    The kit's prompt data, its generate probe and kd.serve_teacher all render prompts this one way."""
+    The kit's prompt data, its generate probe and kd.teachers.remote.server all render prompts this one way."""
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
@@ -105,7 +105,8 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]
 # Responses
 
 
-def completion_logprobs(response: dict[str, Any]) -> tuple[list[str], list[float | None], list[dict[str, float] | None]]:
+def completion_logprobs(response: dict[str, Any]
+                        ) -> tuple[list[str], list[float | None], list[dict[str, float] | None]]:
     """(tokens, their log-probabilities, top log-probabilities per position) of a /completions answer."""
     try:
         logprobs = response["choices"][0]["logprobs"]
@@ -302,7 +303,7 @@ class TokenMap:
 def check_alignment(tokens: list[str], values: list[float | None], top: list[dict[str, float] | None],
                     tolerance: float = 1e-3) -> None:
     """Score mode: entry i must describe token i (llama-cpp-python's echo shifts them by one, #1983).
-    Where token i appears in entry i's top log-probabilities (vLLM and kd.serve_teacher always add
+    Where token i appears in entry i's top log-probabilities (vLLM and kd.teachers.remote.server always add
     it), the value there must be token i's own log-probability."""
     checked = mismatched = 0
     for i in range(1, len(tokens)):

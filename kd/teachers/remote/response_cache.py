@@ -2,14 +2,14 @@
 tokenizer or request never reads a stale one.
 
 One SQLite file (`<distillation.cache_dir>/remote_teacher.sqlite`), the same choices as the local
-soft-target cache (kd/teacher_cache.py): WAL mode and a busy timeout, so many processes and threads
+soft-target cache (kd/teachers/store.py): WAL mode and a busy timeout, so many processes and threads
 write at once without corrupting it, and every stored answer survives a killed run.
 
     responses(key TEXT PRIMARY KEY, created REAL, k INTEGER, data BLOB)
       key   SHA-256 of {teacher identity, request}: the identity is the endpoint's model id, the
             revision or quantisation the server reports, and the hash of the teacher tokenizer;
             the request is the mode, the prompt (token ids or messages), k, temperature, max tokens
-      data  the parsed answer (kd.openai_api.Scored) as an .npz of int32 ids and float32 logprobs
+      data  the parsed answer (kd.teachers.remote.protocol.Scored) as an .npz of int32 ids and float32 logprobs
             (a 128-token row at k = 20: about 21 kB, against 60 kB of JSON)
     endpoints(name TEXT PRIMARY KEY, identity TEXT)
             the last identity seen per endpoint, so a run whose server is down can still train on
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from kd.openai_api import Scored
-from kd.teacher_cache import CacheError, open_sqlite
+from kd.teachers.remote.protocol import Scored
+from kd.teachers.store import CacheError, open_sqlite
 
 FILE_NAME = "remote_teacher.sqlite"
 

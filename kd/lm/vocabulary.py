@@ -37,7 +37,7 @@ def vocabulary_differences(teacher_tok: Any, student_tok: Any, limit: int = 3) -
     return found
 
 
-def check_shared_vocabulary(teacher_tok: Any, student_tok: Any | None, teacher_width: int, student_width: int,
+def check_shared_vocabulary(teacher_tok: Any, student_tok: Any | None, *, teacher_width: int, student_width: int,
                             teacher_name: str, student_name: str) -> None:
     """Raise ModelLoadError unless teacher and student share one tokenizer and one logit width.
 

@@ -13,7 +13,7 @@ tokens (no padding computed; a sample may then attend to the one before it in it
 trade of pre-training-style packing). Padding and prompt positions never count in any loss or metric.
 
 With a remote teacher in generate mode (teacher.endpoint.mode: generate) a split holds prompts only
-(`prepare_prompt_splits`): the teacher writes each answer, and kd/remote_modes.py builds the rows
+(`prepare_prompt_splits`): the teacher writes each answer, and kd/teachers/remote/modes.py builds the rows
 prompt + answer that the student learns from.
 
 A batch is {"inputs": {input_ids, attention_mask}, "labels": next-token ids with -100 where nothing
@@ -33,7 +33,7 @@ from datasets import Dataset
 
 from kd.config import DataConfig
 from kd.errors import DataError
-from kd.openai_api import chat_prompt_ids
+from kd.teachers.remote.protocol import chat_prompt_ids
 
 IGNORE = -100
 FORMATS = ("messages", "prompt_completion", "text")
@@ -95,7 +95,8 @@ def prepare_prompt_splits(splits: dict[str, Dataset], cfg: DataConfig, tokenizer
         kind = "prompt_completion" if "prompt" in ds.column_names and "messages" not in ds.column_names \
             else lm_format(ds.column_names, cfg)  # a prompt column alone is enough: the teacher writes the rest
         if (chat or kind == "messages") and not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{cfg.dataset}: {'the chat API' if chat else 'the messages column'} needs a tokenizer with "
+            needs = "the chat API" if chat else "the messages column"
+            raise DataError(f"{cfg.dataset}: {needs} needs a tokenizer with "
                             "a chat template, and this one has none; use teacher.endpoint.api: completions with "
                             "prompt or text columns")
         fn = functools.partial(_prompt_batch, kind=kind, tokenizer=tokenizer, column=cfg.input_column, chat=chat)
@@ -104,11 +105,11 @@ def prepare_prompt_splits(splits: dict[str, Dataset], cfg: DataConfig, tokenizer
         ds = ds.filter(lambda ids: [0 < len(x) <= budget for x in ids], input_columns="input_ids", batched=True,
                        desc="Dropping prompts over the token budget")
         if len(ds) < before:
-            say(f"{role} split: {before - len(ds)} of {before} prompts are longer than {budget} tokens (data.max_length "
-                "- teacher.endpoint.max_new_tokens - 1) and are left out")
+            say(f"{role} split: {before - len(ds)} of {before} prompts are longer than {budget} tokens "
+                "(data.max_length - teacher.endpoint.max_new_tokens - 1) and are left out")
         if len(ds) == 0:
-            raise DataError(f"{cfg.dataset}: no prompt of the {role} split fits in {budget} tokens; raise data.max_length "
-                            "or lower teacher.endpoint.max_new_tokens")
+            raise DataError(f"{cfg.dataset}: no prompt of the {role} split fits in {budget} tokens; raise "
+                            "data.max_length or lower teacher.endpoint.max_new_tokens")
         out[role] = ds
     return out
 

@@ -105,7 +105,7 @@ IGNORE = -100  # label of a position that is not learnt (padding, prompt), as in
 
 
 def token_kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, mask: torch.Tensor,
-                  kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                  *, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of T^2 * divergence over the positions where `mask` is true, their number).
 
@@ -113,12 +113,13 @@ def token_kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, ma
     before calling). Masked-out positions (padding, prompt) are never computed; with no position
     left the sum is a zero that still reaches the student's graph (no NaN, no missing gradient).
     """
-    _, kd_sum, count = token_loss_sums(student_logits, teacher, None, mask, kind, beta, temperature, chunk_size)
+    _, kd_sum, count = token_loss_sums(student_logits, teacher, None, mask, kind=kind, beta=beta,
+                                       temperature=temperature, chunk_size=chunk_size)
     return kd_sum, count
 
 
 def token_loss_sums(student_logits: torch.Tensor, teacher: torch.Tensor | TopK | None, labels: torch.Tensor | None,
-                    mask: torch.Tensor, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                    mask: torch.Tensor, *, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                     chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CE sum, T^2-scaled divergence sum, positions) over the positions where `mask` is true.
 
@@ -163,15 +164,15 @@ def token_loss_sums(student_logits: torch.Tensor, teacher: torch.Tensor | TopK |
 
 
 def token_distillation_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK | None, labels: torch.Tensor,
-                            alpha: float, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                            *, alpha: float, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                             chunk_size: int = 1024) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, parts) for next-token training: per learnt token, (1 - alpha) * CE + alpha * divergence.
 
     `labels` (batch, seq) hold the next token at each position, IGNORE where nothing is learnt.
     Parts are per-token means of total, ce and kd (kd is zero without a teacher, and then the loss is CE)."""
     mask = labels != IGNORE
-    ce_sum, kd_sum, count = token_loss_sums(student_logits, teacher, labels.clamp_min(0), mask, kind, beta,
-                                            temperature, chunk_size)
+    ce_sum, kd_sum, count = token_loss_sums(student_logits, teacher, labels.clamp_min(0), mask, kind=kind, beta=beta,
+                                            temperature=temperature, chunk_size=chunk_size)
     denom = count.clamp_min(1).float()
     ce, kd = ce_sum / denom, kd_sum / denom
     total = ce if teacher is None else (1.0 - alpha) * ce + alpha * kd
@@ -180,7 +181,7 @@ def token_distillation_loss(student_logits: torch.Tensor, teacher: torch.Tensor 
 
 @torch.no_grad()
 def token_eval_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | TopK | None, labels: torch.Tensor,
-                    kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                    *, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                     chunk_size: int = 1024) -> dict[str, torch.Tensor]:
     """Per-row sums for evaluation over the learnt positions, each (batch,): student and teacher
     negative log-likelihood, student and teacher top-1 correct, student/teacher top-1 agreement,

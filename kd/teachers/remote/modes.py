@@ -1,6 +1,6 @@
 """What a remote teacher is asked, and how its answers become a batch's soft targets, per mode.
 
-kd/remote_teacher.py owns the connection, the cache and the prefetch; a mode owns the content:
+kd/teachers/remote/source.py owns the connection, the cache and the prefetch; a mode owns the content:
 
 - `Score` (teacher.endpoint.mode: score): the teacher scores the data's own text. Each row's tokens
   go to /completions with echo; the batch stays as it is and position t learns from the teacher's
@@ -26,10 +26,21 @@ import numpy as np
 import torch
 
 from kd.config import EndpointConfig
-from kd.lm_losses import IGNORE, TopK
-from kd.openai_api import (ProtocolError, Scored, TokenMap, answer_text, chat_logprobs, chat_prompt_ids,
-                           chat_request, check_alignment, completion_logprobs, completion_request, score_request)
-from kd.remote_client import RemoteTeacherError
+from kd.lm.losses import IGNORE, TopK
+from kd.teachers.remote.client import RemoteTeacherError
+from kd.teachers.remote.protocol import (
+    ProtocolError,
+    Scored,
+    TokenMap,
+    answer_text,
+    chat_logprobs,
+    chat_prompt_ids,
+    chat_request,
+    check_alignment,
+    completion_logprobs,
+    completion_request,
+    score_request,
+)
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Distillation moves knowledge from a teacher to a student."
 PROBE_QUESTION = "Name the three primary colours of light, in one short sentence."
@@ -109,7 +120,9 @@ class Generate:
             row = {"input_ids": chat_prompt_ids(tokenizer, messages), "messages_json": json.dumps(messages)}
         else:
             row = {"input_ids": tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]}
-        short = lambda k: {**self.body(row, k), "max_tokens": min(PROBE_TOKENS, self.ep.max_new_tokens)}
+        def short(k: int) -> dict[str, Any]:
+            return {**self.body(row, k), "max_tokens": min(PROBE_TOKENS, self.ep.max_new_tokens)}
+
         try:
             answer, k = ask(self.path, short)
         except RemoteTeacherError as exc:
@@ -139,9 +152,11 @@ class Generate:
     def body(self, row: dict[str, Any], k: int) -> dict[str, Any]:
         ep = self.ep
         if self.chat:
-            return chat_request(ep.model, json.loads(row["messages_json"]), k, ep.max_new_tokens, ep.temperature,
-                                self.as_ids)
-        return completion_request(ep.model, list(row["input_ids"]), k, ep.max_new_tokens, ep.temperature, self.as_ids)
+            return chat_request(ep.model, json.loads(row["messages_json"]), k=k, max_tokens=ep.max_new_tokens,
+                                temperature=ep.temperature,
+                                as_ids=self.as_ids)
+        return completion_request(ep.model, list(row["input_ids"]), k=k, max_tokens=ep.max_new_tokens,
+                                  temperature=ep.temperature, as_ids=self.as_ids)
 
     def cache_request(self, row: dict[str, Any], k: int) -> dict[str, Any]:
         prompt = json.loads(row["messages_json"]) if self.chat else list(row["input_ids"])
@@ -155,7 +170,8 @@ class Generate:
         stopped = finish == "stop" or bool(ids and ids[-1] == self.eos)
         if not ids and not stopped:
             raise ProtocolError("an empty answer that did not stop")
-        top_ids, top_lps = self.tokens.top(top, k) if ids else (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
+        none = (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
+        top_ids, top_lps = self.tokens.top(top, k) if ids else none
         return Scored(np.asarray(ids, dtype=np.int32), top_ids, top_lps, stopped=stopped)
 
     def assemble(self, batch: dict[str, Any], rows: list[dict[str, Any]], answers: list[Scored]

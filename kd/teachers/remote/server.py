@@ -1,7 +1,7 @@
 """Serve a local safetensors causal LM as a teacher over the OpenAI-compatible subset the kit speaks.
 
-    python -m kd.serve_teacher --model .bench/smollm2-135m --port 8000
-    python -m kd.serve_teacher --model FOLDER --host 0.0.0.0 --api-key-env TEACHER_KEY   # for others
+    python -m kd.teachers.remote.server --model .bench/smollm2-135m --port 8000
+    python -m kd.teachers.remote.server --model FOLDER --host 0.0.0.0 --api-key-env TEACHER_KEY   # for others
 
 Then point a run at it (teacher.endpoint.url: http://HOST:8000/v1, model: the folder's name or --name).
 Answers, as vLLM does:
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from kd.openai_api import TOKEN_ID_PREFIX, chat_prompt_ids
+from kd.teachers.remote.protocol import TOKEN_ID_PREFIX, chat_prompt_ids
 
 MAX_LOGPROBS = 20
 
@@ -77,7 +77,7 @@ class TeacherLM:
     """A causal LM and its tokenizer, answering batches of jobs (called from one worker thread)."""
 
     def __init__(self, folder: str, device: str = "auto", dtype: str = "fp32"):
-        from kd.teachers import load_processor, load_teacher
+        from kd.teachers.loading import load_processor, load_teacher
 
         self.tokenizer = load_processor(folder, "causal_lm", what="--model")
         self.model = load_teacher(folder, "causal_lm", dtype=dtype)
@@ -229,7 +229,7 @@ class Batcher:
 # The HTTP side
 
 
-def build_app(lm: TeacherLM, name: str, api_key: str | None = None, max_batch: int = 16,
+def build_app(lm: TeacherLM, name: str, *, api_key: str | None = None, max_batch: int = 16,
               batch_wait_ms: float = 5.0, max_logprobs: int = MAX_LOGPROBS):
     """The Starlette application (tests serve it on 127.0.0.1; main() runs it under uvicorn)."""
     from starlette.applications import Starlette
@@ -260,7 +260,7 @@ def build_app(lm: TeacherLM, name: str, api_key: str | None = None, max_batch: i
             raise BadRequest(f"model {body.get('model')!r} is not served here; this server serves {name!r}")
         return body
 
-    def int_field(body: dict[str, Any], key: str, default: int, low: int, high: int | None = None) -> int:
+    def int_field(body: dict[str, Any], key: str, default: int, *, low: int, high: int | None = None) -> int:
         value = body.get(key, default)
         if value is None:
             value = default
@@ -303,16 +303,16 @@ def build_app(lm: TeacherLM, name: str, api_key: str | None = None, max_batch: i
             prompt = prompt[0]  # a batch of one prompt
         if isinstance(prompt, str):
             ids = lm.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):  # token ids, not bools
             ids = list(prompt)
             if max(ids) >= len(lm.tokenizer) or min(ids) < 0:
                 raise BadRequest(f"prompt token ids must be in [0, {len(lm.tokenizer)})")
         else:
             raise BadRequest("prompt must be a string or a non-empty list of token ids (one prompt per request)")
         echo = bool(body.get("echo", False))
-        max_tokens = int_field(body, "max_tokens", 16, 0 if echo else 1)
+        max_tokens = int_field(body, "max_tokens", 16, low=0 if echo else 1)
         k = body.get("logprobs")
-        k = 0 if k is None else int_field(body, "logprobs", 0, 0, max_logprobs)
+        k = 0 if k is None else int_field(body, "logprobs", 0, low=0, high=max_logprobs)
         as_ids = bool(body.get("return_tokens_as_token_ids", False))
         answer = await batcher.submit(Job(ids, max(k, 1), max_tokens, temperature_of(body), echo))
         new = answer.tokens[answer.prompt_len:]
@@ -339,10 +339,10 @@ def build_app(lm: TeacherLM, name: str, api_key: str | None = None, max_batch: i
         if not getattr(lm.tokenizer, "chat_template", None):
             raise BadRequest("this model's tokenizer has no chat template; use /v1/completions")
         ids = chat_prompt_ids(lm.tokenizer, messages)  # rendered as the kit's prompt data is
-        max_tokens = int_field(body, "max_completion_tokens", None, 1) if body.get("max_completion_tokens") \
-            else int_field(body, "max_tokens", 16, 1)
+        max_tokens = int_field(body, "max_completion_tokens", None, low=1) if body.get("max_completion_tokens") \
+            else int_field(body, "max_tokens", 16, low=1)
         want = bool(body.get("logprobs", False))
-        k = int_field(body, "top_logprobs", 0, 0, max_logprobs) if want else 0
+        k = int_field(body, "top_logprobs", 0, low=0, high=max_logprobs) if want else 0
         as_ids = bool(body.get("return_tokens_as_token_ids", False))
         answer = await batcher.submit(Job(list(ids), max(k, 1), max_tokens, temperature_of(body), echo=False))
         logprobs = None
@@ -420,7 +420,7 @@ def _offsets(tokenizer: Any, tokens: list[int]) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kd.serve_teacher", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m kd.teachers.remote.server", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", required=True, help="a safetensors causal-LM folder with its tokenizer")
     parser.add_argument("--name", help="the model id clients ask for (default: the folder's name)")
@@ -453,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     name = args.name or Path(args.model).name
-    app = build_app(lm, name, api_key, args.max_batch, args.batch_wait_ms, args.max_logprobs)
+    app = build_app(lm, name, api_key=api_key, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                    max_logprobs=args.max_logprobs)
     print(f"Serving {name} ({lm.model.__class__.__name__} on {lm.device}) at http://{args.host}:{args.port}/v1",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -1,15 +1,16 @@
 """Run an exported keyword model over a long recording and print each detection with its time.
 
-    python -m kd.detect runs/demo-kd/student/model.onnx recording.wav
-    python -m kd.detect runs/demo-kd/student/model.int8.onnx - < recording.flac      # from stdin
-    python -m kd.detect model.onnx long.wav --threshold 0.9 --hop-s 0.05 --refractory-s 1.5
+    python -m kd.export.detect runs/demo-kd/student/model.onnx recording.wav
+    python -m kd.export.detect runs/demo-kd/student/model.int8.onnx - < recording.flac      # from stdin
+    python -m kd.export.detect model.onnx long.wav --threshold 0.9 --hop-s 0.05 --refractory-s 1.5
 
 A window as long as the model's training clips (kd.window_samples in the model's metadata) slides
 over the audio by a hop (kd.hop_samples, or --hop-s); every window is classified, and its
 probabilities averaged with its neighbours' over --smooth-s (a window holding only the edge of a word
-can be confidently wrong). Windows whose top label reaches --threshold, and whose level reaches --min-dbfs, are candidates; a run of consecutive
-candidates with the same label is one detection, reported at the centre of the windows that fired
-(the word's middle, wherever it sits in them) with their highest probability. After a detection,
+can be confidently wrong). Windows whose top label reaches --threshold, and whose level reaches
+--min-dbfs, are candidates; a run of consecutive candidates with the same label is one detection,
+reported at the centre of the windows that fired (the word's middle, wherever it sits in them) with
+their highest probability. After a detection,
 others within --refractory-s are dropped. A model trained without a silence/background class
 predicts some keyword for every window, so silence is left out by level (--min-dbfs); a model with
 such a class can name it in --ignore.
@@ -59,7 +60,7 @@ class KeywordModel:
         missing = [k for k in ("kd.labels", "kd.sample_rate", "kd.window_samples") if k not in meta]
         if missing or [i.name for i in sess.get_inputs()] != ["waveform"]:
             raise DetectError(f"{path}: not a waveform keyword model exported by this kit (missing "
-                              f"{', '.join(missing) or 'the waveform input'}); export it with python -m kd.onnx_export")
+                              f"{', '.join(missing) or 'the waveform input'}); export it with python -m kd.export.onnx")
         window = int(meta["kd.window_samples"])
         return cls(sess, json.loads(meta["kd.labels"]), int(meta["kd.sample_rate"]), window,
                    int(meta.get("kd.hop_samples", max(1, window // 10))))
@@ -96,7 +97,7 @@ class DetectError(Exception):
     """Bad input to the detector: said in one line, exit code 2."""
 
 
-def detect(model: KeywordModel, audio: np.ndarray, hop: int, threshold: float = 0.8, refractory_s: float = 1.0,
+def detect(model: KeywordModel, audio: np.ndarray, hop: int, *, threshold: float = 0.8, refractory_s: float = 1.0,
            min_dbfs: float = -50.0, ignore: tuple[str, ...] = (), smooth_s: float = 0.3) -> list[Detection]:
     starts, probs, level = model.classify(audio, hop)
     probs = smooth(probs, max(1, int(round(smooth_s * model.sample_rate / hop))))
@@ -157,8 +158,8 @@ def read_audio(source: str, rate: int) -> tuple[np.ndarray, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kd.detect", description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m kd.export.detect", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model.onnx (or model.int8.onnx) written by the kit's ONNX export")
     parser.add_argument("audio", help="a WAV or FLAC file, or - for stdin")
     parser.add_argument("--threshold", type=float, default=0.8, help="lowest probability that counts (default 0.8)")
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.audio != "-" and not Path(args.audio).is_file():
             raise DetectError(f"{args.audio}: no such file")
         if not Path(args.model).is_file():
-            raise DetectError(f"{args.model}: no such file (export a student with python -m kd.onnx_export)")
+            raise DetectError(f"{args.model}: no such file (export a student with python -m kd.export.onnx)")
         model = KeywordModel.load(args.model, args.threads)
         unknown = [name for name in args.ignore if name not in model.labels]
         if unknown:
@@ -195,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"# {audio.size / model.sample_rate:.1f} s of audio, window {model.window / model.sample_rate:.2f} s, "
           f"hop {hop / model.sample_rate:.3f} s, threshold {args.threshold}", file=sys.stderr)
-    for d in detect(model, audio, hop, args.threshold, args.refractory_s, args.min_dbfs, tuple(args.ignore),
-                    args.smooth_s):
+    for d in detect(model, audio, hop, threshold=args.threshold, refractory_s=args.refractory_s,
+                    min_dbfs=args.min_dbfs, ignore=tuple(args.ignore),
+                    smooth_s=args.smooth_s):
         print(d.line(), flush=True)
     return 0
 

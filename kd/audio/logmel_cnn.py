@@ -5,7 +5,7 @@ model's device), so the data path carries only waveforms. A small one is the fla
 (about 18k parameters); a wide one, trained by train_kd.py with distillation off, is a teacher
 for it (`teacher.model` may name any folder this module writes).
 
-Folder format (written by `kd.export.save_student`, read by `load_logmel_cnn`):
+Folder format (written by `kd.export.student.save_student`, read by `load_logmel_cnn`):
 
     config.json        {"kind": "logmel_cnn", "num_labels", "sample_rate", "n_mels", "channels",
                         "dropout", "normalize", "pool", "stem_stride", "id2label": {"0": name, ...}}
@@ -162,13 +162,14 @@ def read_config(folder: str | Path, what: str) -> dict[str, Any]:
             raise ValueError(f"missing {', '.join(missing)}")
         return raw
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{what}: {path} is not a readable {KIND} config ({exc}); export the model again") from None
+        raise ModelLoadError(f"{what}: {path} is not a readable {KIND} config ({exc}); "
+                             "export the model again") from None
 
 
 def load_logmel_cnn(folder: str | Path, what: str) -> LogMelCNN:
     """Build the model from `folder`/config.json and load `folder`/model.safetensors (nothing else is read).
 
-    The caller checks the folder first (kd.teachers.resolve_model_source refuses pickles and
+    The caller checks the folder first (kd.teachers.loading.resolve_model_source refuses pickles and
     truncated safetensors files).
     """
     folder = Path(folder)

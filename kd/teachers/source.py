@@ -1,0 +1,92 @@
+"""Where a batch's soft targets come from: one interface, so the training loop never asks which source it has.
+
+Sources (one file each; kd/teachers/factory.py builds the one the config asks for):
+
+- `TeacherForward` (online.py): the teacher runs on every batch (online KD; the only choice with augmentation).
+- `CachedTeacher` (cached.py): rows come from the on-disk store (store.py); misses are computed by
+  the teacher, used and stored; once every split is covered the teacher is released and training
+  goes on without it. With `require`, the teacher is never loaded at all.
+- `RemoteTeacher` (remote/source.py): a teacher behind an OpenAI-compatible server.
+
+The loop calls `logits(batch, role)` for role train / eval / test, `prefetch` around its batches,
+`after_epoch` at each epoch's end, and reports `stats()` in its step telemetry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from kd.errors import KDError
+
+ROLES = ("train", "eval", "test")
+
+
+class SourceFailure(KDError):
+    """A source could not give a batch's soft targets mid-run (a server that stopped answering): the
+    loop saves the state after the last finished step and stops, naming the cause."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitRunner:
+    """What a source needs from the loop to run its teacher over whole splits (the cache's fill):
+    each process computes its own share (`rank` of `world`), batches made and moved as training
+    makes them, under the run's autocast."""
+
+    splits: dict[str, Any]  # role -> dataset
+    loader: Callable[[Any], Iterable[dict[str, Any]]]  # a dataset's batches, not sharded over processes
+    prepare: Callable[[dict[str, Any]], dict[str, Any]]  # a batch on the device with its model inputs
+    autocast: Callable[[], AbstractContextManager]
+    barrier: Callable[[], None]  # every process waits for the others
+    rank: int = 0
+    world: int = 1
+    show: bool = True  # a progress bar (the local main process)
+
+
+class SoftTargetSource(ABC):
+    source = "teacher"  # names the source in telemetry (run_start.soft_targets.source)
+    telemetry_key = "cache"  # the step event's field for `stats()`
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        """The teacher model held in memory for this source (None: it needs none, or released it)."""
+        return None
+
+    @abstractmethod
+    def logits(self, batch: dict[str, Any], role: str) -> Any:
+        """The batch's soft targets: teacher logits (batch, classes), or a language model's `TopK`."""
+
+    def prefetch(self, batches: Iterable[dict[str, Any]], upcoming: Iterator[list[dict[str, Any]]]
+                 ) -> Iterator[dict[str, Any]]:
+        """The batches in order. `upcoming` yields the dataset rows of the same batches, in the same
+        order, without loading them through the DataLoader: a source that fetches (a remote teacher)
+        asks for later batches while the loop trains on the current one, and may hand a batch over
+        rebuilt (a remote teacher in generate mode: prompt + the teacher's answer)."""
+        return iter(batches)
+
+    def after_epoch(self, runner: SplitRunner) -> str | None:
+        """Called by every process at the end of each training epoch; returns a line for the user, if any."""
+        return None
+
+    def precompute(self, runner: SplitRunner) -> str:
+        """--precompute-teacher: compute and store every soft target, then say what was done."""
+        raise KDError("--precompute-teacher: this run has no teacher cache (distillation.teacher_cache)")
+
+    def close(self) -> None:
+        """Release what the source holds open (connections, threads)."""
+
+    def stats(self) -> dict[str, Any] | None:
+        """Counts since the last call (None: nothing to report)."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source}
+
+    @property
+    def needs_teacher_inputs(self) -> bool:
+        """Whether the batch must carry the teacher's processed inputs (features on the device)."""
+        return self.teacher is not None
