@@ -206,3 +206,13 @@ def test_bad_remote_teacher_values_name_the_key(endpoint, data, key, fragment):
     problems = problems_of(raw)
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{key}:") and fragment in problems[0], problems[0]
+
+
+def test_the_readmes_configs_are_complete_and_valid():
+    """The README's "distil your own teacher" configs, one per modality, validate as they are written."""
+    import re
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    configs = [config_from_dict(yaml.safe_load(block)) for block in blocks]
+    assert sorted(cfg.data.modality for cfg in configs) == ["audio", "causal_lm", "image", "text"]
+    assert all(cfg.distillation.enabled and cfg.teacher.model for cfg in configs)
