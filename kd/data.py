@@ -295,7 +295,7 @@ def _prepare(cfg: DataConfig, splits: dict[str, Dataset], label_names: list[str]
         splits = {r: decode(ds, cfg, rate, keep) for r, ds in splits.items()}
         features = device_features(processor) if cfg.features_on_device else None
         collate = AudioCollator(cfg.label_column, cfg.weight_column, None if features else processor, rate)
-        return PreparedData(splits, label_names, rate, collate, features)
+        return PreparedData(splits, label_names, rate, collate, features=features)
     if cfg.modality == "text":
         if processor is None:
             raise DataError("text data needs a tokenizer: set teacher.model (or student.config) to a model folder "

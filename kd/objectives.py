@@ -32,7 +32,7 @@ class Classification:
         self.temperature = cfg.distillation.temperature
         self.num_classes = num_classes
 
-    def loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor | None, batch: dict[str, Any],
+    def loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor | None, batch: dict[str, Any], *,
              targets: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return distillation_loss(s_logits, t_logits, targets, alpha=alpha, temperature=self.temperature,
                                  sample_weight=batch.get("sample_weight"))
@@ -80,7 +80,7 @@ class NextToken:
         self.kind, self.beta, self.temperature = dist.divergence, dist.jsd_beta, dist.temperature
         self.chunk = cfg.memory.loss_chunk
 
-    def loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor | None, batch: dict[str, Any],
+    def loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor | None, batch: dict[str, Any], *,
              targets: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return token_distillation_loss(s_logits, t_logits, targets, alpha=alpha, kind=self.kind, beta=self.beta,
                                        temperature=self.temperature,

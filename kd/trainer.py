@@ -311,7 +311,7 @@ class Trainer:
             t_logits = self.targets.logits(batch, "train") if self.targets is not None else None
             self._enter("student_forward")
             s_logits = student_logits(self.student, batch, self.run.input_key)
-        loss, parts = self.objective.loss(s_logits, t_logits, batch, targets, alpha)
+        loss, parts = self.objective.loss(s_logits, t_logits, batch, targets=targets, alpha=alpha)
         del s_logits, t_logits  # drop our references: only what backward needs stays alive
         self._enter("backward")
         self.acc.backward(loss)

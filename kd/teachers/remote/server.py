@@ -126,7 +126,8 @@ class TeacherLM:
                 if t == self.eos:
                     finish = "stop"
                     break
-            answers.append(Answer(tokens, values, top, len(job.ids) if job.echo else 0, finish))
+            answers.append(Answer(tokens, values, top, prompt_len=len(job.ids) if job.echo else 0,
+                                  finish_reason=finish))
         return answers
 
     def _score(self, rows: list[list[int]]) -> list[torch.Tensor]:
@@ -314,7 +315,7 @@ def build_app(lm: TeacherLM, name: str, *, api_key: str | None = None, max_batch
         k = body.get("logprobs")
         k = 0 if k is None else int_field(body, "logprobs", 0, low=0, high=max_logprobs)
         as_ids = bool(body.get("return_tokens_as_token_ids", False))
-        answer = await batcher.submit(Job(ids, max(k, 1), max_tokens, temperature_of(body), echo))
+        answer = await batcher.submit(Job(ids, max(k, 1), max_tokens, temperature=temperature_of(body), echo=echo))
         new = answer.tokens[answer.prompt_len:]
         text = (lm.tokenizer.decode(ids) if echo else "") + lm.tokenizer.decode(new, skip_special_tokens=True)
         logprobs = None
