@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imports after argument parsing so --help is instant; validation still precedes any loading.
     from kd.config import load_config
     from kd.errors import KDError
+    from kd.stopping import Stopped
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:  # SIGTERM (a scheduler) or Ctrl-C, honoured at the end of a step
+        print(f"stopped by {exc}: the state after the last step is checkpointed and run_end written; continue "
+              "with --resume", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted: run_end written with status 'interrupted'; continue from the last checkpoint with "
               "--resume", file=sys.stderr)

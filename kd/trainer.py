@@ -32,7 +32,7 @@ from kd.losses import LOSS_PARTS, alpha_at, raise_if_not_finite
 from kd.memory import GpuSampler, PhasePeaks, cuda_memory
 from kd.objectives import make_objective
 from kd.oom import OomFault, OutOfMemoryFailure, plan_recovery, release_memory
-from kd.stopping import StopAfterStep
+from kd.stopping import StopAfterStep, Stopped, release_collectives
 from kd.students import student_logits
 from kd.teachers.source import SourceFailure, SplitRunner
 from kd.telemetry import TelemetryWriter
@@ -144,7 +144,7 @@ class Trainer:
                                        num_training_steps=self.total_steps)
         self.acc.register_for_checkpointing(self.scheduler, self.state)
         self.metrics: dict[str, dict[str, Any]] = {}
-        self.ctrl_c = StopAfterStep()  # the first Ctrl-C stops after the current step (kd/stopping.py)
+        self.stopper = StopAfterStep()  # SIGTERM or Ctrl-C: stop after the current step (kd/stopping.py)
 
     def _loader(self, role: str, batch_size: int):
         """The role's DataLoader, prepared by Accelerate (sharded over processes, batches on the device)."""
@@ -173,12 +173,15 @@ class Trainer:
             self.acc.print(f"Resumed from {resume_from} at step {self.state.step}, epoch {self.state.epoch}")
         self._start(resume_from)
         status, error = "failed", None
-        restore_sigint = self.ctrl_c.install(one_process=self.acc.num_processes == 1)
+        restore_signals = self.stopper.install(one_process=self.acc.num_processes == 1)
         try:
             self._train()
             self._finish()
             status = "completed"
             return self.metrics
+        except Stopped as exc:
+            status, error = "interrupted", f"stopped by {exc} after step {self.state.step}"
+            raise
         except KeyboardInterrupt:
             status, error = "interrupted", "interrupted by the user (Ctrl-C)"
             raise
@@ -187,7 +190,7 @@ class Trainer:
             error = str(exc) if isinstance(exc, KDError) else f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            restore_sigint()
+            restore_signals()
             self.telemetry.emit("run_end", self.state.step, status=status, duration_s=time.time() - started,
                                 metrics=self.metrics, peak=self.peaks.run_peak(), error=error)
             self.telemetry.close()
@@ -196,6 +199,8 @@ class Trainer:
             if self.gpu is not None:
                 self.gpu.close()
             self.acc.end_training()
+            if self.acc.num_processes > 1:
+                release_collectives()
 
     def _start(self, resume_from: Path | None) -> None:
         cfg, run = self.cfg, self.run
@@ -279,9 +284,10 @@ class Trainer:
                 self._after_step(window, grad_norm, bar)
                 if state.step >= self.total_steps:
                     return False
-                if self.ctrl_c.requested:
+                signum = self.stopper.agreed(self.acc, state.step)
+                if signum is not None:
                     self.save_checkpoint()
-                    raise KeyboardInterrupt
+                    raise Stopped(signum)
             waited = time.perf_counter()
         return True
 
@@ -369,6 +375,8 @@ class Trainer:
         if self.targets is None:
             raise KDError("--precompute-teacher: this run has no teacher cache (distillation.teacher_cache)")
         print(self.targets.precompute(self.split_runner()), flush=True)
+        if self.acc.num_processes > 1:
+            release_collectives()
 
     def _enter(self, phase: str) -> None:
         self.phase = phase

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -270,8 +271,6 @@ def test_text_classification_uses_the_same_code(tmp_path):
 
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes(tmp_path, tone_data, tiny_teacher):
     import signal
-    import subprocess
-    import sys
     import time
 
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", train={"max_steps": 100000, "eval_every": 10**6})
@@ -351,3 +350,74 @@ def test_help_gives_the_summary_once_then_working_commands(script):
     summary = {"train_kd.py": "Distil a teacher's soft targets", "monitor_tui.py": "Live monitor of a kd training run"}
     assert result.stdout.count(summary[script]) == 1
     assert f"python {script} runs/kws-5gb" in result.stdout or f"accelerate launch {script} --config" in result.stdout
+
+
+def test_sigterm_stops_every_process_after_one_step_and_the_checkpoint_resumes_exactly(tmp_path, tone_data,
+                                                                                       tiny_teacher):
+    """What a scheduler does before it kills a job: SIGTERM to the launcher of a two-process CPU run,
+    mid-epoch. Both processes finish the same step, one checkpoint is written with run_end
+    'interrupted', the run exits non-zero within seconds, and --resume logs the losses an
+    uninterrupted run logs."""
+    import signal
+    import time
+
+    from kd.stopping import AGREE_EVERY
+
+    # A constant learning rate: the stopped run (10,000 steps planned) and the reference (a few) then
+    # train alike up to the stop.
+    common = {"train": {"max_steps": 10_000, "eval_every": 10**6, "checkpoint_every": None,
+                        "lr_schedule": "constant", "warmup_ratio": 0.0},
+              "student": {"dropout": 0.3}, "telemetry": {"log_every": 1}}
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", **common)
+    config = write_config(tmp_path / "c.yaml", cfg)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
+    cmd = accelerate_launch(2) + [str(ROOT / "train_kd.py"), "--config", str(config)]
+    telemetry = tmp_path / "run" / "telemetry.jsonl"
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            deadline = time.time() + 150
+            while time.time() < deadline and not any(e["type"] == "step" for e in read_events(telemetry)):
+                time.sleep(0.2)
+            signalled = time.time()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            took = time.time() - signalled
+        finally:
+            kill_process_tree(proc.pid)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode != 0 and took < 30, stderr[-3000:]
+    assert stderr.count("SIGTERM: stopping after this step with a checkpoint (then exiting)") == 2  # each process
+    assert stderr.count("stopped by SIGTERM: the state after the last step is checkpointed") == 2
+    # The only traceback is the launcher's own (torch's elastic agent re-raises the signal once its
+    # workers are done), never one of the kit's processes.
+    assert stderr.count("Traceback") == stderr.count("SignalException: Process") <= 1
+    events = read_events(telemetry)
+    end = events[-1]
+    assert end["type"] == "run_end" and end["status"] == "interrupted" and "SIGTERM" in end["error"]
+    stopped = end["step"]
+    assert stopped % AGREE_EVERY == 0  # both processes stopped after the same, agreed step
+    checkpoints = [e for e in events if e["type"] == "checkpoint"]
+    assert [e["step"] for e in checkpoints] == [stopped]
+    assert (tmp_path / "run" / "checkpoints" / f"step_{stopped:07d}").is_dir()
+
+    # The same run uninterrupted, and the stopped one resumed: the same losses after the stop.
+    more = {"train": {**common["train"], "max_steps": stopped + 3}}
+    full = write_config(tmp_path / "full.yaml", tiny_config(tone_data, tiny_teacher, tmp_path / "full",
+                                                            **{**common, **more}))
+    resumed = write_config(tmp_path / "resumed.yaml", tiny_config(tone_data, tiny_teacher, tmp_path / "run",
+                                                                  **{**common, **more}))
+    for config_file, extra in ((full, []), (resumed, ["--resume"])):
+        result = run_cli(["--config", str(config_file), *extra], launcher=accelerate_launch(2),
+                         env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    def losses(run: str) -> dict[int, float]:
+        steps = [e for e in read_events(tmp_path / run) if e["type"] == "step"]
+        return {e["step"]: e["loss"]["total"] for e in steps}
+
+    after = {s: v for s, v in losses("run").items() if s > stopped}
+    assert sorted(after) == [stopped + 1, stopped + 2, stopped + 3]
+    reference = losses("full")
+    for step, value in after.items():
+        assert value == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
