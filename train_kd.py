@@ -107,20 +107,15 @@ def check_can_precompute(cfg) -> None:
 
 
 def resolve_resume(arg: str | None, output_dir: Path) -> Path | None:
+    from kd.checkpoints import checkpoint_to_resume
     from kd.errors import KDError
-    from kd.trainer import latest_checkpoint
 
     if arg is None:
         return None
     if "=" in arg and not Path(arg).exists():  # `--resume key=value`: argparse took the override as the path
         raise KDError(f"--resume: {arg!r} looks like a config override, not a checkpoint; write "
                       f"`--resume latest {arg}` or put the override before --resume")
-    path = latest_checkpoint(output_dir) if arg == "latest" else Path(arg)
-    if path is None or not path.is_dir():
-        where = output_dir / "checkpoints" if arg == "latest" else arg
-        raise KDError(f"--resume: no checkpoint found at {where} (checkpoints are written every "
-                      "train.checkpoint_every steps)")
-    return path
+    return checkpoint_to_resume(arg, output_dir)
 
 
 def report(cfg, metrics: dict) -> None:

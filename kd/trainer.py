@@ -23,6 +23,7 @@ from transformers import get_scheduler
 from kd.atomic import plain_modes
 from kd.audio.augment import WaveformAugment, describe
 from kd.build import Run
+from kd.checkpoints import CHECKPOINT_DIR, list_checkpoints, write_manifest
 from kd.config import save_config
 from kd.data import make_loader
 from kd.errors import KDError, TrainingError, first_line
@@ -37,7 +38,6 @@ from kd.students import student_logits
 from kd.teachers.source import SourceFailure, SplitRunner
 from kd.telemetry import TelemetryWriter
 
-CHECKPOINT_DIR = "checkpoints"
 STUDENT_DIR = "student"
 LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -82,17 +82,6 @@ class Window:
         if tokens is not None:
             self.tokens += tokens
         self.micro_batches += 1
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a `.tmp` folder is one still being written)."""
-    folder = output_dir / CHECKPOINT_DIR
-    return sorted(p for p in folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
 
 
 class Trainer:
@@ -167,7 +156,11 @@ class Trainer:
     def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
         started = time.time()
         if resume_from is not None:
-            self.acc.load_state(str(resume_from))
+            try:
+                self.acc.load_state(str(resume_from))
+            except Exception as exc:  # a file that is there at its size but does not read back
+                raise KDError(f"--resume: cannot load checkpoint {resume_from} ({first_line(exc)}); it is damaged: "
+                              f"resume from an older one in {resume_from.parent}") from None
             self._use_sizes(self.state.micro_batch, self.state.grad_accum)
             self._step_start = (self.state.batches_in_epoch, self.state.samples)
             self.acc.print(f"Resumed from {resume_from} at step {self.state.step}, epoch {self.state.epoch}")
@@ -511,6 +504,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             plain_modes(tmp)  # Accelerate saves weights with safetensors, which makes them 0600
+            write_manifest(tmp, self.state.step)  # every process has written its files
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -421,3 +421,55 @@ def test_sigterm_stops_every_process_after_one_step_and_the_checkpoint_resumes_e
     reference = losses("full")
     for step, value in after.items():
         assert value == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_intact_one(tmp_path, tone_data,
+                                                                                      tiny_teacher):
+    """What a full disk or a kill during a copy leaves: a checkpoint file cut short or missing. --resume
+    alone skips it (saying so) and continues from the newest intact checkpoint; named explicitly it
+    is one line naming the file; a file at its size that does not read back is one line too."""
+    from kd.checkpoints import MANIFEST, checkpoint_to_resume
+    from kd.errors import KDError
+
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run",
+                      train={"max_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 5, "eval_every": 100})
+    config = write_config(tmp_path / "c.yaml", cfg)
+    assert run_cli(["--config", str(config)]).returncode == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    newest, middle, oldest = (checkpoints / f"step_{s:07d}" for s in (6, 4, 2))
+    assert (newest / MANIFEST).is_file()
+    weights = newest / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])  # cut short
+
+    # Two more steps, writing no checkpoint of their own (the damaged one stays as it is).
+    more = write_config(tmp_path / "more.yaml", {**cfg, "train": {**cfg["train"], "max_steps": 8,
+                                                                  "checkpoint_every": 100}})
+    resumed = run_cli(["--config", str(more), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"Skipping damaged checkpoint step_0000006: {weights} has {size // 2} bytes, {size} were written"
+            in resumed.stdout)
+    assert f"Resumed from {middle} at step 4" in resumed.stdout
+
+    explicit = run_cli(["--config", str(more), "--resume", str(newest)])
+    assert explicit.returncode == 2 and "Traceback" not in explicit.stderr
+    assert explicit.stderr.strip() == (f"error: --resume: checkpoint {newest} is damaged ({weights} has {size // 2} "
+                                       f"bytes, {size} were written); resume from another one in {checkpoints}, "
+                                       "or with --resume alone from the newest intact one")
+
+    # A file at its recorded size whose content does not read back: one line too.
+    optimizer = middle / "optimizer.bin"
+    optimizer.write_bytes(b"\0" * optimizer.stat().st_size)
+    garbage = run_cli(["--config", str(more), "--resume", str(middle)])
+    assert garbage.returncode == 2 and "Traceback" not in garbage.stderr
+    last = garbage.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --resume: cannot load checkpoint {middle} (")
+    assert last.endswith(f"it is damaged: resume from an older one in {checkpoints}")
+
+    # Every checkpoint damaged (files missing): one line, nothing to resume from.
+    for folder in (middle, oldest):
+        (folder / "optimizer.bin").unlink()
+    skipped = []
+    with pytest.raises(KDError, match=r"every checkpoint in .* is damaged \(the newest: .*model.safetensors has "):
+        checkpoint_to_resume("latest", tmp_path / "run", say=skipped.append)
+    assert [line.split(":")[0] for line in skipped] == [f"Skipping damaged checkpoint step_{s:07d}" for s in (6, 4, 2)]
