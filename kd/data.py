@@ -40,6 +40,8 @@ from datasets import (
     load_from_disk,
 )
 from datasets.exceptions import DatasetGenerationError
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch.utils.data import DataLoader
 
 from kd.audio.features import DeviceFeatures, device_features
@@ -58,6 +60,8 @@ log = logging.getLogger(__name__)
 SCRIPT_REPLACEMENTS = {
     "google/speech_commands": f"data.dataset: {SPEECH_COMMANDS} (the kit reads its official archive)",
 }
+# The splits' usual names, which are also the defaults: a dataset without one has no such evaluation.
+USUAL_SPLITS = {"eval": "validation", "test": "test"}
 LOCAL_BUILDERS = ("audiofolder", "imagefolder", "json", "csv", "parquet", "text", "arrow")
 WAVEFORM = "waveform"
 INDEX = "sample_index"  # each sample's position in its split: what the teacher cache keys rows by
@@ -77,8 +81,10 @@ def load_raw_splits(cfg: DataConfig) -> dict[str, Dataset]:
     """Load the dataset and return {role: split} for train/eval/test, checking names and columns."""
     dd = _load(cfg)
     roles = cfg.split_names()
-    missing = [f"data.{role if role != 'eval' else 'eval'}_split={name!r}" for role, name in roles.items()
-               if name is not None and name not in dd]
+    for role, usual in USUAL_SPLITS.items():
+        if roles[role] == usual and usual not in dd:
+            roles[role] = None  # the usual name (the default) and no such split: that evaluation is left out
+    missing = [f"data.{role}_split={name!r}" for role, name in roles.items() if name is not None and name not in dd]
     if missing:
         raise DataError(f"{cfg.dataset}: split not found ({', '.join(missing)}); the dataset has: "
                         f"{', '.join(dd.keys()) or 'no splits'}")
@@ -118,6 +124,10 @@ def _load(cfg: DataConfig) -> DatasetDict:
             return load_dataset(name, data_dir=cfg.data_dir, data_files=cfg.data_files)
         if name == SPEECH_COMMANDS:
             return load_speech_commands(cfg.config_name, cfg.data_files, cfg.data_dir)
+        if not path.exists() and not is_hub_name(name):
+            raise DataError(f"data.dataset: no such folder: {name} (a Hub dataset is named namespace/name; local "
+                            "files are read by data.dataset: audiofolder / imagefolder / csv / json / parquet with "
+                            "data.data_dir or data.data_files)")
         if path.exists():
             raise DataError(f"data.dataset: {name} is a folder but not a save_to_disk dataset (no dataset_dict.json "
                             f"or state.json); for a folder of files use data.dataset: audiofolder / imagefolder "
@@ -138,6 +148,17 @@ def _load(cfg: DataConfig) -> DatasetDict:
                 "json with data.data_dir)") if isinstance(exc, ConnectionError) else ""
         config = f" (config {cfg.config_name!r})" if cfg.config_name else ""
         raise DataError(f"data.dataset: cannot load {name!r}{config}: {first_line(exc)}{hint}") from None
+
+
+def is_hub_name(name: str) -> bool:
+    """Whether `name` can name a Hub dataset (`name` or `namespace/name`), rather than a local path."""
+    if name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def check_data_source(cfg: DataConfig) -> str | None:
@@ -231,6 +252,9 @@ def prepare_data(cfg: DataConfig, processor: Any = None, sampling_rate: int | No
     the answers, so the splits hold prompts only. `label_order`: the teacher's label names, which
     the dataset's labels are mapped onto by name."""
     splits = load_raw_splits(cfg)
+    if cfg.modality is None:  # build_run settles it from the models first; a direct caller names it
+        raise DataError(f"data.modality: not set and {cfg.dataset!r} does not tell it; set data.modality: audio, "
+                        "text, image or causal_lm")
     if cfg.modality == "causal_lm":
         return _prepare_lm(cfg, _subsample(cfg, splits), processor, answered_by)
     splits, label_names = resolve_labels(splits, cfg.label_column, label_order)  # before subsampling
@@ -301,6 +325,7 @@ def _prepare(cfg: DataConfig, splits: dict[str, Dataset], label_names: list[str]
             raise DataError("text data needs a tokenizer: set teacher.model (or student.config) to a model folder "
                             "with tokenizer files")
         splits = {r: tokenize(ds, cfg, processor, keep) for r, ds in splits.items()}
+        check_tokenizer_covers(splits["train"], processor)
         return PreparedData(splits, label_names, None, TextCollator(cfg.label_column, cfg.weight_column, processor))
     if processor is None:
         raise DataError("image data needs an image processor: set teacher.model (or student.config) to a model "
@@ -402,6 +427,29 @@ def tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, keep: list[str]) -> D
 
 def _tokenize_batch(batch: dict[str, list], tokenizer: Any, column: str, max_length: int) -> dict[str, Any]:
     return dict(tokenizer(batch[column], truncation=True, max_length=max_length))
+
+
+UNKNOWN_AT_MOST = 0.5  # share of a text's tokens a tokenizer may map to its unknown token
+TOKENIZER_CHECK_ROWS = 256
+
+
+def check_tokenizer_covers(ds: Dataset, tokenizer: Any) -> None:
+    """Refuse a tokenizer that does not know the training text: with most tokens mapped to [UNK] a
+    model can learn nothing from it, and training would end at chance with no error (a model folder
+    saved without its own tokenizer files gets a blank one that knows only the special tokens)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return  # byte-level vocabularies have no unknown token
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {unk}
+    ids = [i for row in ds.select(range(min(TOKENIZER_CHECK_ROWS, len(ds))))["input_ids"] for i in row
+           if i not in special]
+    share = sum(i == unk for i in ids) / max(1, len(ids))
+    if share > UNKNOWN_AT_MOST:
+        raise DataError(f"the tokenizer of {tokenizer.name_or_path} turns {share:.0%} of the first "
+                        f"{min(TOKENIZER_CHECK_ROWS, len(ds))} training texts' tokens into {tokenizer.unk_token} "
+                        f"(its vocabulary has {len(tokenizer)} entries): it does not cover this text, so nothing "
+                        "could be learnt; save the tokenizer the model was trained with in that folder "
+                        "(tokenizer.json or vocab.txt), or train one on your text (docs/data.md)")
 
 
 class TextCollator:

@@ -33,12 +33,12 @@ from kd.losses import LOSS_PARTS, alpha_at, raise_if_not_finite
 from kd.memory import GpuSampler, PhasePeaks, cuda_memory
 from kd.objectives import make_objective
 from kd.oom import OomFault, OutOfMemoryFailure, plan_recovery, release_memory
+from kd.run_folder import CONFIG_FILE, STUDENT_DIR
 from kd.stopping import StopAfterStep, Stopped, release_collectives
 from kd.students import student_logits
 from kd.teachers.source import SourceFailure, SplitRunner
 from kd.telemetry import TelemetryWriter
 
-STUDENT_DIR = "student"
 LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
@@ -203,7 +203,7 @@ class Trainer:
                 "vram_budget_bytes": int(cfg.memory.vram_budget_gb * 1e9), "steps_per_epoch": self.steps_per_epoch}
         if self.acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.yaml")
+            save_config(cfg, self.output_dir / CONFIG_FILE)
         self.telemetry.emit("run_start", self.state.step, config=cfg.to_dict(), env=run.env, params=run.params,
                             plan=plan, estimate=run.estimate.as_telemetry() if run.estimate else None,
                             labels=run.data.label_names,

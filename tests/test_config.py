@@ -216,3 +216,54 @@ def test_the_readmes_configs_are_complete_and_valid():
     configs = [config_from_dict(yaml.safe_load(block)) for block in blocks]
     assert sorted(cfg.data.modality for cfg in configs) == ["audio", "causal_lm", "image", "text"]
     assert all(cfg.distillation.enabled and cfg.teacher.model for cfg in configs)
+
+
+def test_demo_config_says_where_it_differs_from_the_kits_defaults():
+    """configs/demo.yaml is the reference users copy: a value other than the code's default says so at
+    the start of its comment ("[default: X]"), and one that is the default claims nothing."""
+    import re
+
+    raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    section = None
+    for line in (ROOT / "configs" / "demo.yaml").read_text().splitlines():
+        if re.match(r"^[a-z_]+:", line):
+            section = line.split(":")[0]
+        key = re.match(r"^  ([a-z_0-9]+):", line)
+        if not key or section not in SECTIONS or (section, key.group(1)) == ("teacher", "endpoint"):
+            continue
+        value, default = raw[section][key.group(1)], getattr(SECTIONS[section](), key.group(1))
+        comment = line.partition("# ")[2]
+        if value == default:
+            assert "[default:" not in comment, line
+        else:
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            assert comment.startswith(f"[default: {shown}] "), line
+
+
+def test_the_modality_and_input_column_are_told_from_the_config_where_it_is_unambiguous():
+    from kd.config import DataConfig
+
+    assert (DataConfig(dataset="imagefolder").modality, DataConfig(dataset="imagefolder").input_column) == \
+        ("image", "image")
+    assert DataConfig(dataset="audiofolder").input_column == "audio"
+    assert DataConfig(dataset="speech_commands").modality == "audio"
+    csv = DataConfig(dataset="csv")
+    assert (csv.modality, csv.input_column) == (None, None)  # told later, by the models
+    assert DataConfig(dataset="csv", modality="text").input_column == "text"
+    remote = config_from_dict({**REMOTE, "data": {"dataset": "json", "data_dir": "x"}})
+    assert (remote.data.modality, remote.data.input_column) == ("causal_lm", "text")
+    assert config_from_dict({"data": {"dataset": "json", "data_dir": "x"}, "teacher": {"model": "t"},
+                             "student": {"type": "hf"}, "distillation": {"divergence": "jsd"}}).data.modality == \
+        "causal_lm"
+    # An explicit modality that contradicts what else the config says is still an error.
+    assert any("logmel_cnn takes audio" in p for p in problems_of(with_("data", modality="text")))
+
+
+def test_a_modality_nothing_tells_is_one_error_naming_the_key():
+    from kd.build import settle_modality
+
+    cfg = config_from_dict({"data": {"dataset": "csv", "data_files": "x.csv"}, "distillation": {"enabled": False}})
+    assert cfg.data.modality is None
+    with pytest.raises(ConfigError, match=r"data.modality: not set, and data.dataset \('csv'\) does not tell it, and "
+                                          r"no model is named; set data.modality: audio, text, image or causal_lm"):
+        settle_modality(cfg, print)

@@ -73,6 +73,9 @@ def test_missing_data_dir_and_unknown_name(tmp_path):
     plain.mkdir()
     with pytest.raises(DataError, match="not a save_to_disk dataset"):
         prepare_data(DataConfig(dataset=str(plain)))
+    # A mistyped local path is no Hub name (those are name or namespace/name): one line, no Hub request.
+    with pytest.raises(DataError, match=r"^data.dataset: no such folder: runs/my-data/train \(a Hub dataset is "):
+        prepare_data(DataConfig(dataset="runs/my-data/train"))
 
 
 def test_broken_audio_file_is_a_clear_error(tmp_path):
@@ -86,7 +89,8 @@ def test_save_to_disk_folder_with_path_column(tmp_path, tone_data):
     paths = sorted(str(p) for p in (tone_data / "train").glob("*.wav"))
     labels = [p.split("/")[-1].split("_")[0] for p in paths]
     DatasetDict({"train": Dataset.from_dict({"file": paths, "kw": labels})}).save_to_disk(tmp_path / "saved")
-    cfg = DataConfig(dataset=str(tmp_path / "saved"), eval_split=None, input_column="file", label_column="kw")
+    cfg = DataConfig(dataset=str(tmp_path / "saved"), modality="audio", eval_split=None, input_column="file",
+                     label_column="kw")
     data = prepare_data(cfg, sampling_rate=16000)
     assert data.label_names == TONE_LABELS and data.splits["train"][0]["waveform"].shape == (16000,)
 
@@ -131,3 +135,37 @@ def test_loader_worker_settings():
     cpu_loader = make_loader(ds, DataConfig(dataset="x", num_workers=0), 1, collate=collate, shuffle=False,
                              pin_memory=False)
     assert cpu_loader.prefetch_factor is None and not cpu_loader.persistent_workers and not cpu_loader.pin_memory
+
+
+def test_the_usual_split_names_are_skipped_where_the_dataset_lacks_them_and_other_names_are_checked(tmp_path):
+    """data.eval_split / data.test_split default to validation / test: a dataset without them has no
+    such evaluation (build says so); a name the user chose that is absent is an error listing the splits."""
+    root = write_tone_dataset(tmp_path / "d", {"train": 2})
+    cfg = DataConfig(dataset="audiofolder", data_dir=str(root))
+    assert (cfg.eval_split, cfg.test_split) == ("validation", "test")
+    assert set(prepare_data(cfg, sampling_rate=16000).splits) == {"train"}
+    with pytest.raises(DataError, match=r"split not found \(data.test_split='holdout'\); the dataset has: train"):
+        prepare_data(DataConfig(dataset="audiofolder", data_dir=str(root), test_split="holdout"), sampling_rate=16000)
+
+
+def test_a_tokenizer_that_does_not_know_the_text_is_refused_before_training(tmp_path):
+    """A text model folder saved without its tokenizer files gets one that knows the special tokens
+    only: every word becomes [UNK] and training would end at chance without a word. Refused, naming it."""
+    from transformers import BertTokenizer
+
+    from kd.synthetic import save_tiny_bert, write_sentiment_csv
+
+    data = write_sentiment_csv(tmp_path / "text")
+    cfg = DataConfig(dataset="csv", data_files={"train": str(data / "train.csv"),
+                                                "validation": str(data / "validation.csv")},
+                     modality="text", input_column="text")
+    good = save_tiny_bert(tmp_path / "bert", ["neg", "pos"])
+    tokenizer = BertTokenizer.from_pretrained(good)
+    assert set(prepare_data(cfg, tokenizer).splits) == {"train", "eval"}
+    blank = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])})
+    blank.save_pretrained(tmp_path / "blank")
+    blank = BertTokenizer.from_pretrained(tmp_path / "blank")
+    with pytest.raises(DataError, match=rf"the tokenizer of {tmp_path / 'blank'} turns 100% of the first 24 training "
+                                        r"texts' tokens into \[UNK\] \(its vocabulary has 5 entries\): it does not "
+                                        r"cover this text"):
+        prepare_data(cfg, blank)

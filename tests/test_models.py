@@ -47,8 +47,13 @@ def test_folder_with_only_pickle_weights_is_refused(tmp_path, tiny_teacher):
 
 
 def test_missing_and_wrong_paths_are_clear(tmp_path):
-    with pytest.raises(ModelLoadError, match="does not exist"):
+    with pytest.raises(ModelLoadError, match="no such folder or file"):
         resolve_model_source(str(tmp_path / "nope"))
+    # A mistyped relative path is no Hub id (those are name or namespace/name): one line, no Hub request.
+    with pytest.raises(ModelLoadError, match=r"^teacher.model: no such folder or file: runs/text-teachr/student "):
+        resolve_model_source("runs/text-teachr/student")
+    with pytest.raises(ModelLoadError, match=r"^student.config: no such folder or file: my model/v2 "):
+        resolve_model_source("my model/v2", "student.config", need_weights=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         resolve_model_source(str(tmp_path / "empty"))
@@ -429,3 +434,13 @@ def test_teacher_with_pickle_weights_and_no_preprocessor_is_refused_for_the_pick
     err = capsys.readouterr().err
     assert "only pickle weights (pytorch_model.bin)" in err and "preprocessor" not in err, err
     assert not (tmp_path / "run" / "telemetry.jsonl").exists()
+
+
+def test_a_models_config_tells_the_modality_its_architecture_is_for(tmp_path, tiny_teacher):
+    from kd.synthetic import save_tiny_bert, save_tiny_llama, save_tiny_vit
+    from kd.teachers.loading import modality_of
+
+    assert modality_of(str(tiny_teacher), "teacher.model") == "audio"  # Wav2Vec2ForSequenceClassification
+    assert modality_of(str(save_tiny_bert(tmp_path / "bert", ["a", "b"])), "teacher.model") == "text"
+    assert modality_of(str(save_tiny_vit(tmp_path / "vit", ["a", "b"])), "teacher.model") == "image"
+    assert modality_of(str(save_tiny_llama(tmp_path / "llama")), "teacher.model") == "causal_lm"

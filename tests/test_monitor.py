@@ -298,3 +298,33 @@ async def test_remote_teacher_panel_sums_requests_and_shows_the_last_figures(tmp
     async with app.run_test(size=(110, 36)) as pilot:
         await pilot.pause(0.3)
         assert not app.query_one("#remote_panel").display  # no panel for a local teacher
+
+
+@pytest.mark.asyncio
+async def test_the_title_fits_100_columns_with_a_long_name_a_stall_and_a_cache_being_filled(tmp_path):
+    import os
+    import time
+
+    from textual.widgets import Static
+
+    from kd.tui.app import MonitorApp
+
+    path = tmp_path / "telemetry.jsonl"
+    days_ago = time.time() - 4 * 86400
+    first = start(total=15000, soft_targets={"source": "cache+teacher", "cache": "c.sqlite",
+                                             "coverage": {"train": [100, 200], "eval": [60, 200]}})
+    first["config"]["run"]["name"] = "kws-4gb-teacher-cpu"
+    first["ts"] = days_ago - 90_000.0
+    later = step(12345, ts=days_ago, epoch=14.99,
+                 cache={"source": "cache+teacher", "covered": {"train": [100, 200], "eval": [60, 200]}})
+    write_lines(path, first, later)
+    os.utime(path, (days_ago, days_ago))
+    app = MonitorApp(path, poll_s=0.05)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause(0.4)
+        lines = str(app.query_one("#title", Static).content).splitlines()
+        assert all(len(line) <= 98 for line in lines), lines  # 100 columns less the padding
+        assert "kws-4gb-teacher-cpu" in lines[0] and "stalled (no new line for 4 d" in lines[0]
+        assert "step 12345/15000" in lines[0] and "epoch 14.99" in lines[0]
+        assert lines[1] == "elapsed 1 d 1:00:00  ETA -  teacher: filling the cache 160/400 (train 100/200)"
+        await pilot.press("q")

@@ -98,7 +98,8 @@ def test_teacher_placement():
 
 
 def test_advice_is_ranked_by_saving(tiny_teacher):
-    cfg = config_from_dict({"data": {"dataset": "x"}, "teacher": {"model": "t"}, "train": {"batch_size": 64}})
+    cfg = config_from_dict({"data": {"dataset": "x", "modality": "audio"}, "teacher": {"model": "t"},
+                            "train": {"batch_size": 64}})
     est = make_estimate(4_000_000_000, 1_000_000_000, 500_000_000)
     items = advice(est, cfg, budget=1_000_000_000, student=LogMelCNN(3))
     savings = [s for _, s in items]

@@ -210,7 +210,7 @@ def test_nan_teacher_is_detected_and_named(tmp_path, tone_data, tiny_teacher):
         ({"distillation": {"alpha": 2}}, "distillation.alpha: 2"),
         ({"run": {"gpu_only": True}}, "run.gpu_only is true but no CUDA GPU"),
         ({"train": {"mixed_precision": "fp16"}}, "'fp16' needs a CUDA GPU"),
-        ({"teacher": {"model": "/no/such/teacher"}}, "teacher.model: /no/such/teacher does not exist"),
+        ({"teacher": {"model": "/no/such/teacher"}}, "teacher.model: no such folder or file: /no/such/teacher"),
         ({"data": {"test_split": "holdout"}}, "data.test_split='holdout'"),
         ({"telemetry": {"report_to": ["aim"]}}, "telemetry.report_to: 'aim' is not installed"),
     ],
@@ -473,3 +473,25 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_intac
     with pytest.raises(KDError, match=r"every checkpoint in .* is damaged \(the newest: .*model.safetensors has "):
         checkpoint_to_resume("latest", tmp_path / "run", say=skipped.append)
     assert [line.split(":")[0] for line in skipped] == [f"Skipping damaged checkpoint step_{s:07d}" for s in (6, 4, 2)]
+
+
+def test_a_second_run_into_a_used_folder_is_refused_unless_resumed_or_told_to_start_over(tmp_path, tone_data,
+                                                                                         tiny_teacher):
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", train={"max_steps": 2, "eval_every": 100})
+    config = write_config(tmp_path / "c.yaml", cfg)
+    assert run_cli(["--config", str(config)]).returncode == 0
+    before = (tmp_path / "run" / "telemetry.jsonl").read_text()
+
+    again = run_cli(["--config", str(config)])
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert again.stderr.strip() == (f"error: run.output_dir: {tmp_path / 'run'} already holds a run (telemetry.jsonl, "
+                                    "config.yaml, student); continue it with --resume, give this run "
+                                    "another run.name, or set run.overwrite: true to start over (the previous "
+                                    "run's files are removed)")
+    assert (tmp_path / "run" / "telemetry.jsonl").read_text() == before  # nothing of the first run touched
+
+    over = run_cli(["--config", str(config), "run.overwrite=true"])
+    assert over.returncode == 0, over.stderr[-3000:]
+    assert "run.overwrite: removed the previous run's telemetry.jsonl, config.yaml, student from" in over.stdout
+    events = read_events(tmp_path / "run")
+    assert [e["type"] for e in events].count("run_start") == 1 and events[-1]["status"] == "completed"

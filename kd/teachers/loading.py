@@ -19,7 +19,14 @@ import httpx
 import torch
 from huggingface_hub import HfApi, is_offline_mode, try_to_load_from_cache
 from huggingface_hub import constants as hub_constants
-from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import (
@@ -33,6 +40,12 @@ from transformers import (
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
 from kd.audio.logmel_cnn import KIND as LOGMEL_KIND
@@ -50,6 +63,11 @@ TASK_CLASSES = {
     "image": AutoModelForImageClassification,
     "causal_lm": AutoModelForCausalLM,
 }
+# model type -> the class name of its model for each modality's task (transformers' Auto mappings)
+TASK_MAPPINGS = {"audio": MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
+                 "text": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                 "image": MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+                 "causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}
 TASK_NAMES = {"audio": "audio classifier", "text": "text classifier", "image": "image classifier",
               "causal_lm": "causal language model"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -77,8 +95,8 @@ def resolve_model_source(spec: str, what: str = "teacher.model", need_weights: b
         check_hub_model(spec, revision, what, need_weights)
         return spec, None  # a Hub id such as "MIT/ast-finetuned-speech-commands-v2"
     if not path.exists():
-        raise ModelLoadError(f"{what}: {spec} does not exist (expected a model folder, a .safetensors file or "
-                             "a Hub id)")
+        raise ModelLoadError(f"{what}: no such folder or file: {spec} (expected a model folder, a .safetensors "
+                             "file or a Hub id such as namespace/name)")
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ModelLoadError(f"{what}: {spec} is not a .safetensors file or a model folder")
@@ -100,9 +118,16 @@ def resolve_model_source(spec: str, what: str = "teacher.model", need_weights: b
 
 
 def is_hub_id(spec: str) -> bool:
-    """Whether a model reference names a Hub repository (else a local folder or file)."""
+    """Whether a model reference names a Hub repository (`name` or `namespace/name`); anything else,
+    `runs/text-teacher/student` included, is a local folder or file."""
     path = Path(spec).expanduser()
-    return not (path.exists() or spec.startswith((".", "/", "~")) or path.suffix == ".safetensors")
+    if path.exists() or spec.startswith((".", "/", "~")) or path.suffix == ".safetensors":
+        return False
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
 
 
 def check_hub_model(repo_id: str, revision: str | None, what: str, need_weights: bool = False) -> None:
@@ -207,6 +232,21 @@ def check_safetensors(path: Path, what: str) -> None:
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{what}: {path} is not a readable safetensors file ({first_line(exc)}); "
                              "it may be truncated or corrupt, download or export it again") from None
+
+
+def modality_of(spec: str, what: str, revision: str | None = None) -> str | None:
+    """The data a model takes, told by its config: the task its architecture is built for (the kit's
+    log-mel CNN: audio); None when the config does not say."""
+    if is_kit_model(spec):
+        return "audio"
+    config = load_model_config(spec, what, revision)
+    architectures = set(getattr(config, "architectures", None) or [])
+    tasks = {modality: names[config.model_type] for modality, names in TASK_MAPPINGS.items()
+             if config.model_type in names}
+    named = [modality for modality, cls in tasks.items() if cls in architectures]
+    if len(named) == 1:
+        return named[0]
+    return next(iter(tasks)) if len(tasks) == 1 else None
 
 
 def load_model_config(spec: str, what: str, revision: str | None = None) -> PretrainedConfig:

@@ -51,7 +51,7 @@ def usage_bar(used: float | None, budget: float | None, width: int = 28) -> Text
 class MonitorApp(App):
     CSS = """
     Screen { layout: vertical; }
-    #title { height: 1; background: $boost; padding: 0 1; }
+    #title { height: auto; max-height: 2; background: $boost; padding: 0 1; }
     #oom { display: none; background: $error; color: $text; padding: 0 1; height: auto; }
     #oom.shown { display: block; }
     #panels { grid-size: 2; grid-gutter: 0 1; height: auto; padding: 0 1; }
@@ -185,10 +185,11 @@ class MonitorApp(App):
         status = s.status_text()
         if self.paused:
             status += " (paused)"
+        # Two lines, each within 100 columns: where the run is, then its clock and its teacher.
         title = Text.assemble(
             (f"{s.name}  ", "bold"), (f"● {status}", STATUS_STYLE.get(s.shown_status(), "bold red")),
-            f"  step {s.step}/{s.total_steps or '?'}  epoch {s.epoch:.2f}  elapsed {fmt_duration(s.elapsed())}"
-            f"  ETA {fmt_duration(s.eta())}")
+            f"  step {s.step}/{s.total_steps or '?'}  epoch {s.epoch:.2f}",
+            f"\nelapsed {fmt_duration(s.elapsed())}  ETA {fmt_duration(s.eta())}")
         if teacher_text(s):
             title.append(f"  {teacher_text(s)}", style="dim")
         if s.status == "waiting":
