@@ -120,7 +120,7 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
     for role, key in (("eval", "eval_split"), ("test", "test_split")):
         name = getattr(cfg.data, key)
         if name is not None and role not in data.splits:
-            say(f"No {name!r} split in {cfg.data.dataset}: no {'validation' if role == 'eval' else 'test'} "
+            say(f"No labelled {name!r} split in {cfg.data.dataset}: no {'validation' if role == 'eval' else 'test'} "
                 f"evaluation (data.{key})")
     if teacher_labels is not None:  # before the teacher cache is opened or the teacher loaded
         check_labels(*teacher_labels, data.label_names, f"teacher {cfg.teacher.model}")

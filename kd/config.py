@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -426,8 +427,9 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any, str]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value, "a number"
+        # inf and nan are numbers to YAML (.inf, .nan) and to every comparison below but a sane value of no key
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+        return ok, float(value) if ok else value, "a finite number"
     if tp is str:
         return isinstance(value, str), value, "a string"
     if origin is list:

@@ -15,6 +15,7 @@ The teacher's feature extractor runs batched on the device when kd.audio.feature
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import io
 import logging
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import PIL.Image
 import soundfile
 import torch
 import torchaudio
@@ -33,6 +35,7 @@ from datasets import (
     Dataset,
     DatasetDict,
     Features,
+    Image,
     Sequence,
     Value,
     load_dataset,
@@ -101,7 +104,24 @@ def load_raw_splits(cfg: DataConfig) -> dict[str, Dataset]:
         if absent:
             raise DataError(f"{cfg.dataset} split {roles[role]!r}: column not found ({', '.join(absent)}); "
                             f"its columns are: {', '.join(ds.column_names)}")
+        for key, col in needed.items():  # an empty CSV cell, a null in JSON: counted from Arrow, nothing decoded
+            empty = ds.data.column(col).null_count
+            if empty:
+                raise DataError(f"{cfg.dataset} split {roles[role]!r}: {empty} of {len(ds)} rows have no value in "
+                                f"{key}={col!r}; fill them in or remove those rows")
+    for role in [r for r in splits if r != "train" and unlabelled(splits[r], cfg.label_column)]:
+        if roles[role] != USUAL_SPLITS[role]:
+            raise DataError(f"{cfg.dataset} split {roles[role]!r} (data.{role}_split) has no labels (every "
+                            "label is -1, as in a benchmark's hidden test set); name a labelled split")
+        del splits[role]  # the default name and a hidden test set: that evaluation is left out (build says so)
     return splits
+
+
+def unlabelled(ds: Dataset, column: str) -> bool:
+    """Whether every label is -1: benchmarks (GLUE, SuperGLUE) publish their test split that way."""
+    feature = ds.features[column]
+    integer = isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith("int"))
+    return integer and ds.unique(column) == [-1]
 
 
 def _load(cfg: DataConfig) -> DatasetDict:
@@ -115,6 +135,9 @@ def _load(cfg: DataConfig) -> DatasetDict:
             loaded = load_from_disk(str(path))
             return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
         if name in LOCAL_BUILDERS:
+            absent = [f for f in local_files(cfg.data_files) if not glob.glob(f)]
+            if absent:
+                raise DataError(f"data.data_files: no such file: {', '.join(absent)}")
             if cfg.data_dir is None and cfg.data_files is None:
                 raise DataError(f"data.dataset={name!r} is a local builder: set data.data_dir or data.data_files")
             if cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().is_dir():
@@ -147,7 +170,27 @@ def _load(cfg: DataConfig) -> DatasetDict:
                 "or give a local copy (a save_to_disk folder, or data.dataset: audiofolder / imagefolder / csv / "
                 "json with data.data_dir)") if isinstance(exc, ConnectionError) else ""
         config = f" (config {cfg.config_name!r})" if cfg.config_name else ""
-        raise DataError(f"data.dataset: cannot load {name!r}{config}: {first_line(exc)}{hint}") from None
+        files = f" from data.data_files={cfg.data_files}" if cfg.data_files else ""
+        raise DataError(f"data.dataset: cannot load {name!r}{config}{files}: {why(exc)}{hint}") from None
+
+
+def local_files(data_files: Any) -> list[str]:
+    """The local paths (or glob patterns) in data.data_files (a path, a list, or a split mapping)."""
+    if data_files is None:
+        return []
+    values = data_files.values() if isinstance(data_files, dict) else [data_files]
+    paths = [v for value in values for v in (value if isinstance(value, list) else [value])]
+    return [str(Path(p).expanduser()) for p in paths if isinstance(p, str) and "://" not in p]
+
+
+def why(exc: BaseException) -> str:
+    """The first line of what went wrong: datasets wraps a builder's failure ("An error occurred while
+    generating the dataset") around the reader's own (an empty file, malformed JSON), which says more."""
+    while isinstance(exc, DatasetGenerationError) and (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = first_line(exc)
+    empty = re.fullmatch(r'Instruction "(.+)" corresponds to no data!', text)
+    return f"its {empty.group(1)} split has no rows" if empty else text
 
 
 def is_hub_name(name: str) -> bool:
@@ -330,6 +373,7 @@ def _prepare(cfg: DataConfig, splits: dict[str, Dataset], label_names: list[str]
     if processor is None:
         raise DataError("image data needs an image processor: set teacher.model (or student.config) to a model "
                         "folder with preprocessor_config.json")
+    splits = {r: _undecoded_images(ds, cfg.input_column) for r, ds in splits.items()}
     collate = ImageCollator(cfg.input_column, cfg.label_column, cfg.weight_column, processor)
     return PreparedData(splits, label_names, None, collate)
 
@@ -382,6 +426,8 @@ def load_waveform(item: dict[str, Any] | str, rate: int, num_samples: int) -> np
     if isinstance(item, str):
         item = {"path": item, "bytes": None}
     source = io.BytesIO(item["bytes"]) if item.get("bytes") else item.get("path")
+    if isinstance(source, str) and not Path(source).is_file():
+        raise DataError(f"audio file {source} is listed in the dataset but does not exist")
     try:
         audio, orig_rate = soundfile.read(source, dtype="float32", always_2d=True)
     except Exception as exc:
@@ -463,6 +509,30 @@ class TextCollator:
         return batch
 
 
+def _undecoded_images(ds: Dataset, column: str) -> Dataset:
+    """Images stay as stored (bytes or a path) until the collator opens them, so that one that does
+    not decode is named by its file rather than failing inside datasets' row access."""
+    feature = ds.features[column]
+    if isinstance(feature, Image):
+        return ds.cast_column(column, Image(decode=False))
+    if feature != Value("string"):
+        raise DataError(f"data.input_column={column!r} holds {feature}; image data needs an Image column or a "
+                        "column of file paths")
+    return ds
+
+
+def open_image(item: dict[str, Any] | str) -> PIL.Image.Image:
+    """An RGB image from datasets' storage ({"bytes", "path"}) or a path; one line if it does not decode."""
+    if isinstance(item, str):
+        item = {"path": item, "bytes": None}
+    name = item.get("path") or "an image stored in the dataset"
+    try:
+        with PIL.Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, TypeError) as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise DataError(f"cannot decode image {name}: {first_line(exc)}") from None
+
+
 class ImageCollator:
     def __init__(self, image_column: str, label_column: str, weight_column: str | None, processor: Any):
         self.image_column, self.label_column, self.weight_column = image_column, label_column, weight_column
@@ -470,7 +540,7 @@ class ImageCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch = _labels_and_weights(rows, self.label_column, self.weight_column)
-        images = [r[self.image_column].convert("RGB") for r in rows]
+        images = [open_image(r[self.image_column]) for r in rows]
         batch["inputs"] = dict(self.processor(images, return_tensors="pt"))
         return batch
 

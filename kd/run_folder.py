@@ -7,6 +7,7 @@ holds a run is refused unless the run continues it (`--resume`) or the config sa
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,7 @@ def claim(cfg: Any, resuming: bool, say: Callable[[str], None] = print) -> None:
     """Make `cfg.output_dir` this run's: continued (`resuming`), fresh, or emptied of the previous run's
     files when `run.overwrite` is true; else refuse, saying how to go on."""
     folder = Path(cfg.output_dir)
+    make_writable(folder)
     found = previous_run(folder)
     if not found or resuming:
         return
@@ -43,3 +45,16 @@ def claim(cfg: Any, resuming: bool, say: Callable[[str], None] = print) -> None:
         else:
             path.unlink(missing_ok=True)
     say(f"run.overwrite: removed the previous run's {', '.join(found)} from {folder}")
+
+
+def make_writable(folder: Path) -> None:
+    """Create the run folder now, so that a path the run cannot write to fails before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise KDError(f"run.output_dir: {folder} is (or lies under) a file, not a folder; choose another "
+                      "run.output_dir or run.name") from None
+    except OSError as exc:
+        raise KDError(f"run.output_dir: cannot create {folder}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise KDError(f"run.output_dir: {folder} is not writable by this user; choose another run.output_dir")

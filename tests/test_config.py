@@ -68,7 +68,12 @@ def test_every_shipped_key_is_commented(path):
         ("train", {"batch_size": 0}, "train.batch_size", ">= 1"),
         ("train", {"grad_accum": 0}, "train.grad_accum", ">= 1"),
         ("train", {"mixed_precision": "fp8"}, "train.mixed_precision", "'no', 'fp16', 'bf16'"),
-        ("train", {"lr": "fast"}, "train.lr", "expected a number"),
+        ("train", {"lr": "fast"}, "train.lr", "expected a finite number"),
+        # YAML's .inf and .nan are floats that pass every `> 0` check: refused by type
+        ("train", {"lr": float("inf")}, "train.lr", "inf is not valid; expected a finite number"),
+        ("memory", {"vram_budget_gb": float("inf")}, "memory.vram_budget_gb", "expected a finite number"),
+        ("distillation", {"alpha": float("nan")}, "distillation.alpha", "nan is not valid"),
+        ("distillation", {"temperature": 10 ** 400}, "distillation.temperature", "expected a finite number"),
         ("train", {"batch_size": 2.5}, "train.batch_size", "expected an integer"),
         ("train", {"batch_size": True}, "train.batch_size", "expected an integer"),
         ("train", {"epochs": None, "max_steps": None}, "train.epochs", "max_steps"),

@@ -169,3 +169,86 @@ def test_a_tokenizer_that_does_not_know_the_text_is_refused_before_training(tmp_
                                         r"texts' tokens into \[UNK\] \(its vocabulary has 5 entries\): it does not "
                                         r"cover this text"):
         prepare_data(cfg, blank)
+
+
+def text_cfg(**files) -> DataConfig:
+    return DataConfig(dataset="csv", data_files=files, modality="text", input_column="text", eval_split=None)
+
+
+def test_broken_table_files_name_the_file_and_what_is_wrong(tmp_path):
+    """A missing, empty or header-only file, and JSON that does not parse: one line each, naming the file
+    and the reader's own reason (not datasets' "An error occurred while generating the dataset")."""
+    with pytest.raises(DataError, match=rf"^data.data_files: no such file: {tmp_path / 'nope.csv'}$"):
+        prepare_data(text_cfg(train=str(tmp_path / "nope.csv")))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match=r"cannot load 'csv' from data.data_files=.*empty.csv'\}: No columns to parse"):
+        prepare_data(text_cfg(train=str(tmp_path / "empty.csv")))
+    (tmp_path / "header.csv").write_text("text,label\n")
+    with pytest.raises(DataError, match=r"header.csv'\}: its train split has no rows$"):
+        prepare_data(text_cfg(train=str(tmp_path / "header.csv")))
+    (tmp_path / "blank.csv").write_text("text,label\ngood film,pos\n,neg\n")
+    with pytest.raises(DataError, match=r"split 'train': 1 of 2 rows have no value in data.input_column='text'"):
+        prepare_data(text_cfg(train=str(tmp_path / "blank.csv")))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"cannot load 'json' from .*bad.json: JSON parse error"):
+        prepare_data(DataConfig(dataset="json", data_files=str(tmp_path / "bad.json"), modality="text",
+                                input_column="text", eval_split=None))
+
+
+def test_rows_without_a_label_and_listed_audio_that_is_gone_are_named(tmp_path):
+    root = write_tone_dataset(tmp_path / "d", {"train": 2})
+    meta = root / "train" / "metadata.csv"
+    lines = meta.read_text().splitlines()
+    meta.write_text("\n".join([lines[0], lines[1].split(",")[0] + ",,1.0", *lines[2:]]) + "\n")
+    with pytest.raises(DataError, match=r"split 'train': 1 of 6 rows have no value in data.label_column='label'"):
+        prepare_data(audio_cfg(root, eval_split=None), sampling_rate=16000)
+    meta.write_text("\n".join(lines) + "\n")
+    (root / "train" / "high_0.wav").unlink()
+    with pytest.raises(DataError, match=r"audio file .*high_0.wav is listed in the dataset but does not exist"):
+        prepare_data(audio_cfg(root, eval_split=None), sampling_rate=16000)
+
+
+def test_a_hidden_test_split_is_left_out_by_default_and_refused_by_name(tmp_path):
+    """Benchmarks (GLUE, SuperGLUE) publish their test split with every label -1: scoring on it would
+    be scoring against no answers. The default test_split skips it; naming it is an error."""
+    from datasets import ClassLabel, Features, Value
+
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
+    texts = ["good film", "bad film", "great", "awful"]
+    DatasetDict({
+        "train": Dataset.from_dict({"text": texts, "label": [1, 0, 1, 0]}, features=features),
+        "validation": Dataset.from_dict({"text": texts, "label": [1, 0, 1, 0]}, features=features),
+        "test": Dataset.from_dict({"text": texts, "label": [-1] * 4}, features=features),
+    }).save_to_disk(tmp_path / "glue_like")
+    from transformers import BertTokenizer
+
+    from kd.synthetic import save_tiny_bert
+
+    tokenizer = BertTokenizer.from_pretrained(save_tiny_bert(tmp_path / "bert", ["neg", "pos"]))
+    cfg = DataConfig(dataset=str(tmp_path / "glue_like"), modality="text", input_column="text")
+    assert set(prepare_data(cfg, tokenizer).splits) == {"train", "eval"}
+    with pytest.raises(DataError, match=r"split 'test' \(data.eval_split\) has no labels \(every label is -1"):
+        prepare_data(DataConfig(dataset=str(tmp_path / "glue_like"), modality="text", input_column="text",
+                                eval_split="test", test_split=None), tokenizer)
+
+
+def test_an_image_that_does_not_decode_is_named_also_from_a_loader_worker(tmp_path):
+    """Images decode when a batch is built; a corrupt one is one line naming its file, also when a
+    DataLoader worker (which re-raises with its own traceback in the message) hits it."""
+    from transformers import ViTImageProcessor
+
+    from kd.demo.image_data import build_image_dataset
+
+    root = build_image_dataset(tmp_path / "shapes", {"train": 2})
+    broken = sorted((root / "train").rglob("*.png"))[0]
+    broken.write_bytes(b"not an image")
+    data = prepare_data(DataConfig(dataset="imagefolder", data_dir=str(root)),
+                        ViTImageProcessor(size={"height": 16, "width": 16}))
+    train = data.splits["train"]
+    with pytest.raises(DataError, match=rf"^cannot decode image {broken}: cannot identify image file"):
+        data.collate([train[i] for i in range(len(train))])
+    loader = make_loader(train, DataConfig(dataset="imagefolder", num_workers=1), 64, collate=data.collate,
+                         shuffle=False, pin_memory=False)
+    with pytest.raises(DataError) as info:
+        next(iter(loader))
+    assert str(info.value) == f"cannot decode image {broken}: cannot identify image file '{broken}'"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -44,6 +45,33 @@ def test_folder_with_only_pickle_weights_is_refused(tmp_path, tiny_teacher):
     torch.save({}, folder / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match=r"only pickle weights \(pytorch_model.bin\)"):
         load_teacher(str(folder), "audio")
+
+
+def test_a_model_folder_whose_parts_disagree_is_one_line_naming_it(tmp_path, tiny_teacher):
+    """An edited config.json (weights of another shape) and a folder without its preprocessor: what
+    transformers says is a report table or a paragraph about the Hub; the kit says what is wrong."""
+    from kd.teachers.loading import load_processor
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_teacher, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["hidden_size"] *= 2
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=rf"^teacher.model: the weights of {edited} do not fit the architecture "
+                                             "its config.json describes"):
+        load_teacher(str(edited), "audio")
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_teacher, cut)
+    (cut / "config.json").write_text((cut / "config.json").read_text()[:100])  # a copy that stopped half-way
+    with pytest.raises(ModelLoadError, match=rf"^teacher.model: cannot read the model config of {cut} \(.*not a "
+                                             "valid JSON file"):
+        load_teacher(str(cut), "audio")
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_teacher, bare)
+    (bare / "preprocessor_config.json").unlink()
+    with pytest.raises(ModelLoadError, match=rf"^teacher.model: {bare} has no usable preprocessor_config.json for "
+                                             "its audio inputs"):
+        load_processor(str(bare), "audio")
 
 
 def test_missing_and_wrong_paths_are_clear(tmp_path):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kd.config import load_config
+from kd.errors import KDError
 from kd.export.student import load_student
 from kd.telemetry import COMMON_FIELDS, EVENT_FIELDS, read_events
 
@@ -429,7 +430,6 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_intac
     alone skips it (saying so) and continues from the newest intact checkpoint; named explicitly it
     is one line naming the file; a file at its size that does not read back is one line too."""
     from kd.checkpoints import MANIFEST, checkpoint_to_resume
-    from kd.errors import KDError
 
     cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run",
                       train={"max_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 5, "eval_every": 100})
@@ -473,6 +473,23 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_intac
     with pytest.raises(KDError, match=r"every checkpoint in .* is damaged \(the newest: .*model.safetensors has "):
         checkpoint_to_resume("latest", tmp_path / "run", say=skipped.append)
     assert [line.split(":")[0] for line in skipped] == [f"Skipping damaged checkpoint step_{s:07d}" for s in (6, 4, 2)]
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    """A file where the folder should be (or above it): one line naming run.output_dir, before the
+    teacher is loaded or the data prepared."""
+    from types import SimpleNamespace
+
+    from kd.run_folder import claim
+
+    (tmp_path / "afile").write_text("x")
+    for folder in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        cfg = SimpleNamespace(output_dir=str(folder), run=SimpleNamespace(overwrite=False))
+        with pytest.raises(KDError, match=rf"^run.output_dir: {folder} is \(or lies under\) a file, not a folder"):
+            claim(cfg, resuming=False)
+    fresh = SimpleNamespace(output_dir=str(tmp_path / "a" / "b"), run=SimpleNamespace(overwrite=False))
+    claim(fresh, resuming=False)
+    assert (tmp_path / "a" / "b").is_dir()
 
 
 def test_a_second_run_into_a_used_folder_is_refused_unless_resumed_or_told_to_start_over(tmp_path, tone_data,

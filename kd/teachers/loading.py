@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -275,23 +276,29 @@ def _load_teacher(spec: str, modality: str, revision: str | None, dtype: str) ->
                                  f"is {modality!r}")
         return freeze(load_logmel_cnn(source, "teacher.model").to(DTYPES[dtype]))
     cls = TASK_CLASSES[modality]
+    config = load_model_config(spec, "teacher.model", revision)  # a cut-off config.json is named as such
     try:
         if single_file is not None and single_file.name != "model.safetensors":
             # A lone weights file with its config.json beside it: build the architecture, then load.
-            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
             model = cls.from_config(config, dtype=DTYPES[dtype])
             missing, unexpected = model.load_state_dict(load_file(str(single_file)), strict=False)
             if missing:
                 raise ModelLoadError(f"teacher.model: {single_file} lacks {len(missing)} weights of the "
                                      f"architecture in config.json, e.g. {missing[0]}")
         else:
-            model = cls.from_pretrained(source, revision=revision, use_safetensors=True, trust_remote_code=False,
-                                        dtype=DTYPES[dtype])
+            model = cls.from_pretrained(source, config=config, revision=revision, use_safetensors=True,
+                                        trust_remote_code=False, dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"teacher.model: cannot load {spec} as a {TASK_NAMES[modality]} with safetensors weights "
             f"({first_line(exc)}); if it ships pickle weights only, {HOW_TO_CONVERT}"
         ) from None
+    except RuntimeError as exc:  # torch's "size mismatch for <weight>", which transformers reports above its own
+        mismatch = re.search(r"size mismatch for ([\w.]+)", str(exc))
+        raise ModelLoadError(
+            f"teacher.model: the weights of {spec} do not fit the architecture its config.json describes"
+            f"{f' ({mismatch.group(1)} has another shape)' if mismatch else ''}: the config was edited or belongs "
+            "to another checkpoint") from None
     return freeze(model)
 
 
@@ -350,8 +357,13 @@ def load_processor(spec: str, modality: str, revision: str | None = None, what: 
     try:
         return loader.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:
+        files = "tokenizer files (tokenizer.json or a vocabulary)" if loader is AutoTokenizer else \
+            "preprocessor_config.json"
+        if Path(source).is_dir():  # transformers' own message is a paragraph about the Hub
+            raise ModelLoadError(f"{what}: {spec} has no usable {files} for its {modality} inputs; copy them from "
+                                 "the model's original repository into the folder") from None
         raise ModelLoadError(f"{what}: cannot load the {modality} preprocessor of {spec} ({first_line(exc)}); "
-                             "the model folder needs its preprocessor_config.json / tokenizer files") from None
+                             f"the model needs its {files}") from None
 
 
 def label_space(config: PretrainedConfig | dict[str, Any]) -> tuple[int | None, list[str] | None]:
