@@ -133,6 +133,26 @@ def test_interrupted_precompute_resumes_and_two_processes_write_each_sample_once
     assert "coverage train 24/24, eval 12/12, test 12/12" in again.stdout
 
 
+def test_a_teacher_whose_labels_differ_from_the_data_is_named_before_any_cache_advice(tmp_path, tone_data,
+                                                                                      tiny_teacher):
+    """The same teacher on a dataset naming other classes: the labels are the error, not the cache
+    (whose advice to delete it would cost a valid cache shared with other runs), and the cache stays."""
+    filled = run_cli(["--config", str(_config(tmp_path, tone_data, tiny_teacher, "fill", teacher_cache="auto")),
+                      "train.epochs=1"])
+    assert filled.returncode == 0, filled.stderr[-2000:]
+    caches = sorted((tmp_path / "cache").rglob("*.sqlite"))
+    assert caches
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tone_data, renamed)
+    for meta in renamed.glob("*/metadata.csv"):
+        meta.write_text(meta.read_text().replace(",high,", ",treble,"))
+    other = run_cli(["--config", str(_config(tmp_path, renamed, tiny_teacher, "other", teacher_cache="auto"))])
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert re.search(r"the dataset has treble that it does not predict; it predicts high that the dataset lacks",
+                     other.stderr), other.stderr
+    assert "cache" not in other.stderr and sorted((tmp_path / "cache").rglob("*.sqlite")) == caches
+
+
 def test_a_changed_teacher_dtype_rate_or_dataset_is_a_miss(tmp_path, tone_data, tiny_teacher):
     base = tiny_config(tone_data, tiny_teacher, tmp_path / "run")
 

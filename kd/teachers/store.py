@@ -143,7 +143,8 @@ class TeacherCache:
         if meta and meta != mine:
             differs = sorted(k for k in mine if meta.get(k) != mine[k])
             raise CacheError(f"teacher cache {self.path} was written for another teacher or label space "
-                             f"({', '.join(differs)} differ); delete it and rebuild it with --precompute-teacher")
+                             f"({', '.join(differs)} differ); give this run its own distillation.cache_dir, or "
+                             "delete the file if no other run uses it")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
