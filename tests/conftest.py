@@ -79,11 +79,25 @@ class CliTimeout(AssertionError):
     """A command that did not end in time; the message holds its processes' stacks and last output."""
 
 
+_current = {"launches": True}
+
+
+@pytest.fixture(autouse=True)
+def _note_launches_marker(request):
+    """Remember whether the running test is marked `launches`, which run_cli requires: `make test-fast`
+    leaves those out, and an unmarked test that starts a training run would quietly slow it down."""
+    _current["launches"] = request.node.get_closest_marker("launches") is not None
+    yield
+    _current["launches"] = True
+
+
 def run_cli(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
             launcher: list[str] | None = None, timeout: int = 300):
     """Run train_kd.py in a subprocess (optionally under `accelerate launch`) and return the result."""
     import subprocess
     import tempfile
+
+    assert _current["launches"], "a test that runs train_kd.py needs @pytest.mark.launches (test-fast skips those)"
 
     full_env = dict(os.environ)
     full_env.update(env or {})

@@ -133,6 +133,7 @@ def test_interrupted_precompute_resumes_and_two_processes_write_each_sample_once
     assert "coverage train 24/24, eval 12/12, test 12/12" in again.stdout
 
 
+@pytest.mark.launches
 def test_a_teacher_whose_labels_differ_from_the_data_is_named_before_any_cache_advice(tmp_path, tone_data,
                                                                                       tiny_teacher):
     """The same teacher on a dataset naming other classes: the labels are the error, not the cache
