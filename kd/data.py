@@ -119,7 +119,7 @@ def load_raw_splits(cfg: DataConfig) -> dict[str, Dataset]:
 
 def unlabelled(ds: Dataset, column: str) -> bool:
     """Whether every label is -1: benchmarks (GLUE, SuperGLUE) publish their test split that way."""
-    feature = ds.features[column]
+    feature = ds.features.get(column)  # None for a language model's text, which has no label column
     integer = isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith("int"))
     return integer and ds.unique(column) == [-1]
 
