@@ -2,6 +2,7 @@
 
     python bench/bench_remote.py                       # serves .bench/smollm2-135m with kd.teachers.remote.server
     python bench/bench_remote.py --url http://127.0.0.1:8001/v1 --model /path/served   # any server (vLLM)
+    python bench/bench_remote.py --server-dtype bf16 --agreement-only   # what a bf16 server costs in agreement
 
 Needs the converted teacher (`make demo-llm` writes .bench/smollm2-135m and .bench/llm-corpus). Measures,
 in one run on this machine:
@@ -42,9 +43,9 @@ from kd.teachers.remote.protocol import TokenMap, completion_logprobs, score_req
 from workloads import save_results  # noqa: E402
 
 
-def start_server(folder: Path, port: int) -> subprocess.Popen:
+def start_server(folder: Path, port: int, dtype: str = "fp32") -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "kd.teachers.remote.server", "--model", str(folder),
-                             "--port", str(port)], cwd=ROOT)
+                             "--port", str(port), "--dtype", dtype], cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -117,6 +118,7 @@ def generate_agreement(url: str, model_id: str, folder: Path, tokenizer, api: st
         rows = [split[i] for i in range(len(split))]
         batch = LMCollator(tokenizer.pad_token_id)(rows)
         remote = RemoteTeacher(cfg, tokenizer, say=print)
+        remote.connect({})  # the probe, and the answer cache opened
         try:
             started = time.perf_counter()
             got = next(iter(remote.prefetch([batch], iter([rows]))))
@@ -201,6 +203,10 @@ def main() -> int:
     parser.add_argument("--out", default="bench/remote")
     parser.add_argument("--generate", action="store_true", help="only the generate-mode check (both APIs)")
     parser.add_argument("--new-tokens", type=int, default=48, help="generate: answer length")
+    parser.add_argument("--server-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="the precision the kit's own server computes in (the local teacher stays fp32)")
+    parser.add_argument("--agreement-only", action="store_true", help="measure agreement, not speed or training")
+    parser.add_argument("--agreement-rows", type=int, default=4, help="rows scored for agreement")
     args = parser.parse_args()
     folder, corpus = WORK / "smollm2-135m", WORK / "llm-corpus"
     if not (folder / "model.safetensors").is_file() or not corpus.is_dir():
@@ -211,7 +217,7 @@ def main() -> int:
     server = None
     url, model_id = args.url, args.model
     if url is None:
-        server = start_server(folder, args.port)
+        server = start_server(folder, args.port, args.server_dtype)
         url, model_id = f"http://127.0.0.1:{args.port}/v1", folder.name
     if args.generate:
         try:
@@ -233,23 +239,25 @@ def main() -> int:
         client = EndpointClient(EndpointConfig(url=url, model=model_id, top_k=args.k, min_top_k=min(10, args.k),
                                                timeout_s=300), None)
         try:
-            agree = agreement(client, model_id, folder, tokenizer, samples[:4], args.k)
+            agree = agreement(client, model_id, folder, tokenizer, samples[:args.agreement_rows], args.k)
         finally:
             client.close()
-        speed = {c: client_speed(url, model_id, samples, args.k, c) for c in (1, 8)}
-        runs = {p: train(f"remote-prefetch-{p}", url, model_id, p, args) for p in (4, 0)}
+        if not args.agreement_only:
+            speed = {c: client_speed(url, model_id, samples, args.k, c) for c in (1, 8)}
+            runs = {p: train(f"remote-prefetch-{p}", url, model_id, p, args) for p in (4, 0)}
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
     result = {"server": "kd.teachers.remote.server" if args.url is None else args.url, "model": model_id, "k": args.k,
-              "seq": args.seq, "agreement": agree, "client": speed, "training": runs,
-              "prefetch_speedup": runs[4]["tokens_per_s"] / runs[0]["tokens_per_s"],
+              "seq": args.seq, "server_dtype": args.server_dtype if args.url is None else None, "agreement": agree,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d")}
+    if not args.agreement_only:
+        result.update(client=speed, training=runs, prefetch_speedup=runs[4]["tokens_per_s"] / runs[0]["tokens_per_s"])
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    save_results(result, out / "results.json")
+    save_results(result, out / ("agreement.json" if args.agreement_only else "results.json"))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -101,6 +101,12 @@ class EndpointConfig:
     max_backoff_s: float = 30.0
     cache_ttl_days: float | None = None  # null: cached responses never expire
     cache_read_only: bool = False  # use cached responses, never write (also --cache-read-only)
+    # What the server computes in (bf16, fp32, awq-int4...): no server reports it, and answers differ
+    # with it, so it is part of the response cache's key. null: not named (answers of any unnamed one match).
+    precision: str | None = None
+    # A server that is down, at start or once a request's retries are spent, is waited for this long
+    # (probed with backoff) before the run stops at a checkpoint; 0: stop at once.
+    outage_wait_s: float = 300.0
 
 
 @dataclass
@@ -597,6 +603,10 @@ def _check_endpoint(ep: EndpointConfig, cfg: Config) -> list[str]:
     need(ep.max_retries >= 0, "max_retries", ep.max_retries, "must be >= 0")
     for key in ("timeout_s", "backoff_s", "max_backoff_s"):
         need(getattr(ep, key) > 0, key, getattr(ep, key), "must be > 0 (seconds)")
+    need(ep.precision is None or bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,39}", str(ep.precision))),
+         "precision", ep.precision, "a short name of what the server computes in, e.g. bf16, fp32 or awq-int4 "
+         "(letters, digits, . _ + -), or null")
+    need(ep.outage_wait_s >= 0, "outage_wait_s", ep.outage_wait_s, "must be >= 0 seconds (0: stop at once)")
     need(ep.cache_ttl_days is None or ep.cache_ttl_days > 0, "cache_ttl_days", ep.cache_ttl_days,
          "must be null (never expire) or > 0")
     if ep.mode == "score":

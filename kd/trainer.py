@@ -52,6 +52,7 @@ class TrainState:
     samples: int = 0  # all processes together
     micro_batch: int = 0  # current sizes: an out-of-memory shrink changes them, a resume keeps them
     grad_accum: int = 0
+    train_rows: int = 0  # the training split's size: an epoch's plan, which a resume must find unchanged
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -104,6 +105,9 @@ class Trainer:
                                            seed=self.cfg.run.seed, rank=self.acc.process_index)
             self.acc.print(f"Augmentation (training batches, teacher and student alike): {describe(self.cfg.augment)}")
         self.state.micro_batch, self.state.grad_accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
+        self.state.train_rows = len(run.data.splits["train"])
+        if self.targets is not None:
+            self.targets.report_to(self._warn)  # e.g. a teacher server retrying while the loop waits on it
         # The sizes may differ from those the Accelerator was created with (memory.auto_batch_size).
         self.acc.gradient_accumulation_steps = self.state.grad_accum
         # On a GPU, the fused AdamW: one kernel for the whole update, and under fp16 the gradient scaler
@@ -161,6 +165,13 @@ class Trainer:
             except Exception as exc:  # a file that is there at its size but does not read back
                 raise KDError(f"--resume: cannot load checkpoint {resume_from} ({first_line(exc)}); it is damaged: "
                               f"resume from an older one in {resume_from.parent}") from None
+            rows = len(self.run.data.splits["train"])
+            if self.state.train_rows and self.state.train_rows != rows:  # 0: a checkpoint from before the field
+                raise KDError(f"--resume: the checkpoint's epochs are over {self.state.train_rows} training samples "
+                              f"and this run has {rows}, so its place in the epoch cannot be found again; resume "
+                              "with the data it was trained on (with a remote teacher down and --cache-read-only, "
+                              "only the cached samples are left: start the server), or start a new run")
+            self.state.train_rows = rows
             self._use_sizes(self.state.micro_batch, self.state.grad_accum)
             self._step_start = (self.state.batches_in_epoch, self.state.samples)
             self.acc.print(f"Resumed from {resume_from} at step {self.state.step}, epoch {self.state.epoch}")
@@ -376,6 +387,11 @@ class Trainer:
         self.peaks.enter(phase)
         if self.acc.sync_gradients:  # injected faults hit the micro-batch that completes the step
             self.fault.maybe_raise(self.state.step + 1, phase)
+
+    def _warn(self, code: str, message: str) -> None:
+        """A warning as it happens: a telemetry event (the monitor shows it) and a line on the console."""
+        self.telemetry.emit("warning", self.state.step, code=code, message=message)
+        self.acc.print(f"Warning [{code}]: {message}")
 
     def _save_before_failing(self) -> str:
         """Drop the unfinished step and checkpoint the state after the last finished one."""

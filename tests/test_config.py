@@ -203,6 +203,8 @@ REMOTE = {"data": {"dataset": "json", "data_dir": "x", "modality": "causal_lm", 
          "below data.max_length - 1"),
         ({"mode": "generate", "temperature": 3}, {}, "teacher.endpoint.temperature", "must be in [0, 2]"),
         ({"mode": "generate"}, {"packing": True}, "teacher.endpoint.mode", "data.packing: false"),
+        ({"precision": "brain float 16"}, {}, "teacher.endpoint.precision", "e.g. bf16, fp32 or awq-int4"),
+        ({"outage_wait_s": -5}, {}, "teacher.endpoint.outage_wait_s", "must be >= 0 seconds"),
     ],
 )
 def test_bad_remote_teacher_values_name_the_key(endpoint, data, key, fragment):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from starlette.responses import JSONResponse, PlainTextResponse
 
-from kd.config import EndpointConfig, config_from_dict
+from kd.config import EndpointConfig, config_from_dict, load_config
 from kd.lm.losses import TopK
 from kd.synthetic import save_tiny_llama, save_tiny_tokenizer, write_lm_dataset
 from kd.teachers.remote.client import EndpointClient, RemoteTeacherError, retry_after_s
@@ -24,7 +24,7 @@ from kd.teachers.remote.server import BackgroundServer, TeacherLM, build_app
 from kd.teachers.remote.source import RemoteTeacher
 from kd.telemetry import read_events
 
-from conftest import run_cli, write_config
+from conftest import ROOT, run_cli, write_config
 
 KEY = "sk-test-1234567890-secret"
 
@@ -140,14 +140,14 @@ def test_retry_after_accepts_seconds_and_dates():
 # The same soft targets as the local teacher
 
 
-def test_remote_scores_equal_the_local_teachers_top_k(tmp_path, llama, teacher_lm):
+def score_setup(tmp_path: Path, llama: Path, tok, **endpoint_kw):
+    """A config pointing at a server filled in later, and a batch of three text rows with its rows."""
     data = write_lm_dataset(tmp_path / "data", "text", {"train": 4, "validation": 2})
+    ep = {"url": "http://127.0.0.1:1/v1", "model": "tiny", "top_k": 8, "min_top_k": 4, **endpoint_kw}
     cfg = config_from_dict({
         "data": {"dataset": "json", "data_dir": str(data), "modality": "causal_lm", "input_column": "text"},
-        "teacher": {"model": str(llama),
-                    "endpoint": {"url": "http://127.0.0.1:1/v1", "model": "tiny", "top_k": 8, "min_top_k": 4}},
+        "teacher": {"model": str(llama), "endpoint": ep},
         "student": {"type": "hf"}, "distillation": {"cache_dir": str(tmp_path / "cache")}})
-    tok = teacher_lm.tokenizer
     rows = [tok(t)["input_ids"] for t in ("the cat sat on the mat", "a dog ran", "birds sing loud songs today")]
     longest = max(map(len, rows))
     ids = torch.tensor([r + [tok.pad_token_id] * (longest - len(r)) for r in rows])
@@ -155,11 +155,18 @@ def test_remote_scores_equal_the_local_teachers_top_k(tmp_path, llama, teacher_l
     labels = torch.where(mask.roll(-1, 1).bool(), ids.roll(-1, 1), torch.full_like(ids, -100))
     labels[:, -1] = -100
     batch = {"inputs": {"input_ids": ids, "attention_mask": mask}, "labels": labels}
+    return cfg, batch, [{"input_ids": r} for r in rows]
+
+
+def test_remote_scores_equal_the_local_teachers_top_k(tmp_path, llama, teacher_lm):
+    cfg, batch, rows = score_setup(tmp_path, llama, teacher_lm.tokenizer)
+    ids, mask, labels = batch["inputs"]["input_ids"], batch["inputs"]["attention_mask"], batch["labels"]
     with BackgroundServer(build_app(teacher_lm, "tiny")) as url:
         cfg.teacher.endpoint.url = url
-        remote = RemoteTeacher(cfg, tok, say=lambda *a: None)
+        remote = RemoteTeacher(cfg, teacher_lm.tokenizer, say=lambda *a: None)
+        remote.connect({})  # no splits: the server is up here
         try:
-            got = answered(remote, batch, [{"input_ids": r} for r in rows])["soft_targets"]
+            got = answered(remote, batch, rows)["soft_targets"]
         finally:
             remote.close()
     with torch.no_grad():
@@ -170,6 +177,82 @@ def test_remote_scores_equal_the_local_teachers_top_k(tmp_path, llama, teacher_l
     distinct = (local.logprobs[..., :-1] - local.logprobs[..., 1:]).abs() > 1e-5
     same = (got.indices[..., :-1] == local.indices[..., :-1]) | ~distinct
     assert same[learnt].all()
+
+
+def test_equal_log_probabilities_list_the_lower_id_first(teacher_lm):
+    # bf16 servers tie the top two at some positions; vLLM and torch.argmax pick the lower id there.
+    tokens = TokenMap(teacher_lm.tokenizer)
+    tokens.kind = "ids"
+    ids, lps = tokens.top([{"token_id:7": -0.5, "token_id:3": -0.5, "token_id:9": -1.0, "token_id:5": -0.5}], 3)
+    assert ids.tolist() == [[3, 5, 7]] and lps.tolist() == [[-0.5, -0.5, -0.5]]
+
+
+def test_the_probe_measures_the_server_against_the_local_teacher(tmp_path, llama, teacher_lm):
+    """Where the teacher's weights are at hand, the probe's answer is compared with them: an fp32 server
+    agrees to float noise; one holding other weights (or computing in another precision) is named."""
+    cfg, _, _ = score_setup(tmp_path, llama, teacher_lm.tokenizer)
+    other = TeacherLM(str(save_tiny_llama(tmp_path / "other", seed=1)), "cpu")
+    for server, fine in ((teacher_lm, True), (other, False)):
+        lines: list[str] = []
+        with BackgroundServer(build_app(server, "tiny")) as url:
+            cfg.teacher.endpoint.url = url
+            remote = RemoteTeacher(cfg, teacher_lm.tokenizer, say=lines.append, local_teacher=lambda: teacher_lm.model)
+            try:
+                remote.connect({})
+            finally:
+                remote.close()
+        a = remote.agreement
+        line = next(ln for ln in lines if ln.startswith("Remote teacher against the local one"))
+        assert a["positions"] > 5 and remote.describe()["agreement"] == a
+        if fine:
+            assert a["top1_agree"] == a["positions"] and a["max_logprob_diff"] < 1e-3
+            assert "precision noise" not in line
+        else:
+            assert a["max_logprob_diff"] > 0.01
+            assert "more than precision noise" in line and "teacher.endpoint.precision" in line
+
+
+def test_the_named_precision_is_part_of_the_answer_key(tmp_path, llama, teacher_lm):
+    cfg, batch, rows = score_setup(tmp_path, llama, teacher_lm.tokenizer)
+    faults = Faults(build_app(teacher_lm, "tiny"))
+    asked = []
+    with BackgroundServer(faults) as url:
+        cfg.teacher.endpoint.url = url
+        for precision in ("bf16", "bf16", "fp32", None):
+            cfg.teacher.endpoint.precision = precision
+            before = faults.completions
+            remote = RemoteTeacher(cfg, teacher_lm.tokenizer, say=lambda *a: None)
+            try:
+                remote.connect({})
+                answered(remote, batch, rows)
+                assert remote.describe()["precision"] == precision
+            finally:
+                remote.close()
+            asked.append(faults.completions - before - 1)  # less the probe
+    assert asked == [3, 0, 3, 3]  # the same precision reads the cache; another one asks again
+
+
+def test_retries_are_reported_as_warnings_while_training_waits(tmp_path, llama, teacher_lm, monkeypatch):
+    import kd.teachers.remote.source as source
+
+    monkeypatch.setattr(source, "WATCH_S", 0.05)
+    cfg, batch, rows = score_setup(tmp_path, llama, teacher_lm.tokenizer, max_retries=6, backoff_s=0.1,
+                                   max_backoff_s=0.2)
+    faults = Faults(build_app(teacher_lm, "tiny"), [None] + [500] * 4)  # the probe, then 4 failures
+    warnings: list[tuple[str, str]] = []
+    with BackgroundServer(faults) as url:
+        cfg.teacher.endpoint.url = url
+        remote = RemoteTeacher(cfg, teacher_lm.tokenizer, say=lambda *a: None)
+        try:
+            remote.connect({})
+            remote.report_to(lambda code, message: warnings.append((code, message)))
+            answered(remote, batch, rows)
+        finally:
+            remote.close()
+    assert warnings and {code for code, _ in warnings} == {"teacher_retrying"}
+    assert all("HTTP 500" in message and "failed tries while training waits" in message for _, message in warnings)
+    # Each warning counts the tries failed since the one before; those just before the answer came go unsaid.
+    assert 1 <= sum(int(message.split(": ")[1].split(" ")[0]) for _, message in warnings) <= 4
 
 
 class RefuseTokenIds:
@@ -228,6 +311,7 @@ def test_generate_mode_trains_on_the_teachers_answer_with_its_top_k(llama, teach
     with BackgroundServer(server) as url:
         cfg.teacher.endpoint.url = url
         remote = RemoteTeacher(cfg, tok, say=lambda *a: None)
+        remote.connect({})  # no splits: the server is up here
         try:
             got = answered(remote, batch, rows)
         finally:
@@ -424,37 +508,120 @@ def test_remote_run_telemetry_cache_reuse_and_the_key(tmp_path, llama, teacher_l
     assert "Traceback" not in missing_key.stderr
 
 
+def losses(run_dir: Path) -> dict[int, float]:
+    logged = [(s["step"], s["loss"]["total"]) for s in steps(run_dir)]
+    assert len({step for step, _ in logged}) == len(logged), "a step was trained twice"
+    return dict(logged)
+
+
+def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "student" / "model.safetensors")
+
+
+def assert_trained_alike(run_dir: Path, reference: Path) -> None:
+    """Every step (logged once, whichever run of the folder trained it) has the reference's loss, and
+    the student ends with the reference's weights."""
+    ran, ref = losses(run_dir), losses(reference)
+    assert sorted(ran) == sorted(ref)
+    for step, loss in ran.items():
+        assert loss == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+    mine, theirs = student_weights(run_dir), student_weights(reference)
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# remote_config's rows have different lengths (data.packing is off), as where the outage was first seen.
+OUTAGE = {"outage_wait_s": 1.0}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, llama, teacher_lm) -> Path:
+    """An uninterrupted run of remote_config: what every outage below must end up having trained."""
+    tmp = tmp_path_factory.mktemp("reference")
+    with BackgroundServer(Faults(build_app(teacher_lm, "tiny"))) as url:
+        result = run_cli(["--config", str(remote_config(tmp, llama, url, "reference", **OUTAGE))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "reference"
+
+
 @pytest.mark.launches
-def test_failed_run_checkpoints_trains_offline_and_resumes_without_refetching(tmp_path, llama, teacher_lm):
-    # 1. The server starts failing after 14 answers (the probe + 13 rows): the run stops, checkpointed.
-    faults = Faults(build_app(teacher_lm, "tiny"), [None] * 14 + [500] * 200)
+def test_a_server_that_comes_back_within_the_wait_costs_nothing_but_time(tmp_path, llama, teacher_lm, reference_run):
+    # After 14 answers (the probe and 13 rows) every completion fails 6 times: each request's retries
+    # (max_retries 1) are spent 3 times over; the run waits for the server, sends the failed requests
+    # again and trains on exactly what the uninterrupted run did.
+    faults = Faults(build_app(teacher_lm, "tiny"), [None] * 14 + [500] * 6)
     with BackgroundServer(faults) as url:
-        failed = run_cli(["--config", str(remote_config(tmp_path, llama, url, "run"))])
+        result = run_cli(["--config", str(remote_config(tmp_path, llama, url, "run", **OUTAGE))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(tmp_path / "run" / "telemetry.jsonl")
+    warnings = [e for e in events if e["type"] == "warning"]
+    codes = [w["code"] for w in warnings]
+    assert "teacher_down" in codes and "teacher_back" in codes
+    down = next(w for w in warnings if w["code"] == "teacher_down")
+    assert "gave up after 2 attempts" in down["message"] and "HTTP 500" in down["message"]
+    assert "teacher.endpoint.outage_wait_s" in down["message"]
+    assert events[-1]["type"] == "run_end" and events[-1]["status"] == "completed"
+    assert_trained_alike(tmp_path / "run", reference_run)
+
+
+@pytest.mark.launches
+def test_an_outage_never_ends_a_run_on_part_of_its_data(tmp_path, llama, teacher_lm, reference_run):
+    # 1. The server starts failing after 14 answers and stays down: the run waits outage_wait_s, then
+    #    stops at a checkpoint and says the server is still down.
+    faults = Faults(build_app(teacher_lm, "tiny"), [None] * 14 + [500] * 10**6)  # down for good
+    with BackgroundServer(faults) as url:
+        failed = run_cli(["--config", str(remote_config(tmp_path, llama, url, "run", **OUTAGE))])
     down = url  # nothing listens there any more
     before = stored_answers(tmp_path)
     assert failed.returncode == 2
     error = failed.stderr.strip().splitlines()[-1]
-    assert "gave up after 2 attempts" in error and "HTTP 500" in error and "continue with --resume" in error
-    assert "Traceback" not in failed.stderr
+    assert "gave up after 2 attempts" in error and "HTTP 500" in error and "still down after waiting 1 s" in error
+    assert "continue with --resume" in error and "Traceback" not in failed.stderr
     end = read_events(tmp_path / "run" / "telemetry.jsonl")[-1]
     assert end["type"] == "run_end" and end["status"] == "failed"
-    assert list((tmp_path / "run" / "checkpoints").glob("step_*"))
-    # 2. The server is down: a run trains on the cached answers and says how many are missing.
-    offline = run_cli(["--config", str(remote_config(tmp_path, llama, down, "offline"))])
-    assert offline.returncode == 0, offline.stderr[-3000:]
-    line = next(ln for ln in offline.stdout.splitlines() if ln.startswith("Remote teacher offline: train split"))
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert checkpoints
+    last_step = int(checkpoints[-1].split("_")[1])
+
+    # 2. Resumed while the server is still down: it waits, then stops, and trains on nothing.
+    resumed_down = run_cli(["--config", str(remote_config(tmp_path, llama, down, "run", **OUTAGE)), "--resume"])
+    assert resumed_down.returncode == 2
+    error = resumed_down.stderr.strip().splitlines()[-1]
+    assert "still down after waiting 1 s (teacher.endpoint.outage_wait_s)" in error
+    assert "of 24 training samples have no cached answer" in error and "--cache-read-only" in error
+    assert "Traceback" not in resumed_down.stderr
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == checkpoints
+    assert all(e["status"] != "completed" for e in read_events(tmp_path / "run" / "telemetry.jsonl")
+               if e["type"] == "run_end")
+
+    # 3. Asked for (--cache-read-only): a new run trains on the cached samples and counts the rest; a
+    #    resume on that subset is refused, since the checkpoint's epoch was planned over all 24.
+    subset = run_cli(["--config", str(remote_config(tmp_path, llama, down, "subset", **OUTAGE)), "--cache-read-only"])
+    assert subset.returncode == 0, subset.stderr[-3000:]
+    line = next(ln for ln in subset.stdout.splitlines() if ln.startswith("Remote teacher offline: train split"))
     cached, total = map(int, line.split("train split ")[1].split(" ")[0].split("/"))
     assert total == 24 and 0 < cached < 24 and f"{24 - cached} missing" in line
-    # 3. Back online: --resume continues from the checkpoint and asks only for what is not cached.
+    refused = run_cli(["--config", str(remote_config(tmp_path, llama, down, "run", **OUTAGE)), "--resume",
+                       "--cache-read-only"])
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert f"the checkpoint's epochs are over 24 training samples and this run has {cached}" in refused.stderr
+
+    # 4. Back online: --resume asks only for what is not cached and ends with every row trained as the
+    #    uninterrupted run trained it.
     healthy = Faults(build_app(teacher_lm, "tiny"))
     with BackgroundServer(healthy) as url:
-        resumed = run_cli(["--config", str(remote_config(tmp_path, llama, url, "run")), "--resume"])
+        resumed = run_cli(["--config", str(remote_config(tmp_path, llama, url, "run", **OUTAGE)), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout
     distinct = {json.dumps(json.loads(line), sort_keys=True) for split in ("train", "validation")
                 for line in (tmp_path / "data" / f"{split}.jsonl").read_text().splitlines()}
-    assert stored_answers(tmp_path) == len(distinct)  # every distinct row answered once across the three runs
+    assert stored_answers(tmp_path) == len(distinct)  # every distinct row answered once across the runs
     assert healthy.completions == 1 + len(distinct) - before  # the probe and the rows the failed run lacked
+    assert min(s["step"] for s in steps(tmp_path / "run") if s["step"] > last_step) == last_step + 1
+    assert_trained_alike(tmp_path / "run", reference_run)
 
 
 @pytest.mark.launches
@@ -484,6 +651,26 @@ def test_generate_run_trains_on_answers_and_a_rerun_asks_only_what_changed(tmp_p
     assert evals and evals[-1]["metrics"]["teacher_acc"] == 1.0 and evals[-1]["metrics"]["tokens"] > 0
     assert sum(s["remote_teacher"]["requests"] for s in steps(tmp_path / "gen2")) == 0
     assert "training prompts (the remote teacher writes the answers)" in first.stdout
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("name", ["remote_teacher.yaml", "remote_teacher_generate.yaml"])
+def test_the_shipped_remote_configs_train_as_written(tmp_path, llama, teacher_lm, name):
+    """Each shipped remote-teacher config runs with its own settings (mode, packing, lengths, top k...):
+    only where things are (model, data, server, run folder) and how long are changed."""
+    data = write_lm_dataset(tmp_path / "data", "text", {"train": 16, "validation": 4, "test": 4})
+    with BackgroundServer(build_app(teacher_lm, "tiny")) as url:
+        result = run_cli(["--config", str(ROOT / "configs" / name), f"teacher.model={llama}", f"data.data_dir={data}",
+                          f"teacher.endpoint.url={url}", "teacher.endpoint.model=tiny", "student.teacher_layers=[0,2]",
+                          f"run.output_dir={tmp_path / 'run'}", f"distillation.cache_dir={tmp_path / 'cache'}",
+                          "train.max_steps=3", "train.eval_every=3", "train.checkpoint_every=3"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(tmp_path / "run" / "telemetry.jsonl")
+    start, end = events[0], events[-1]
+    assert start["soft_targets"]["mode"] == load_config(ROOT / "configs" / name).teacher.endpoint.mode
+    assert start["soft_targets"]["precision"] == "fp32"
+    assert start["soft_targets"]["agreement"]["top1_agree"] == start["soft_targets"]["agreement"]["positions"]
+    assert end["status"] == "completed" and "teacher_acc" in end["metrics"]["test"]
 
 
 def stored_answers(tmp: Path) -> int:

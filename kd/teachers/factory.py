@@ -40,7 +40,9 @@ def open_soft_targets(cfg: Config, accelerator: Accelerator, data: PreparedData,
     if not cfg.distillation.enabled:
         return None
     if cfg.remote_teacher:
-        return open_remote_teacher(cfg, processor, data, accelerator)
+        # The teacher's weights are compared with the server's answers only where the run loads them anyway.
+        at_hand = teacher if cfg.student.init_from_teacher and cfg.teacher.model else None
+        return open_remote_teacher(cfg, processor, data, accelerator, local_teacher=at_hand)
     cached = open_cached_teacher(cfg, accelerator, data, processor, teacher=teacher, create=not plan_only,
                                  precompute=precompute)
     return cached if cached is not None else TeacherForward(teacher())

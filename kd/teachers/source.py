@@ -79,6 +79,11 @@ class SoftTargetSource(ABC):
     def close(self) -> None:
         """Release what the source holds open (connections, threads)."""
 
+    def report_to(self, warn: Callable[[str, str], None]) -> None:
+        """Where warnings that cannot wait for the next step line go, as (code, message): a server
+        that retries or is down while the loop waits on it. The loop passes one that writes a
+        telemetry `warning` event and prints it; sources that never wait ignore it."""
+
     def stats(self) -> dict[str, Any] | None:
         """Counts since the last call (None: nothing to report)."""
         return None

@@ -39,7 +39,12 @@ class RemoteTeacherError(SourceFailure):
     """The remote teacher refused a request, or did not answer within the retry budget."""
 
 
-class Unreachable(RemoteTeacherError):
+class GaveUp(RemoteTeacherError):
+    """The retry budget is spent on failures that may pass (5xx, 429, timeouts, no connection): the
+    server may answer again later, unlike a refused request."""
+
+
+class Unreachable(GaveUp):
     """No HTTP answer at all (connection refused, DNS, timeouts) after the retry budget."""
 
 
@@ -69,6 +74,8 @@ class EndpointClient:
         self._paused_until = 0.0
         self._random = random.Random(seed)  # jitter
         self.counters = {"requests": 0, "ok": 0, "retries": 0, "rate_limited": 0, "errors": 0}
+        self.troubles = 0  # retries and spent budgets since the client started (never reset; read by warnings)
+        self.last_cause = ""  # the latest failure, for the warnings a waiting loop emits
         self.latencies: list[float] = []  # seconds per successful request since the last snapshot
         self.in_flight = 0
         self.max_in_flight = 0
@@ -108,6 +115,19 @@ class EndpointClient:
     # -- requests ------------------------------------------------------------------------------
     async def get(self, path: str) -> dict[str, Any]:
         return await self.request("GET", path, lambda k: None)
+
+    async def ping(self, path: str = "/models") -> str | None:
+        """One GET, no retries, counted nowhere: None when the server answers (a refusal is an answer
+        too: the probe after it says what is wrong), else why not. For waiting out an outage."""
+        try:
+            response = await self._http.get(f"{self.base}{path}")
+        except httpx.TimeoutException:
+            return f"no answer within teacher.endpoint.timeout_s={self.ep.timeout_s:g} s"
+        except httpx.TransportError as exc:
+            return f"connection failed ({type(exc).__name__}: {exc or 'no detail'})"
+        if response.status_code >= 500 or response.status_code == 429:
+            return f"HTTP {response.status_code} ({_message(response)})"
+        return None
 
     async def post(self, path: str, build: Callable[[int], dict[str, Any]]) -> tuple[dict[str, Any], int]:
         """POST the body `build(k)` (k: the top_logprobs to ask for now) until it succeeds; returns
@@ -172,9 +192,11 @@ class EndpointClient:
                                 else "; the server wants a key: set teacher.endpoint.api_key_env")
                     raise RemoteTeacherError(f"{method} {url}: HTTP {status}: {_message(response)}{hint} "
                                              "(the request itself is refused, so it is not retried)")
+            self.troubles += 1
+            self.last_cause = cause
             if attempt >= self.ep.max_retries:
                 self.counters["errors"] += 1
-                kind = Unreachable if response is None else RemoteTeacherError
+                kind = Unreachable if response is None else GaveUp
                 raise kind(f"{method} {url}: gave up after {attempt + 1} attempts "
                            f"(teacher.endpoint.max_retries={self.ep.max_retries}); last: {cause}")
             attempt += 1

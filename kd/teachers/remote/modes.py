@@ -10,9 +10,11 @@ kd/teachers/remote/source.py owns the connection, the cache and the prefetch; a 
   answer stopped): the answer's tokens are the labels (CE) and its top k per token the soft targets;
   prompt positions learn nothing.
 
-Every mode answers `probe` (check the server can do it, once, at start), `body` (the request for a
-row at k), `cache_request` (what the answer's cache key hashes), `read` (an answer -> `Scored`) and
-`assemble` (a batch + its rows' answers -> the batch trained on, with its `TopK`).
+Every mode answers `probe` (check the server can do it, once, at start; it keeps `probe_sample`:
+the tokens, the position of the first answered row and the answer, to compare with a local
+teacher), `body` (the request for a row at k), `cache_request` (what the answer's cache key
+hashes), `read` (an answer -> `Scored`) and `assemble` (a batch + its rows' answers -> the batch
+trained on, with its `TopK`).
 
 A row is a dataset row: `input_ids` (the text, or the prompt), and in chat mode `messages_json`.
 """
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from kd.config import EndpointConfig
+from kd.errors import KDError
 from kd.lm.losses import IGNORE, TopK
 from kd.teachers.remote.client import RemoteTeacherError
 from kd.teachers.remote.protocol import (
@@ -56,6 +59,7 @@ class Score:
 
     def __init__(self, ep: EndpointConfig, tokens: TokenMap):
         self.ep, self.tokens = ep, tokens
+        self.probe_sample: tuple[list[int], int, Scored] | None = None
 
     def probe(self, ask: Ask) -> str:
         ids = self.tokens.tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]
@@ -67,6 +71,7 @@ class Score:
             kind = self.tokens.detect(tokens[:len(ids)], ids)
             self.tokens.top(top[1:len(ids)], k)  # every top token maps to a student id
             check_alignment(tokens[:len(ids)], values[:len(ids)], top[:len(ids)])
+            self.probe_sample = (ids, 0, self.read(answer, {"input_ids": ids}, k))
         except ProtocolError as exc:
             raise RemoteTeacherError(f"{self.ep.url} ({self.ep.model}) cannot score text for distillation: {exc}"
                                      ) from None
@@ -93,8 +98,14 @@ class Score:
         k = min(a.k for a in answers)
         top_ids = torch.zeros((*labels.shape, k), dtype=torch.long)
         top_lps = torch.zeros((*labels.shape, k), dtype=torch.float32)
+        sent = batch["inputs"]["input_ids"]
         for r, answer in enumerate(answers):
             n = len(answer.top_ids)  # positions 0 .. n-1 (a row's last token predicts nothing here)
+            if n + 1 > sent.shape[1] or sent[r, :n + 1].tolist() != answer.ids.tolist():
+                # The rows the sampler announced are not the loader's: training on them would pair a
+                # row with another row's teacher. Never expected; stop rather than learn from noise.
+                raise KDError(f"remote teacher: row {r} of a batch is not the row its answer was asked for "
+                              "(the loader and its sampler disagree); please report this with the config")
             top_ids[r, :n] = torch.from_numpy(answer.top_ids[:, :k].astype(np.int64))
             top_lps[r, :n] = torch.from_numpy(answer.top_logprobs[:, :k])
         return {**batch, "soft_targets": TopK(top_ids.to(labels.device), top_lps.to(labels.device))}
@@ -105,6 +116,7 @@ class Generate:
 
     def __init__(self, ep: EndpointConfig, tokens: TokenMap):
         self.ep, self.tokens = ep, tokens
+        self.probe_sample: tuple[list[int], int, Scored] | None = None
         self.chat = ep.api == "chat"
         self.path = "/chat/completions" if self.chat else "/completions"
         self.as_ids = True  # ask for token ids (vLLM); the probe turns it off for servers that refuse it
@@ -136,6 +148,9 @@ class Generate:
             if not tokens:
                 raise ProtocolError("the answer has no tokens")
             kind = self.tokens.detect_text(tokens, text, top)
+            scored = self.read(answer, row, k)
+            prompt = list(row["input_ids"])
+            self.probe_sample = (prompt + scored.ids.tolist(), len(prompt) - 1, scored)
         except ProtocolError as exc:
             raise RemoteTeacherError(f"{self.ep.url} ({self.ep.model}) cannot answer with logprobs for "
                                      f"distillation: {exc}") from None

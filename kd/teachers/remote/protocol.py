@@ -293,7 +293,9 @@ class TokenMap:
                     continue
             if not pairs:
                 raise ProtocolError("a position's top_logprobs are all ambiguous token strings")
-            rows.append(sorted(pairs, reverse=True)[:k])
+            # Most likely first; equal log-probabilities (bf16 answers have them) lower id first, as
+            # the servers' own greedy choice (vLLM, torch.argmax) breaks them.
+            rows.append(sorted(pairs, key=lambda pair: (-pair[0], pair[1]))[:k])
         width = min((len(r) for r in rows), default=k)
         ids = np.array([[i for _, i in r[:width]] for r in rows], dtype=np.int32).reshape(len(rows), width)
         lps = np.array([[lp for lp, _ in r[:width]] for r in rows], dtype=np.float32).reshape(len(rows), width)

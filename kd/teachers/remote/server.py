@@ -351,7 +351,7 @@ def build_app(lm: TeacherLM, name: str, *, api_key: str | None = None, max_batch
             logprobs = {"content": [{"token": token_name(t, as_ids), "logprob": lp,
                                      "bytes": list(lm.tokenizer.decode([t]).encode()),
                                      "top_logprobs": [{"token": token_name(a, as_ids), "logprob": v}
-                                                      for a, v in sorted(top.items(), key=lambda x: -x[1])[:k]]}
+                                                      for a, v in sorted(top.items(), key=lambda x: (-x[1], x[0]))[:k]]}
                                     for t, lp, top in zip(answer.tokens, answer.logprobs, answer.top)]}
         return JSONResponse({"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                              "created": int(time.time()), "model": name,
