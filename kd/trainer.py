@@ -301,11 +301,17 @@ class Trainer:
         if self.targets is None:
             return loader
         split = self.run.data.splits[role]
+        # The epoch's batches are listed before the loader draws its own. Accelerate's seedable
+        # sampler counts an epoch each time it is iterated to the end, so a list made after the
+        # loader's pass ended (a one-batch epoch: its look-ahead ends it at once) would be the next
+        # epoch's order. Listing first, then setting the epoch back, gives exactly the loader's.
+        order = list(full_loader.batch_sampler)
+        if role == "train":
+            full_loader.set_epoch(self.state.epoch)
 
         def upcoming():
-            for b, indices in enumerate(full_loader.batch_sampler):
-                if b >= skip:
-                    yield [split[int(i)] for i in indices]
+            for indices in order[skip:]:
+                yield [split[int(i)] for i in indices]
 
         return self.targets.prefetch(loader, upcoming())
 

@@ -213,10 +213,18 @@ class RemoteTeacher(SoftTargetSource):
         line = (f"Remote teacher against the local one (teacher.model) on the probe: top-1 agrees at "
                 f"{a['top1_agree']}/{a['positions']} positions, largest log-prob difference "
                 f"{a['max_logprob_diff']:.2g} nats")
-        if a["top1_agree"] < a["positions"] or a["max_logprob_diff"] > AGREEMENT_NATS:
+        named = self.ep.precision
+        if a["top1_agree"] == a["positions"] and a["max_logprob_diff"] <= AGREEMENT_NATS:
+            pass  # an fp32 server with these weights
+        elif named is None:
             line += (" (more than precision noise: the server computes in another precision or holds other "
                      "weights; vLLM serves bf16 unless started with --dtype float32. Name it in "
                      "teacher.endpoint.precision so its answers are cached apart)")
+        elif named.lower() in ("fp32", "float32"):
+            line += (" (teacher.endpoint.precision says fp32, but this is more than fp32 noise: is the server "
+                     "started with --dtype float32, and does it hold these weights?)")
+        else:
+            line += f" (as expected of a {named} server; an fp32 one agrees to about 1e-4 nats)"
         self.say(line)
 
     # -- requests --------------------------------------------------------------------------------
