@@ -1,6 +1,7 @@
 """The demo's recipe on real recorded speech, speaker-independently: leave one speaker out.
 
-    python bench/bench_fsdd.py                              # all four folds, under 20 min on 2 CPU cores
+    python bench/bench_fsdd.py                              # all four folds, students over 3 seeds
+    python bench/bench_fsdd.py --seeds 1                    # one seed: about 17 min on 2 CPU cores
     python bench/bench_fsdd.py --speakers george --out /tmp/fsdd.json
     python bench/bench_fsdd.py --demo-schedule              # the students exactly as in the demo configs
     python bench/bench_fsdd.py --work /tmp/fsdd --set train.lr=0.01   # a student sweep: teachers an earlier
@@ -57,12 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student-epochs", type=int, default=None,
                         help="train.epochs of the KD and baseline students (default: 30, or the configs' own "
                              "with --demo-schedule)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="runs of each student per fold, run.seed 0 .. N-1 (default 3; the teacher trains once)")
     parser.add_argument("--set", dest="student_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for both students (repeatable), e.g. train.lr=0.01")
     args = parser.parse_args(argv)
     bad = [o for o in args.student_overrides if "=" not in o]
     if bad:
         print(f"error: --set {bad[0]}: expected KEY=VALUE, e.g. train.lr=0.01", file=sys.stderr)
+        return 2
+    if args.seeds < 1:
+        print(f"error: --seeds {args.seeds}: must be an integer >= 1", file=sys.stderr)
         return 2
     if args.student_epochs is not None and args.student_epochs < 1:
         print(f"error: --student-epochs {args.student_epochs}: must be an integer >= 1", file=sys.stderr)
@@ -90,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     for speaker in chosen:
         fold = write_fold(args.data, rows, speaker, work / f"fold-{speaker}")
         print(f"== held out: {speaker} (train: {', '.join(s for s in speakers if s != speaker)})", flush=True)
-        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", student)
-        print("   " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in folds[speaker].items()), flush=True)
-    results = {"env": env, "data": str(args.data), "student_overrides": student, "folds": folds,
-               "duration_s": time.time() - started,
-               "mean": {name: statistics.mean(f[name] for f in folds.values()) for name, _ in RUNS}}
+        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", student, args.seeds)
+        print("   " + ", ".join(f"{name} {' / '.join(f'{100 * a:.1f}' for a in accs)}%"
+                                for name, accs in folds[speaker].items()), flush=True)
+    results = {"env": env, "data": str(args.data), "student_overrides": student, "seeds": args.seeds,
+               "folds": folds, "duration_s": time.time() - started}
+    # Per seed, the mean over the folds: its spread is what another run of the bench could show.
+    results["mean_per_seed"] = {name: [statistics.mean(f[name][min(s, len(f[name]) - 1)] for f in folds.values())
+                                       for s in range(args.seeds)] for name, _ in RUNS}
     print_table(results)
     save_results(results, args.out)
     return 0
@@ -118,29 +127,33 @@ def write_fold(data: Path, rows: list[dict], held_out: str, folder: Path) -> Pat
     return folder
 
 
-def run_fold(fold: Path, runs: Path, student_overrides: list[str]) -> dict[str, float]:
-    """Teacher (unless `runs` holds one that completed with the same config), then KD from it, then the
-    baseline; each one's test accuracy. The students are always retrained, with `student_overrides`."""
+def run_fold(fold: Path, runs: Path, student_overrides: list[str], seeds: int = 1) -> dict[str, list[float]]:
+    """Teacher (unless `runs` holds one that completed with the same config), then KD from it and the
+    baseline once per seed; each one's test accuracy (the teacher's as a one-item list). The students
+    are always retrained, with `student_overrides`."""
     from kd.config import load_config
     from kd.demo.__main__ import finished_with_same_config
 
-    accuracy = {}
+    accuracy: dict[str, list[float]] = {}
     for name, config in RUNS:
-        out = runs / name
-        overrides = [f"data.data_dir={fold}", "data.eval_split=null", "data.test_split=test", f"run.output_dir={out}"]
-        if name == "teacher" and finished_with_same_config(out, load_config(ROOT / config, overrides)):
-            print(f"   teacher: reusing {out} (same config; delete it to retrain)", flush=True)
-            accuracy[name] = test_accuracy(out)
-            continue
-        if name == "kd":
-            overrides.append(f"teacher.model={runs / 'teacher' / 'student'}")
-        if name != "teacher":
-            overrides += student_overrides
-        command = [sys.executable, str(ROOT / "train_kd.py"), "--config", config, *overrides]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"error: {' '.join(command)} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-        accuracy[name] = test_accuracy(out)
+        for seed in ([None] if name == "teacher" else range(seeds)):
+            out = runs / (name if seed is None else f"{name}-seed{seed}")
+            overrides = [f"data.data_dir={fold}", "data.eval_split=null", "data.test_split=test",
+                         f"run.output_dir={out}"]
+            if name == "teacher" and finished_with_same_config(out, load_config(ROOT / config, overrides)):
+                print(f"   teacher: reusing {out} (same config; delete it to retrain)", flush=True)
+                accuracy[name] = [test_accuracy(out)]
+                continue
+            if name == "kd":
+                overrides.append(f"teacher.model={runs / 'teacher' / 'student'}")
+            if seed is not None:
+                overrides += [f"run.seed={seed}", *student_overrides]
+            command = [sys.executable, str(ROOT / "train_kd.py"), "--config", config, *overrides]
+            result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"error: {' '.join(command)} failed (exit {result.returncode}):\n"
+                                 f"{result.stderr[-3000:]}")
+            accuracy.setdefault(name, []).append(test_accuracy(out))
     return accuracy
 
 
@@ -152,14 +165,31 @@ def test_accuracy(run_dir: Path) -> float:
 
 
 def print_table(results: dict) -> None:
-    folds, mean = results["folds"], results["mean"]
+    """Per held-out speaker: the teacher, each student's mean over seeds (min-max), the KD gain's mean
+    over seeds (min..max of the per-seed gains) and KD's share of the teacher; then the mean of the
+    folds, with the spread of that mean from seed to seed."""
+    folds, per_seed = results["folds"], results["mean_per_seed"]
+
+    def cell(values: list[float]) -> str:
+        mean = 100 * statistics.mean(values)
+        return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ({100 * min(values):.1f}-{100 * max(values):.1f})"
+
+    def gain(kd: list[float], base: list[float]) -> str:
+        gains = [100 * (k - b) for k, b in zip(kd, base)]
+        mean = statistics.mean(gains)
+        return f"{mean:+.1f}" if len(gains) == 1 else f"{mean:+.1f} ({min(gains):+.1f}..{max(gains):+.1f})"
+
+    fmt = "{:<18} {:>8} {:>19} {:>19} {:>20} {:>11}"
     print()
-    print(f"{'held-out speaker':<18} {'teacher':>8} {'KD':>8} {'baseline':>9} {'KD gain':>8} {'KD/teacher':>11}")
-    for speaker, acc in [*folds.items(), ("mean", mean)]:
-        print(f"{speaker:<18} {100 * acc['teacher']:>7.1f}% {100 * acc['kd']:>7.1f}% {100 * acc['baseline']:>8.1f}% "
-              f"{100 * (acc['kd'] - acc['baseline']):>+8.1f} {100 * acc['kd'] / acc['teacher']:>10.0f}%")
-    print(f"({len(folds)} folds in {results['duration_s'] / 60:.1f} min; each speaker's 500 clips are the test set "
-          "of the models trained on the other speakers)")
+    print(fmt.format("held-out speaker", "teacher", "KD", "baseline", "KD gain", "KD/teacher"))
+    rows = [(speaker, acc) for speaker, acc in folds.items()] + [("mean", per_seed)]
+    for speaker, acc in rows:
+        print(fmt.format(speaker, f"{100 * statistics.mean(acc['teacher']):.1f}", cell(acc["kd"]),
+                         cell(acc["baseline"]), gain(acc["kd"], acc["baseline"]),
+                         f"{100 * statistics.mean(acc['kd']) / statistics.mean(acc['teacher']):.0f}%"))
+    print(f"({len(folds)} folds x {results['seeds']} student seeds in {results['duration_s'] / 60:.1f} min; each "
+          "speaker's 500 clips are the test set of the models trained on the other speakers; accuracies in %, "
+          "students as mean (min-max) over seeds; the mean row's range is that of the fold mean from seed to seed)")
 
 
 if __name__ == "__main__":

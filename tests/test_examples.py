@@ -61,3 +61,21 @@ def test_the_image_example_trains_a_teacher_distils_it_and_trains_its_baseline(t
     config = json.loads((tmp_path / "kd" / "student" / "config.json").read_text())
     assert config["num_hidden_layers"] == 1
     assert (tmp_path / "kd" / "student" / "preprocessor_config.json").is_file()
+
+
+def test_the_demo_table_shows_each_student_over_seeds_and_whether_the_gain_is_noise(capsys, monkeypatch):
+    import kd.demo.__main__ as demo
+
+    accs = {"t": 0.98, "k0": 0.93, "k1": 0.95, "k2": 0.91, "b0": 0.92, "b1": 0.90, "b2": 0.94}
+    monkeypatch.setattr(demo, "summarise", lambda path: {"acc": accs[path.name], "f1": accs[path.name],
+                                                         "agreement": 0.9, "params": 1000 if path.name == "t" else 100,
+                                                         "rate": 50.0})
+    runs = [("teacher", [Path("t")]), ("KD", [Path("k0"), Path("k1"), Path("k2")]),
+            ("baseline", [Path("b0"), Path("b1"), Path("b2")])]
+    demo.print_table(runs, "held-out voices")
+    out = capsys.readouterr().out
+    assert "test acc (3 seeds)" in out and "98.0%" in out
+    assert "93.0% (91.0-95.0)" in out and "92.0% (90.0-94.0)" in out  # mean (min-max)
+    assert "KD gain over the baseline: +1.0 points (per seed +1.0, +5.0, -3.0" in out
+    assert "spread between seeds is up to 4.0 points, so this gain is within the noise" in out
+    assert "keeps 95% of its accuracy" in out

@@ -9,6 +9,10 @@ and image classification, `make demo-text` / `make demo-image`).
 4. Train the same tiny CNN with the same recipe on labels alone: the baseline (configs/demo_baseline.yaml).
 Then print test accuracy, parameters and training samples/s of the three, and what KD gained.
 
+Both students train once per seed (`--seeds`, default 3: run.seed 0, 1, 2, each its own run folder;
+seed 0 in the config's own), and the table shows each student's mean with its min-max and the KD
+gain per seed: a gain smaller than the spread between seeds is noise, and the table says so.
+
 Each training step is `accelerate launch train_kd.py --config ...`, the command a user would run,
 so the demo exercises exactly the user's path (and uses a GPU when there is one). The text and image
 tasks write their data and a teacher's starting folder (config + tokenizer / image processor), then
@@ -76,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the teacher again even if a finished one with the same config exists")
     parser.add_argument("--task", choices=sorted(TASKS), default="keywords",
                         help="keywords (speech, the default), text or images")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="runs of each student, with run.seed 0 .. N-1 (default 3; the teacher trains once)")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: must be an integer >= 1")
     task = TASKS[args.task]
     started = time.time()
     print(f"== 1/4 {task.describe}")
@@ -85,33 +93,46 @@ def main(argv: list[str] | None = None) -> int:
     if manifest.is_file():
         counts = json.loads(manifest.read_text())["counts"]
         print(f"   {data_dir}: " + ", ".join(f"{n} {split} clips" for split, n in counts.items()) + " (split by voice)")
+    runs: list[tuple[str, list[Path]]] = []
     for number, (title, config) in enumerate(task.steps, start=2):
         cfg = load_config(ROOT / config)
-        run_dir = ROOT / cfg.output_dir
-        if number == 2 and not args.retrain_teacher and finished_with_same_config(run_dir, cfg):
-            print(f"== {number}/4 {title}: reusing the finished run in {run_dir} (--retrain-teacher to redo)")
-            continue
-        print(f"== {number}/4 {title}: accelerate launch train_kd.py --config {config}")
-        reset_run_folder(run_dir)
-        code = subprocess.call(launch_command(config), cwd=ROOT)
-        if code != 0:
-            print(f"demo: the {title} step failed (exit {code}); see its output above", file=sys.stderr)
-            return code
-    print_table([(title, ROOT / load_config(ROOT / config).output_dir) for title, config in task.steps],
-                task.test_set)
+        seeds = [cfg.run.seed] if number == 2 else list(range(args.seeds))
+        folders = []
+        for seed in seeds:
+            run_dir = ROOT / (cfg.output_dir if number == 2 else seed_folder(cfg.output_dir, seed))
+            folders.append(run_dir)
+            overrides = [] if number == 2 else [f"run.seed={seed}", f"run.output_dir={run_dir}"]
+            which = f" (seed {seed})" if number > 2 else ""
+            if number == 2 and not args.retrain_teacher and finished_with_same_config(run_dir, cfg):
+                print(f"== {number}/4 {title}: reusing the finished run in {run_dir} (--retrain-teacher to redo)")
+                continue
+            command = " ".join(["accelerate launch train_kd.py --config", config, *overrides])
+            print(f"== {number}/4 {title}{which}: {command}")
+            reset_run_folder(run_dir)
+            code = subprocess.call(launch_command(config, overrides), cwd=ROOT)
+            if code != 0:
+                print(f"demo: the {title}{which} step failed (exit {code}); see its output above", file=sys.stderr)
+                return code
+        runs.append((title, folders))
+    print_table(runs, task.test_set)
     kd_run = load_config(ROOT / task.steps[1][1]).output_dir
     print(f"Demo finished in {time.time() - started:.0f} s. Watch a run with: python monitor_tui.py {kd_run}")
     return 0
 
 
-def launch_command(config: str) -> list[str]:
+def seed_folder(output_dir: Path, seed: int) -> Path:
+    """Seed 0 trains in the config's own folder (the one the README's monitor command names)."""
+    return Path(output_dir) if seed == 0 else Path(f"{output_dir}-seed{seed}")
+
+
+def launch_command(config: str, overrides: list[str] = ()) -> list[str]:
     # Explicit launcher flags, so a personal `accelerate config` file cannot change the demo.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no"]
     if not torch.cuda.is_available():
         # Without a GPU, accelerate launch gives the process one CPU thread unless told otherwise.
         command += ["--num_cpu_threads_per_process", str(len(os.sched_getaffinity(0)))]
-    return command + ["train_kd.py", "--config", config]
+    return command + ["train_kd.py", "--config", config, *overrides]
 
 
 def finished_with_same_config(run_dir: Path, cfg) -> bool:
@@ -144,24 +165,53 @@ def summarise(run_dir: Path) -> dict:
             "params": start["params"]["student"], "rate": statistics.median(rates) if rates else None}
 
 
-def print_table(runs: list[tuple[str, Path]], test_set: str) -> None:
-    """The three runs side by side, then what distillation gained over the baseline (test split)."""
-    rows = [(title, summarise(path)) for title, path in runs]
-    fmt = "{:<32} {:>9} {:>9} {:>11} {:>11} {:>11}"
+def print_table(runs: list[tuple[str, list[Path]]], test_set: str) -> None:
+    """Teacher, KD student and baseline side by side (students: mean over seeds, min-max beside it),
+    then the KD gain per seed (KD and baseline of the same seed share initialisation and data order)."""
+    rows = [(title, [summarise(path) for path in paths]) for title, paths in runs]
+    seeds = max(len(s) for _, s in rows)
+    fmt = "{:<32} {:>21} {:>9} {:>11} {:>11} {:>11}"
     print()
-    print(fmt.format("model", "test acc", "macro F1", "agreement", "parameters", "samples/s"))
-    print(fmt.format(*("-" * n for n in (32, 9, 9, 11, 11, 11))))
-    for title, s in rows:
-        print(fmt.format(title, _pct(s["acc"]), _pct(s["f1"]), _pct(s["agreement"]), f"{s['params']:,}",
-                         f"{s['rate']:.0f}" if s["rate"] else "-"))
-    teacher, kd, baseline = (s for _, s in rows)
-    if None not in (teacher["acc"], kd["acc"], baseline["acc"]):
-        print(f"KD gain over the baseline: {100 * (kd['acc'] - baseline['acc']):+.1f} points "
-              f"(teacher {100 * (teacher['acc'] - baseline['acc']):+.1f}); the student has "
-              f"{teacher['params'] / kd['params']:.1f}x fewer parameters than the teacher and keeps "
-              f"{100 * kd['acc'] / teacher['acc']:.0f}% of its accuracy")
+    print(fmt.format("model", "test acc" + (f" ({seeds} seeds)" if seeds > 1 else ""), "macro F1", "agreement",
+                     "parameters", "samples/s"))
+    print(fmt.format(*("-" * n for n in (32, 21, 9, 11, 11, 11))))
+    for title, summaries in rows:
+        first = summaries[0]
+        rate = statistics.median(s["rate"] for s in summaries) if all(s["rate"] for s in summaries) else None
+        print(fmt.format(title, spread([s["acc"] for s in summaries]), _pct(_mean([s["f1"] for s in summaries])),
+                         _pct(_mean([s["agreement"] for s in summaries])), f"{first['params']:,}",
+                         f"{rate:.0f}" if rate else "-"))
+    (_, teacher), (_, kd), (_, baseline) = rows
+    accs = [[s["acc"] for s in group] for group in (teacher, kd, baseline)]
+    if all(None not in group for group in accs):
+        t = accs[0][0]
+        gains = [100 * (k - b) for k, b in zip(accs[1], accs[2])]
+        kd_mean, base_mean = statistics.mean(accs[1]), statistics.mean(accs[2])
+        line = f"KD gain over the baseline: {statistics.mean(gains):+.1f} points"
+        if len(gains) > 1:
+            noise = 100 * max(max(accs[2]) - min(accs[2]), max(accs[1]) - min(accs[1]))
+            within = abs(statistics.mean(gains)) < noise
+            line += (f" (per seed {', '.join(f'{g:+.1f}' for g in gains)}; the spread between seeds is up to "
+                     f"{noise:.1f} points{', so this gain is within the noise' if within else ''})")
+        print(line)
+        print(f"Teacher {100 * (t - base_mean):+.1f} points over the baseline; the student has "
+              f"{teacher[0]['params'] / kd[0]['params']:.1f}x fewer parameters than the teacher and keeps "
+              f"{100 * kd_mean / t:.0f}% of its accuracy")
     print(f"(test set: {test_set}; agreement: student and teacher predict the same label;"
           " samples/s: training throughput, median over logged steps)")
+
+
+def spread(values: list[float | None]) -> str:
+    """'93.1%' for one run, '93.1% (92.0-94.4)' for several."""
+    if None in values:
+        return "-"
+    if len(values) == 1:
+        return _pct(values[0])
+    return f"{_pct(statistics.mean(values))} ({100 * min(values):.1f}-{100 * max(values):.1f})"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if None in values else statistics.mean(values)
 
 
 def _pct(value: float | None) -> str:
