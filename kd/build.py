@@ -22,7 +22,7 @@ from kd.audio.logmel_cnn import read_config as read_kit_config
 from kd.config import Config, config_from_dict, set_modality
 from kd.data import PreparedData, check_data_source, prepare_data
 from kd.errors import ConfigError, DataError, ModelLoadError, SourceError, TrainingError
-from kd.lm.vocabulary import check_shared_vocabulary
+from kd.lm.vocabulary import check_shared_vocabulary, cut_to_tokenizer
 from kd.memory import cuda_index
 from kd.preflight import (
     Estimate,
@@ -132,7 +132,9 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
     else:
         say(f"Data: {len(data.splits['train'])} training samples, {len(data.label_names)} labels")
 
-    teacher = LazyTeacher(cfg)  # loaded once, where a source or the student's initialisation needs it
+    # Loaded once, where a source or the student's initialisation needs it.
+    lm_tokens = len(processor) if cfg.data.modality == "causal_lm" and processor is not None else None
+    teacher = LazyTeacher(cfg, tokens=lm_tokens)
     soft_targets = open_soft_targets(cfg, accelerator, data, processor, teacher=teacher, plan_only=plan_only,
                                      precompute=precompute)
     student = build_student(cfg.student, cfg.data.modality, data.label_names, data.sampling_rate,
@@ -230,6 +232,11 @@ def prepare_language_models(cfg: Config, tokenizer: Any, teacher: torch.nn.Modul
                                 f"built from {cfg.teacher.model}'s config")
         teacher.config.use_cache = False
     student.config.use_cache = False
+    # Logit rows past the tokenizer are padding (Qwen2.5 pads 7B and 0.5B differently): cut them off
+    # (the teacher's are cut as it loads, kd/teachers/factory.py).
+    if cut_to_tokenizer(student, len(tokenizer)):
+        print(f"Student logits cut to the tokenizer's {len(tokenizer)} ids (config.vocab_size "
+              f"{student.config.vocab_size}: the rest is padding)")
 
 
 def student_tokenizer(cfg: Config) -> Any:

@@ -314,14 +314,15 @@ def save_tiny_tokenizer(path: Path, seed: int = 0, vocab_size: int = 120) -> Any
 
 
 def save_tiny_llama(path: Path, seed: int = 0, layers: int = 4, hidden: int = 32, tokenizer_seed: int = 0,
-                    vocab_size: int = 300) -> Path:
-    """A random-weight Llama causal LM (milliseconds per step on a CPU) with the tiny BPE tokenizer."""
+                    vocab_size: int = 300, padding: int = 0) -> Path:
+    """A random-weight Llama causal LM (milliseconds per step on a CPU) with the tiny BPE tokenizer.
+    `padding`: logit rows past the tokenizer's length, as published models pad theirs (Qwen2.5)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = save_tiny_tokenizer(path, tokenizer_seed, vocab_size)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+    config = LlamaConfig(vocab_size=len(tokenizer) + padding, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

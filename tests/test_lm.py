@@ -205,6 +205,42 @@ def test_different_vocabularies_are_refused_before_training(tmp_path, tiny_llama
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "telemetry.jsonl").exists()
 
 
+@pytest.mark.launches
+def test_a_pair_whose_logits_are_padded_differently_trains_on_the_shared_tokenizer(tmp_path):
+    # As Qwen2.5-7B (152,064 logits) and 0.5B (151,936) share one tokenizer of 151,665 entries.
+    teacher = save_tiny_llama(tmp_path / "teacher", padding=7)  # 307 logits, 300 tokens
+    data = write_lm_dataset(tmp_path / "data", "text", {"train": 8, "validation": 4})
+    cfg = lm_config(data, teacher, tmp_path / "run", student={
+        "init_from_teacher": False, "teacher_layers": None, "config": str(teacher),
+        "config_overrides": {"vocab_size": 303, "num_hidden_layers": 1}})
+    result = run_cli(["--config", str(write_config(tmp_path / "c.yaml", cfg))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Teacher logits cut to the tokenizer's 300 ids (config.vocab_size 307" in result.stdout
+    assert "Student logits cut to the tokenizer's 300 ids (config.vocab_size 303" in result.stdout
+    final = [e for e in read_events(tmp_path / "run" / "telemetry.jsonl") if e["type"] == "eval"][-1]["metrics"]
+    assert final["teacher_perplexity"] > 1 and 0 <= final["agreement"] <= 1
+
+
+def test_logits_are_cut_to_the_tokenizer_and_a_narrower_model_is_refused(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from kd.errors import ModelLoadError
+    from kd.lm.vocabulary import check_shared_vocabulary, cut_to_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "padded", padding=5))
+    ids = torch.tensor([[5, 6, 7]])
+    full = model(input_ids=ids).logits
+    assert full.shape[-1] == 305 and cut_to_tokenizer(model, 300)
+    cut = model(input_ids=ids).logits
+    assert cut.shape[-1] == 300 and torch.equal(cut, full[..., :300])
+    assert not cut_to_tokenizer(model, 305)  # nothing past the tokenizer: no hook
+    check_shared_vocabulary(tokenizer, None, teacher_width=307, student_width=300, teacher_name="t", student_name="s")
+    with pytest.raises(ModelLoadError, match=r"student s has logits over 290 token ids .* the shared tokenizer has "
+                                             r"300: tokens past 290 would have no logit"):
+        check_shared_vocabulary(tokenizer, None, teacher_width=300, student_width=290, teacher_name="t",
+                                student_name="s")
+
+
 def write_gguf_from_hf(folder: Path, out: Path, eos_token_id: int | None = None) -> Path:
     """A GGUF file as llama.cpp's converter writes one (F32 tensors, q/k rows permuted, a gpt2 BPE
     tokenizer in the metadata) from a transformers Llama folder."""

@@ -9,6 +9,7 @@ from accelerate import Accelerator
 
 from kd.config import Config
 from kd.data import PreparedData
+from kd.lm.vocabulary import cut_to_tokenizer
 from kd.teachers.cached import open_cached_teacher
 from kd.teachers.loading import load_teacher
 from kd.teachers.online import TeacherForward
@@ -17,16 +18,20 @@ from kd.teachers.source import SoftTargetSource
 
 
 class LazyTeacher:
-    """teacher.model, loaded on first use and kept: a source and the student's initialisation share one load."""
+    """teacher.model, loaded on first use and kept: a source and the student's initialisation share one load.
+    `tokens`: a causal LM's tokenizer length; logits past it (padding) are cut as they come out."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, tokens: int | None = None):
+        self.cfg, self.tokens = cfg, tokens
         self.model: torch.nn.Module | None = None  # None until something asked for it
 
     def __call__(self) -> torch.nn.Module:
         if self.model is None:
             t = self.cfg.teacher
             self.model = load_teacher(t.model, self.cfg.data.modality, t.revision, t.dtype)
+            if self.tokens is not None and cut_to_tokenizer(self.model, self.tokens):
+                print(f"Teacher logits cut to the tokenizer's {self.tokens} ids (config.vocab_size "
+                      f"{self.model.config.vocab_size}: the rest is padding)")
         return self.model
 
 

@@ -77,10 +77,12 @@ class TeacherLM:
     """A causal LM and its tokenizer, answering batches of jobs (called from one worker thread)."""
 
     def __init__(self, folder: str, device: str = "auto", dtype: str = "fp32"):
+        from kd.lm.vocabulary import cut_to_tokenizer
         from kd.teachers.loading import load_processor, load_teacher
 
         self.tokenizer = load_processor(folder, "causal_lm", what="--model")
         self.model = load_teacher(folder, "causal_lm", dtype=dtype)
+        cut_to_tokenizer(self.model, len(self.tokenizer))  # padded logit rows are no token: never answered
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         self.model.to(self.device)
