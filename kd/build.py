@@ -234,9 +234,9 @@ def prepare_language_models(cfg: Config, tokenizer: Any, teacher: torch.nn.Modul
     student.config.use_cache = False
     # Logit rows past the tokenizer are padding (Qwen2.5 pads 7B and 0.5B differently): cut them off
     # (the teacher's are cut as it loads, kd/teachers/factory.py).
-    if cut_to_tokenizer(student, len(tokenizer)):
-        print(f"Student logits cut to the tokenizer's {len(tokenizer)} ids (config.vocab_size "
-              f"{student.config.vocab_size}: the rest is padding)")
+    cut = cut_to_tokenizer(student, len(tokenizer))
+    if cut:
+        print(f"Student {cut}")
 
 
 def student_tokenizer(cfg: Config) -> Any:

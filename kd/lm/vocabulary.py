@@ -66,16 +66,17 @@ def check_shared_vocabulary(teacher_tok: Any, student_tok: Any | None, *, teache
                                  "for this tokenizer")
 
 
-def cut_to_tokenizer(model: torch.nn.Module, size: int) -> bool:
+def cut_to_tokenizer(model: torch.nn.Module, size: int) -> str | None:
     """Cut a causal LM's logits to the tokenizer's `size` ids as they leave its forward (a forward
-    hook, so training, evaluation, the teacher cache and generation all see the same range). Whether
-    there was padding to cut."""
+    hook, so training, evaluation, the teacher cache and generation all see the same range). What
+    was cut, for the run's output (None: no padding, nothing to cut)."""
     if model.config.vocab_size <= size:
-        return False
+        return None
 
     def cut(module: torch.nn.Module, args: Any, output: Any) -> Any:
         output.logits = output.logits[..., :size]
         return output
 
     model.register_forward_hook(cut)
-    return True
+    return (f"logits cut to the tokenizer's {size} ids (config.vocab_size {model.config.vocab_size}: "
+            "the rest is padding)")

@@ -29,9 +29,9 @@ class LazyTeacher:
         if self.model is None:
             t = self.cfg.teacher
             self.model = load_teacher(t.model, self.cfg.data.modality, t.revision, t.dtype)
-            if self.tokens is not None and cut_to_tokenizer(self.model, self.tokens):
-                print(f"Teacher logits cut to the tokenizer's {self.tokens} ids (config.vocab_size "
-                      f"{self.model.config.vocab_size}: the rest is padding)")
+            cut = cut_to_tokenizer(self.model, self.tokens) if self.tokens is not None else None
+            if cut:
+                print(f"Teacher {cut}")
         return self.model
 
 

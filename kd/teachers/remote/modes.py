@@ -98,10 +98,10 @@ class Score:
         k = min(a.k for a in answers)
         top_ids = torch.zeros((*labels.shape, k), dtype=torch.long)
         top_lps = torch.zeros((*labels.shape, k), dtype=torch.float32)
-        sent = batch["inputs"]["input_ids"]
+        sent = batch["inputs"]["input_ids"].tolist()  # one copy from the device for the whole batch
         for r, answer in enumerate(answers):
             n = len(answer.top_ids)  # positions 0 .. n-1 (a row's last token predicts nothing here)
-            if n + 1 > sent.shape[1] or sent[r, :n + 1].tolist() != answer.ids.tolist():
+            if sent[r][:n + 1] != answer.ids.tolist():
                 # The rows the sampler announced are not the loader's: training on them would pair a
                 # row with another row's teacher. Never expected; stop rather than learn from noise.
                 raise KDError(f"remote teacher: row {r} of a batch is not the row its answer was asked for "

@@ -103,23 +103,28 @@ class RemoteTeacher(SoftTargetSource):
         try:
             identity = self._probe()
         except GaveUp as exc:
-            if self._cached_run(str(exc), splits):
+            missing = self._uncached(splits)
+            if missing is not None and self._cached_run(str(exc), splits, missing):
                 return
             if not self.wait_for_server(str(exc)):
-                raise RemoteTeacherError(self._still_down(str(exc), splits)) from None
+                raise RemoteTeacherError(self._still_down(str(exc), splits, missing)) from None
             identity = self._probe()
             self._answering_again()
         self.cache = ResponseCache(self.folder, identity, self.ttl, read_only=self.ep.cache_read_only)
         self.cache.remember_identity(self._endpoint_name())
         self.client.snapshot()  # step telemetry counts training's requests, not the probe's
 
-    def _cached_run(self, cause: str, splits: dict[str, Any]) -> bool:
-        """The server is down: whether this run trains on cached answers (and opens them)."""
+    def _uncached(self, splits: dict[str, Any]) -> dict[str, list[int]] | None:
+        """The server is down: per split, the samples whose answers are not cached, read from the
+        answers this endpoint gave last (left open, read-only); None when it never answered here."""
         identity = ResponseCache.last_identity(self.folder, self._endpoint_name())
         if identity is None:
-            return False
+            return None
         self.cache = ResponseCache(self.folder, identity, self.ttl, read_only=True)
-        missing = {role: self.missing(ds) for role, ds in splits.items()}
+        return {role: self.missing(ds) for role, ds in splits.items()}
+
+    def _cached_run(self, cause: str, splits: dict[str, Any], missing: dict[str, list[int]]) -> bool:
+        """The server is down: whether this run trains on the cached answers (`missing`: what they lack)."""
         if not any(missing.values()):
             self.offline = True
             self.say(f"Remote teacher down ({cause}); every sample's answer is cached, so this run trains on them")
@@ -145,17 +150,12 @@ class RemoteTeacher(SoftTargetSource):
                      f"{len(absent)} missing (left out of this run)")
         return True
 
-    def _still_down(self, cause: str, splits: dict[str, Any]) -> str:
+    def _still_down(self, cause: str, splits: dict[str, Any], missing: dict[str, list[int]] | None) -> str:
         waited = f"still down after waiting {self.ep.outage_wait_s:g} s (teacher.endpoint.outage_wait_s)"
-        identity = ResponseCache.last_identity(self.folder, self._endpoint_name())
-        if identity is None:
+        if missing is None:
             return (f"{cause}; {waited}, and no answers of {self.ep.model} are cached: start the server and run "
                     "again (with --resume to continue from the last checkpoint)")
-        cache = ResponseCache(self.folder, identity, self.ttl, read_only=True)
-        try:
-            absent = len([i for i, row in enumerate(splits["train"]) if self._lookup(row, cache) is None])
-        finally:
-            cache.close()
+        absent = len(missing["train"])
         return (f"{cause}; {waited}, and {absent} of {len(splits['train'])} training samples have no cached answer: "
                 "start the server and run again (with --resume to continue from the last checkpoint), or add "
                 "--cache-read-only to train on the cached samples only")
@@ -228,10 +228,9 @@ class RemoteTeacher(SoftTargetSource):
         self.say(line)
 
     # -- requests --------------------------------------------------------------------------------
-    def _lookup(self, row: dict[str, Any], cache: ResponseCache | None = None) -> Scored | None:
-        cache = cache or self.cache
+    def _lookup(self, row: dict[str, Any]) -> Scored | None:
         for k in dict.fromkeys((self.ep.top_k, self.ep.min_top_k)):
-            found = cache.get(cache.key(self.mode.cache_request(row, k)))
+            found = self.cache.get(self.cache.key(self.mode.cache_request(row, k)))
             if found is not None:
                 return found
         return None
