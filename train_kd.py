@@ -70,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             from kd.run_folder import claim
 
             claim(cfg, resuming=resume is not None)
-        from kd.build import build_run
+        from kd.build import build_run, preflight_from_configs
         from kd.trainer import Trainer
+
+        if args.preflight and preflight_from_configs(cfg):  # a language-model pair: from its configs alone
+            print("Pre-flight only: nothing was downloaded, trained or written (drop --preflight to train).")
+            return 0
 
         if args.precompute_teacher:
             check_can_precompute(cfg)

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from workloads import ROOT, environment, print_environment, save_results
@@ -98,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== held out: {speaker} (train: {', '.join(s for s in speakers if s != speaker)})", flush=True)
         folds[speaker] = run_fold(fold, work / f"runs-{speaker}", student, args.seeds)
         print("   " + ", ".join(f"{name} {' / '.join(f'{100 * a:.1f}' for a in accs)}%"
-                                for name, accs in folds[speaker].items()), flush=True)
+                                for name, accs in folds[speaker].items() if not name.endswith("_s")), flush=True)
     results = {"env": env, "data": str(args.data), "student_overrides": student, "seeds": args.seeds,
                "folds": folds, "duration_s": time.time() - started}
     # Per seed, the mean over the folds: its spread is what another run of the bench could show.
     results["mean_per_seed"] = {name: [statistics.mean(f[name][min(s, len(f[name]) - 1)] for f in folds.values())
                                        for s in range(args.seeds)] for name, _ in RUNS}
+    results["mean_per_seed"].update({f"{name}_s": [statistics.mean(s for f in folds.values() for s in f[f"{name}_s"])]
+                                     for name in ("kd", "baseline")})
     print_table(results)
     save_results(results, args.out)
     return 0
@@ -128,40 +131,46 @@ def write_fold(data: Path, rows: list[dict], held_out: str, folder: Path) -> Pat
 
 
 def run_fold(fold: Path, runs: Path, student_overrides: list[str], seeds: int = 1) -> dict[str, list[float]]:
-    """Teacher (unless `runs` holds one that completed with the same config), then KD from it and the
-    baseline once per seed; each one's test accuracy (the teacher's as a one-item list). The students
-    are always retrained, with `student_overrides`."""
+    """Teacher, then KD from it and the baseline once per seed, each with `student_overrides`; each
+    one's test accuracy (the teacher's as a one-item list) and wall time in seconds (`<name>_s`). A run
+    that `runs` already holds, completed with the same config, is reused: an interrupted bench resumes
+    where it stopped, and a sweep retrains only what its overrides change."""
     from kd.config import load_config
     from kd.demo.__main__ import finished_with_same_config
 
-    accuracy: dict[str, list[float]] = {}
+    results: dict[str, list[float]] = {}
     for name, config in RUNS:
         for seed in ([None] if name == "teacher" else range(seeds)):
             out = runs / (name if seed is None else f"{name}-seed{seed}")
             overrides = [f"data.data_dir={fold}", "data.eval_split=null", "data.test_split=test",
                          f"run.output_dir={out}"]
-            if name == "teacher" and finished_with_same_config(out, load_config(ROOT / config, overrides)):
-                print(f"   teacher: reusing {out} (same config; delete it to retrain)", flush=True)
-                accuracy[name] = [test_accuracy(out)]
-                continue
             if name == "kd":
                 overrides.append(f"teacher.model={runs / 'teacher' / 'student'}")
             if seed is not None:
                 overrides += [f"run.seed={seed}", *student_overrides]
-            command = [sys.executable, str(ROOT / "train_kd.py"), "--config", config, *overrides]
-            result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise SystemExit(f"error: {' '.join(command)} failed (exit {result.returncode}):\n"
-                                 f"{result.stderr[-3000:]}")
-            accuracy.setdefault(name, []).append(test_accuracy(out))
-    return accuracy
+            cfg = load_config(ROOT / config, overrides)
+            # run.overwrite only says what to do with an interrupted run's folder: not part of the recipe.
+            if any(finished_with_same_config(out, replace(cfg, run=replace(cfg.run, overwrite=flag)))
+                   for flag in (False, True)):
+                print(f"   {out.name}: reusing {out} (same config; delete it to retrain)", flush=True)
+            else:
+                command = [sys.executable, str(ROOT / "train_kd.py"), "--config", config, *overrides,
+                           "run.overwrite=true"]
+                result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise SystemExit(f"error: {' '.join(command)} failed (exit {result.returncode}):\n"
+                                     f"{result.stderr[-3000:]}")
+            accuracy, seconds = test_accuracy_and_time(out)
+            results.setdefault(name, []).append(accuracy)
+            results.setdefault(f"{name}_s", []).append(seconds)
+    return results
 
 
-def test_accuracy(run_dir: Path) -> float:
+def test_accuracy_and_time(run_dir: Path) -> tuple[float, float]:
     from kd.telemetry import read_events
 
     end = read_events(run_dir / "telemetry.jsonl")[-1]
-    return end["metrics"]["test"]["student_acc"]
+    return end["metrics"]["test"]["student_acc"], end["duration_s"]
 
 
 def print_table(results: dict) -> None:
@@ -179,14 +188,19 @@ def print_table(results: dict) -> None:
         mean = statistics.mean(gains)
         return f"{mean:+.1f}" if len(gains) == 1 else f"{mean:+.1f} ({min(gains):+.1f}..{max(gains):+.1f})"
 
-    fmt = "{:<18} {:>8} {:>19} {:>19} {:>20} {:>11}"
+    def seconds(acc: dict) -> str:  # mean wall time of one KD / one baseline run
+        return (f"{statistics.mean(acc['kd_s']):.0f} / {statistics.mean(acc['baseline_s']):.0f}"
+                if "kd_s" in acc else "")
+
+    fmt = "{:<18} {:>8} {:>19} {:>19} {:>20} {:>11} {:>13}"
     print()
-    print(fmt.format("held-out speaker", "teacher", "KD", "baseline", "KD gain", "KD/teacher"))
+    print(fmt.format("held-out speaker", "teacher", "KD", "baseline", "KD gain", "KD/teacher", "s (KD/base)"))
     rows = [(speaker, acc) for speaker, acc in folds.items()] + [("mean", per_seed)]
     for speaker, acc in rows:
         print(fmt.format(speaker, f"{100 * statistics.mean(acc['teacher']):.1f}", cell(acc["kd"]),
                          cell(acc["baseline"]), gain(acc["kd"], acc["baseline"]),
-                         f"{100 * statistics.mean(acc['kd']) / statistics.mean(acc['teacher']):.0f}%"))
+                         f"{100 * statistics.mean(acc['kd']) / statistics.mean(acc['teacher']):.0f}%",
+                         seconds(acc)))
     print(f"({len(folds)} folds x {results['seeds']} student seeds in {results['duration_s'] / 60:.1f} min; each "
           "speaker's 500 clips are the test set of the models trained on the other speakers; accuracies in %, "
           "students as mean (min-max) over seeds; the mean row's range is that of the fold mean from seed to seed)")

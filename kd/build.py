@@ -23,6 +23,7 @@ from kd.config import Config, config_from_dict, set_modality
 from kd.data import PreparedData, check_data_source, prepare_data
 from kd.errors import ConfigError, DataError, ModelLoadError, SourceError, TrainingError
 from kd.lm.vocabulary import check_shared_vocabulary, cut_to_tokenizer
+from kd.lora import is_lora, trainable_parameters
 from kd.memory import cuda_index
 from kd.preflight import (
     Estimate,
@@ -41,6 +42,8 @@ from kd.teachers.loading import (
     count_parameters,
     is_hub_id,
     is_kit_model,
+    label_space,
+    load_model_config,
     load_processor,
     modality_of,
     teacher_label_space,
@@ -109,14 +112,14 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
     source, key = processor_source(cfg)
     processor = None
     if source is not None:
-        revision = cfg.teacher.revision if key == "teacher.model" else None
+        revision = {"teacher.model": cfg.teacher.revision, "student.model": cfg.student.revision}.get(key)
         processor = load_processor(source, cfg.data.modality, revision, key)
     rate = sampling_rate(cfg, processor)
     teacher_labels = labels_of_teacher(cfg)
+    order = teacher_labels[1] if teacher_labels else labels_of_pretrained_student(cfg)
     with accelerator.main_process_first():  # the first process fills the datasets cache, the others reuse it
         generate = cfg.teacher.endpoint if cfg.remote_teacher and cfg.teacher.endpoint.mode == "generate" else None
-        data = prepare_data(cfg.data, processor, rate, answered_by=generate,
-                            label_order=teacher_labels[1] if teacher_labels else None)
+        data = prepare_data(cfg.data, processor, rate, answered_by=generate, label_order=order)
     for role, key in (("eval", "eval_split"), ("test", "test_split")):
         name = getattr(cfg.data, key)
         if name is not None and role not in data.splits:
@@ -139,9 +142,13 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
                                      precompute=precompute)
     student = build_student(cfg.student, cfg.data.modality, data.label_names, data.sampling_rate,
                             teacher=teacher() if cfg.student.init_from_teacher else None,
-                            teacher_spec=cfg.teacher.model)
+                            teacher_spec=cfg.teacher.model, say=say)
     if cfg.data.modality == "causal_lm":
         prepare_language_models(cfg, processor, teacher.model, student)
+    if is_lora(student) and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise ConfigError([f"student.lora: not supported yet under {accelerator.distributed_type.value} (the merged "
+                           "export needs the whole model in one process); use DDP (accelerate launch "
+                           "--multi_gpu) or train every weight"])
     # The teacher that runs in training (None: no KD, a remote one, or every soft target on disk).
     running = soft_targets.teacher if soft_targets is not None else None
     if data.features is not None:
@@ -162,11 +169,36 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
     if accelerator.device.type == "cuda" and cfg.data.pin_memory:
         say("Non-blocking transfers enabled")
     params = {"teacher": count_parameters(running) if running is not None else None,
-              "student": count_parameters(student)}
-    say(f"Parameters: teacher {_fmt_count(params['teacher'])}, student {_fmt_count(params['student'])}")
+              "student": count_parameters(student), "student_trainable": trainable_parameters(student)}
+    frozen = params["student_trainable"] != params["student"]
+    say(f"Parameters: teacher {_fmt_count(params['teacher'])}, student {_fmt_count(params['student'])}"
+        + (f" ({_fmt_count(params['student_trainable'])} trainable)" if frozen else ""))
     return Run(cfg=cfg, accelerator=accelerator, data=data, student=student, processor=processor,
                input_key=model_input_key(student), env=env, params=params, estimate=estimate, advice=advice,
                soft_targets=soft_targets)
+
+
+def preflight_from_configs(cfg: Config) -> bool:
+    """--preflight of a causal LM run: planned from the models' config.json files alone (kd/lm/planner.py),
+    printed with the advice; False for other modalities (their pre-flight loads the run)."""
+    for note in check_sources(cfg):
+        print(note)
+    settle_modality(cfg, print)
+    if cfg.data.modality != "causal_lm":
+        return False
+    from kd.lm.planner import describe, plan_from_configs
+
+    plan = plan_from_configs(cfg)
+    budget = int(cfg.memory.vram_budget_gb * 1e9)
+    print(describe(plan, cfg))
+    print(format_estimate(plan.estimate, budget))
+    helps = advice(plan.estimate, cfg, budget, None) if plan.estimate.total > budget else []
+    if helps:
+        print(f"Over the budget by {fmt(plan.estimate.total - budget)}. What would help, largest estimated saving "
+              "first:")
+        for text, saving in helps:
+            print(f"  - {text}  (~{fmt(saving)})")
+    return True
 
 
 def check_sources(cfg: Config) -> list[str]:
@@ -174,12 +206,13 @@ def check_sources(cfg: Config) -> list[str]:
     machine without network learns at once everything it cannot get (one line each). Returns notes
     on what a first run will download."""
     models = [(key, spec, revision) for key, spec, revision in (
-        ("teacher.model", cfg.teacher.model, cfg.teacher.revision), ("student.config", cfg.student.config, None))
-        if spec and is_hub_id(spec)]
+        ("teacher.model", cfg.teacher.model, cfg.teacher.revision), ("student.config", cfg.student.config, None),
+        ("student.model", cfg.student.model, cfg.student.revision)) if spec and is_hub_id(spec)]
     problems, notes = [], []
     for key, spec, revision in models:
+        weights = (key == "teacher.model" and cfg.loads_teacher_weights) or key == "student.model"
         try:
-            check_hub_model(spec, revision, key, need_weights=key == "teacher.model" and cfg.loads_teacher_weights)
+            check_hub_model(spec, revision, key, need_weights=weights)
         except ModelLoadError as exc:
             problems.append(str(exc))
     try:
@@ -198,6 +231,7 @@ def settle_modality(cfg: Config, say) -> None:
     if cfg.data.modality is not None:
         return
     key, spec, revision = (("teacher.model", cfg.teacher.model, cfg.teacher.revision) if cfg.teacher.model
+                           else ("student.model", cfg.student.model, cfg.student.revision) if cfg.student.model
                            else ("student.config", cfg.student.config, None))
     told = modality_of(spec, key, revision) if spec else None
     if told is None:
@@ -217,6 +251,17 @@ def labels_of_teacher(cfg: Config) -> tuple[int | None, list[str] | None] | None
     return teacher_label_space(cfg.teacher.model, cfg.teacher.revision)
 
 
+def labels_of_pretrained_student(cfg: Config) -> list[str] | None:
+    """Without a teacher's labels, a pretrained classifier student's (student.model) order the data's
+    classes, so that its head is kept where it names the same classes."""
+    if not cfg.student.model or cfg.data.modality == "causal_lm":
+        return None
+    key = "student.model"
+    if is_kit_model(cfg.student.model):
+        return label_space(read_kit_config(cfg.student.model, key))[1]
+    return label_space(load_model_config(cfg.student.model, key, cfg.student.revision))[1]
+
+
 def prepare_language_models(cfg: Config, tokenizer: Any, teacher: torch.nn.Module | None,
                             student: torch.nn.Module) -> None:
     """Causal LMs: one vocabulary for teacher and student (checked before anything trains), and no
@@ -228,7 +273,7 @@ def prepare_language_models(cfg: Config, tokenizer: Any, teacher: torch.nn.Modul
     if teacher is not None:
         check_shared_vocabulary(tokenizer, student_tokenizer(cfg), teacher_width=teacher.config.vocab_size,
                                 student_width=student.config.vocab_size, teacher_name=cfg.teacher.model,
-                                student_name=cfg.student.config or
+                                student_name=cfg.student.model or cfg.student.config or
                                 f"built from {cfg.teacher.model}'s config")
         teacher.config.use_cache = False
     student.config.use_cache = False
@@ -240,11 +285,13 @@ def prepare_language_models(cfg: Config, tokenizer: Any, teacher: torch.nn.Modul
 
 
 def student_tokenizer(cfg: Config) -> Any:
-    """The tokenizer shipped with student.config, if it has one (None: it reads the teacher's tokens)."""
-    if not cfg.student.config or cfg.student.config == cfg.teacher.model:
+    """The tokenizer shipped with student.model or student.config, if it has one (None: it reads the
+    teacher's tokens)."""
+    spec, key = (cfg.student.model, "student.model") if cfg.student.model else (cfg.student.config, "student.config")
+    if not spec or spec == cfg.teacher.model:
         return None
     try:
-        return load_processor(cfg.student.config, "causal_lm", what="student.config")
+        return load_processor(spec, "causal_lm", cfg.student.revision if cfg.student.model else None, what=key)
     except ModelLoadError:
         return None  # a bare config folder: the student uses the teacher's tokenizer
 
@@ -269,15 +316,17 @@ def processor_source(cfg: Config) -> tuple[str | None, str | None]:
     The teacher's when distilling; otherwise the transformers student's own folder (or the teacher
     folder it is built from). The kit's log-mel CNN, teacher or student, needs none: it takes waveforms.
     """
+    own = ((cfg.student.model, "student.model") if cfg.student.model and not is_kit_model(cfg.student.model)
+           else (cfg.student.config, "student.config") if cfg.student.config else (None, None))
     if cfg.remote_teacher and not cfg.teacher.model:  # the tokenizer shared with the server: the student's
-        return cfg.student.config, "student.config"
+        return own
     if cfg.distillation.enabled:
         if is_kit_model(cfg.teacher.model):
             return None, None
         return cfg.teacher.model, "teacher.model"
     if cfg.student.type == "hf":
-        if cfg.student.config:
-            return cfg.student.config, "student.config"
+        if own[0]:
+            return own
         return cfg.teacher.model, "teacher.model"
     return None, None
 

@@ -119,8 +119,29 @@ class TeacherConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters on a pretrained student (PEFT, kd/lora.py): only the adapters (and a new
+    classification head) train, so gradients and optimizer state are those of a few percent of it."""
+
+    rank: int = 16  # r: adapter rank; its parameters grow linearly with it
+    alpha: float = 32.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.05  # dropout on the adapters' input
+    # Module names (or one regex) to adapt; null: PEFT's default for the architecture (the attention
+    # projections), else every linear layer but the output head.
+    target_modules: list[str] | str | None = None
+    # Modules that train fully beside the adapters and are saved with them; null: a classifier's head
+    # (it is new for the data's labels), none for a language model.
+    modules_to_save: list[str] | None = None
+
+
+@dataclass
 class StudentConfig:
     type: Literal["logmel_cnn", "hf"] = "logmel_cnn"
+    # A pretrained student: Hub id, model folder or kit-exported student folder (safetensors only).
+    model: str | None = None
+    revision: str | None = None  # Hub revision of student.model
+    lora: LoraConfig | None = None  # train low-rank adapters on student.model instead of every weight
+    gradient_checkpointing: bool = False  # transformers students: recompute activations in backward
     n_mels: int = 40
     channels: list[int] = field(default_factory=lambda: [32, 64, 64, 128])
     dropout: float = 0.1
@@ -509,8 +530,24 @@ def _check_values(cfg: Config) -> list[str]:
     need(0.0 <= dist.jsd_beta <= 1.0, "distillation.jsd_beta", dist.jsd_beta,
          "must be in [0, 1] (0: forward KL, 1: reverse KL)")
     if student.type == "hf":
-        need(student.config is not None or teacher.model is not None, "student.config", student.config,
-             "an hf student needs a config: a folder or Hub id with config.json, or teacher.model to start from")
+        need(student.config is not None or teacher.model is not None or student.model is not None,
+             "student.config", student.config, "an hf student needs pretrained weights (student.model) or a config: "
+             "a folder or Hub id with config.json, or teacher.model to start from")
+    if student.model is not None:
+        # Exactly one way to make a student: pretrained weights, or a config (random or teacher layers).
+        clash = [key for key, used in (("student.config", student.config is not None),
+                                       ("student.config_overrides", bool(student.config_overrides)),
+                                       ("student.init_from_teacher", student.init_from_teacher)) if used]
+        if clash:
+            problems.append(f"student.model: a pretrained student takes its architecture and weights from "
+                            f"{student.model}; remove {' and '.join(clash)} (they build a student from a config)")
+    need(student.revision is None or student.model is not None, "student.revision", student.revision,
+         "only used with student.model (a Hub id)")
+    if student.gradient_checkpointing:
+        need(student.type == "hf", "student.gradient_checkpointing", True,
+             "needs student.type: hf (a transformers student; the log-mel CNN keeps few activations)")
+    if student.lora is not None:
+        problems.extend(_check_lora(student))
     if student.teacher_layers is not None:
         need(student.init_from_teacher, "student.teacher_layers", student.teacher_layers,
              "only used with student.init_from_teacher: true")
@@ -586,6 +623,27 @@ def _check_values(cfg: Config) -> list[str]:
     return problems
 
 
+def _check_lora(student: StudentConfig) -> list[str]:
+    problems: list[str] = []
+    need = _requirement(problems, prefix="student.lora.")
+    lora = student.lora
+    if student.type != "hf":
+        problems.append("student.lora: LoRA adapts a pretrained transformers student (student.type: hf); the "
+                        "log-mel CNN is small enough to train every weight: remove student.lora")
+    elif student.model is None and not student.init_from_teacher:
+        problems.append("student.lora: a student built from a config starts from random weights, which LoRA would "
+                        "freeze; set student.model (pretrained weights) or student.init_from_teacher: true")
+    need(lora.rank >= 1, "rank", lora.rank, "must be an integer >= 1 (typical: 8 to 64)")
+    need(lora.alpha > 0, "alpha", lora.alpha, "must be > 0 (the adapters are scaled by alpha / rank)")
+    need(0.0 <= lora.dropout < 1.0, "dropout", lora.dropout, "must be in [0, 1)")
+    targets = lora.target_modules
+    need(targets is None or (bool(targets) and all(str(t).strip() for t in ([targets] if isinstance(targets, str)
+                                                                           else targets))),
+         "target_modules", targets, "module names such as [q_proj, v_proj], one regex, 'all-linear', or null "
+         "(the architecture's default)")
+    return problems
+
+
 def _check_endpoint(ep: EndpointConfig, cfg: Config) -> list[str]:
     problems: list[str] = []
     need = _requirement(problems, prefix="teacher.endpoint.")
@@ -620,9 +678,10 @@ def _check_endpoint(ep: EndpointConfig, cfg: Config) -> list[str]:
         need(0.0 <= ep.temperature <= 2.0, "temperature", ep.temperature, "must be in [0, 2] (0: greedy)")
         need(not cfg.data.packing, "mode", ep.mode, "generate needs data.packing: false (each row is one prompt the "
              "teacher answers; packed rows are not prompts)")
-    if not cfg.teacher.model and not cfg.student.config:
+    if not cfg.teacher.model and not cfg.student.config and not cfg.student.model:
         problems.append("teacher.endpoint: the student needs the teacher's tokenizer; set teacher.model (a folder "
-                        "or Hub id with the tokenizer; weights only for student.init_from_teacher) or student.config")
+                        "or Hub id with the tokenizer; weights only for student.init_from_teacher), student.config "
+                        "or student.model")
     if cfg.data.modality != "causal_lm":
         problems.append(f"teacher.endpoint: a remote teacher gives next-token log-probabilities, so it needs "
                         f"data.modality: causal_lm (not {cfg.data.modality!r})")

@@ -71,7 +71,8 @@ def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[s
     Language models (3-D logits) also count their logits, which autograd's saved tensors do not show:
     the student's logits and their gradient (analytic only; the GPU probe measures them), the teacher's
     logits, alive from its forward to the loss, and the loss's (loss_chunk, vocabulary) fp32 work tensors."""
-    n_student = sum(p.numel() for p in student.parameters())
+    # Gradients and AdamW moments exist for the parameters that train (a LoRA student: its adapters).
+    n_trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     # The probe must leave no trace: its random draws (dropout in torch, SpecAugment-style masks in
     # NumPy, anything in `random`) come from saved and restored generators, and the running
     # statistics its train-mode forward updates (BatchNorm) are put back afterwards.
@@ -114,9 +115,9 @@ def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[s
     context = (measured_cuda_context(device) if device.type == "cuda" else None) or CUDA_CONTEXT_BYTES
     parts = {
         "teacher_weights": param_bytes(teacher) if teacher_on_gpu else 0,
-        "student_weights": n_student * 4,
-        "grads": n_student * 4,
-        "optimizer": n_student * ADAMW_STATE_PER_PARAM,
+        "student_weights": param_bytes(student),
+        "grads": n_trainable * 4,
+        "optimizer": n_trainable * ADAMW_STATE_PER_PARAM,
         "activations": student_act + teacher_extra,
         "cuda_context": context,
         "logits": logits,
@@ -234,29 +235,42 @@ def largest_fitting_micro_batch(effective: int, fits: Callable[[int], bool]) -> 
     return 0
 
 
-def advice(est: Estimate, cfg: Any, budget: int, student: nn.Module) -> list[tuple[str, int]]:
+def advice(est: Estimate, cfg: Any, budget: int, student: nn.Module | None) -> list[tuple[str, int]]:
     """Concrete changes with their estimated saving in bytes, largest first."""
+    # LoRA changes what no other setting can: the gradients and optimizer state of a pretrained student.
+    lora_saving = 0
+    if cfg.student.type == "hf" and cfg.student.lora is None and (cfg.student.model or cfg.student.init_from_teacher):
+        lora_saving = int((est.grads + est.optimizer) * 0.97)  # rank-16 adapters: ~1-3% of a model's weights
+    lora = ("student.lora: {rank: 16} trains low-rank adapters only: gradients and optimizer state for a few "
+            "percent of the student", lora_saving)
     # What no batch, precision or teacher setting changes: when that alone is over the budget,
     # the usual advice would send the user through changes that cannot help.
     floor = est.cuda_context + est.student_weights + est.grads + est.optimizer
-    if floor > budget:
+    if floor - lora_saving > budget:
         return [(f"memory.vram_budget_gb: {math.ceil(floor / GB * 100) / 100:.2f} at least, or a smaller student: the "
                  f"CUDA context and the student's weights, gradients and optimizer state alone take {fmt(floor)}, so "
                  f"no batch, precision or teacher setting fits {fmt(budget)}", floor - budget)]
-    options: list[tuple[str, int]] = []
+    options: list[tuple[str, int]] = [lora]
+    teacher = est.teacher_weights + est.teacher_activations
     if est.teacher_weights and cfg.teacher.dtype == "fp32":
-        options.append(("teacher.dtype: bf16 (or fp16) halves teacher weights and activations",
-                        (est.teacher_weights + est.teacher_activations) // 2))
+        options.append(("teacher.dtype: bf16 (or fp16) halves teacher weights and activations", teacher // 2))
     if est.teacher_weights:
-        options.append(("teacher.device: cpu keeps the teacher out of VRAM (slower teacher forward)",
-                        est.teacher_weights + est.teacher_activations))
+        options.append(("teacher.device: cpu keeps the teacher out of VRAM (slower teacher forward)", teacher))
+        if not cfg.augment.enabled:
+            top_k = " with distillation.cache_top_k: 64" if cfg.data.modality == "causal_lm" else ""
+            options.append((f"distillation.teacher_cache: require{top_k}, filled once with --precompute-teacher: "
+                            "training never loads the teacher", teacher))
+        if cfg.data.modality == "causal_lm":
+            options.append(("teacher.endpoint: the teacher behind an OpenAI-compatible server, on another machine "
+                            "(configs/remote_teacher.yaml)", teacher))
     micro, accum = cfg.train.batch_size, cfg.train.grad_accum
     if micro > 1:
         options.append((f"train.batch_size: {micro // 2} with train.grad_accum: {accum * 2} (same effective batch)",
                         est.activations // 2))
-    if getattr(student, "supports_gradient_checkpointing", False):
-        options.append(("gradient checkpointing on the student (student.config_overrides) recomputes activations "
-                        "in backward", int((est.activations - est.teacher_activations) * 0.6)))
+    if not cfg.student.gradient_checkpointing and getattr(student, "supports_gradient_checkpointing",
+                                                          cfg.student.type == "hf"):
+        options.append(("student.gradient_checkpointing: true recomputes activations in backward",
+                        int((est.activations - est.teacher_activations) * 0.6)))
     if cfg.train.mixed_precision == "no":
         options.append(("train.mixed_precision: bf16 (or fp16 on older GPUs) halves activations", est.activations // 2))
     if cfg.data.modality == "audio":

@@ -1,5 +1,9 @@
 """Student builders.
 
+- `student.model`: a pretrained student (a Hub id, a model folder, or a student folder this kit
+  exported), loaded from safetensors with the Auto class of the data's task; a classifier whose
+  labels differ from the data's gets a new head. `student.lora` then trains adapters on it
+  (kd/lora.py), `student.gradient_checkpointing` recomputes its activations in backward.
 - `logmel_cnn`: a small keyword-spotting CNN that turns raw audio into log-mel features inside its
   forward pass (torchaudio on the model's device), so the data path carries only waveforms
   (kd/audio/logmel_cnn.py).
@@ -21,18 +25,89 @@ from torch import nn
 from kd.audio.logmel_cnn import LogMelCNN
 from kd.config import StudentConfig
 from kd.errors import ModelLoadError
-from kd.teachers.loading import TASK_CLASSES, load_model_config
+from kd.lora import add_lora, head_modules
+from kd.teachers.loading import (
+    TASK_CLASSES,
+    is_kit_model,
+    label_space,
+    load_model_config,
+    load_pretrained,
+    model_label_names,
+)
 
 log = logging.getLogger(__name__)
 
 
 def build_student(cfg: StudentConfig, modality: str, label_names: list[str], sample_rate: int | None,
-                  *, teacher: nn.Module | None = None, teacher_spec: str | None = None) -> nn.Module:
-    if cfg.type == "logmel_cnn":
-        return LogMelCNN(len(label_names), sample_rate=sample_rate or 16000, n_mels=cfg.n_mels,
-                         channels=cfg.channels, dropout=cfg.dropout, normalize=cfg.normalize,
-                         pool=cfg.pool, stem_stride=cfg.stem_stride)
-    return build_hf_student(cfg, modality, label_names, teacher=teacher, teacher_spec=teacher_spec)
+                  *, teacher: nn.Module | None = None, teacher_spec: str | None = None, say=print) -> nn.Module:
+    if cfg.model is not None:
+        model = load_pretrained_student(cfg, modality, label_names, sample_rate, say)
+    elif cfg.type == "logmel_cnn":
+        model = LogMelCNN(len(label_names), sample_rate=sample_rate or 16000, n_mels=cfg.n_mels,
+                          channels=cfg.channels, dropout=cfg.dropout, normalize=cfg.normalize,
+                          pool=cfg.pool, stem_stride=cfg.stem_stride)
+    else:
+        model = build_hf_student(cfg, modality, label_names, teacher=teacher, teacher_spec=teacher_spec)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing: gradients reach LoRA adapters even though the frozen inputs
+        # of each layer need none (the reentrant kind would silently give them no gradient).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora is not None:
+        model, note = add_lora(model, cfg.lora, classifier=modality != "causal_lm")
+        say(note)
+    return model
+
+
+def load_pretrained_student(cfg: StudentConfig, modality: str, label_names: list[str], sample_rate: int | None,
+                            say=print) -> nn.Module:
+    """student.model: pretrained weights (safetensors only, checked as a teacher's are). A classifier
+    keeps its head where it predicts the data's labels in the data's order; else the head starts
+    again from random weights for the data's labels (said in one line)."""
+    spec = cfg.model
+    kit = is_kit_model(spec)
+    if kit != (cfg.type == "logmel_cnn"):
+        what = "a log-mel CNN this kit exported" if kit else "a transformers model"
+        raise ModelLoadError(f"student.model: {spec} is {what}; set student.type: {'logmel_cnn' if kit else 'hf'}")
+    if kit:
+        model = load_pretrained(spec, "audio", what="student.model")
+        if sample_rate and model.sample_rate != sample_rate:
+            raise ModelLoadError(f"student.model: {spec} was trained on {model.sample_rate} Hz audio but the data is "
+                                 f"read at {sample_rate} Hz; set data.sampling_rate: {model.sample_rate}")
+        if not _same_labels(model_label_names(model)[1], label_names):
+            say(_new_head_note(spec, model_label_names(model)[1], label_names))
+            linear = model.head[-1]
+            model.head[-1] = nn.Linear(linear.in_features, len(label_names))
+            model.config["num_labels"] = len(label_names)
+        model.label_names = list(label_names)
+        return model
+    if modality == "causal_lm":
+        return load_pretrained(spec, modality, cfg.revision, what="student.model")
+    config = load_model_config(spec, "student.model", cfg.revision)
+    n_old, old = label_space(config)
+    config.num_labels = len(label_names)
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {name: i for i, name in enumerate(label_names)}
+    model = load_pretrained(spec, modality, cfg.revision, what="student.model", config=config)
+    if old is not None and not _same_labels(old, label_names):
+        # Same number of labels but other names (or order): transformers kept the old head's weights,
+        # which would mean other classes. Different numbers: it started a new head already.
+        say(_new_head_note(spec, old, label_names))
+        if n_old == len(label_names):
+            for name in head_modules(model):
+                for module in getattr(model, name).modules():
+                    if hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
+    return model
+
+
+def _same_labels(names: list[str] | None, label_names: list[str]) -> bool:
+    return names is not None and [n.lower() for n in names] == [n.lower() for n in label_names]
+
+
+def _new_head_note(spec: str, old: list[str] | None, label_names: list[str]) -> str:
+    was = f"predicted {', '.join(old[:6])}{' ...' if len(old) > 6 else ''}" if old else "had unnamed labels"
+    return (f"student.model: {spec}'s head {was}; a new head for the data's {len(label_names)} labels starts from "
+            "random weights (the rest is pretrained)")
 
 
 def build_hf_student(cfg: StudentConfig, modality: str, label_names: list[str],

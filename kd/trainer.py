@@ -115,7 +115,9 @@ class Trainer:
         # back (the host waits for the GPU at every step). Sharded students (FSDP, DeepSpeed) keep the default.
         fused = self.acc.device.type == "cuda" and self.acc.distributed_type in (DistributedType.NO,
                                                                                  DistributedType.MULTI_GPU)
-        self.optimizer = torch.optim.AdamW(run.student.parameters(), lr=self.cfg.train.lr,
+        # Only what trains has optimizer state: a LoRA student's adapters (its frozen weights have none).
+        trainable = [p for p in run.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=self.cfg.train.lr,
                                            weight_decay=self.cfg.train.weight_decay, fused=True if fused else None)
         self.student, self.optimizer = self.acc.prepare(run.student, self.optimizer)
         self.train_micro = self.state.micro_batch  # the micro-batch train_dl was built with

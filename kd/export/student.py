@@ -1,5 +1,7 @@
 """The final student as a self-contained folder: safetensors weights, config and label names (a causal
-LM: its tokenizer, ready for `AutoModelForCausalLM.from_pretrained` and `generate`).
+LM: its tokenizer, ready for `AutoModelForCausalLM.from_pretrained` and `generate`). A LoRA student is
+merged into plain weights there (no PEFT needed to use it), with its adapter saved beside them in
+`adapter/` (PEFT's format, for `PeftModel.from_pretrained` on the original student).
 
 Folders are written atomically (kd.atomic): an interrupted export never leaves a half-written student
 behind, and the previous export stays intact until the new one is complete.
@@ -18,6 +20,7 @@ from transformers import AutoConfig
 from kd.atomic import atomic_folder
 from kd.audio.logmel_cnn import CONFIG_NAME, WEIGHTS_NAME, LogMelCNN, load_logmel_cnn
 from kd.errors import ModelLoadError
+from kd.lora import ADAPTER_DIR, is_lora
 from kd.teachers.loading import TASK_CLASSES, resolve_model_source
 
 
@@ -32,6 +35,12 @@ def save_student(model: torch.nn.Module, path: str | Path, label_names: list[str
             config = dict(model.config, id2label={str(i): n for i, n in enumerate(label_names)})
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         else:
+            if is_lora(model):
+                if state_dict is not None:
+                    raise ModelLoadError("a sharded LoRA student cannot be merged for export")  # refused at start
+                model.save_pretrained(tmp / ADAPTER_DIR)  # adapter_config.json + adapter_model.safetensors
+                # Training is over: merging in place computes the same function with plain weights.
+                model = model.merge_and_unload()
             if getattr(model.config, "use_cache", None) is False:
                 model.config.use_cache = True  # off for training (kd/build.py); generation wants it
             model.save_pretrained(tmp, state_dict=state_dict)  # model.safetensors + config.json (with id2label)

@@ -269,37 +269,52 @@ def load_teacher(spec: str, modality: str, revision: str | None = None, dtype: s
 
 
 def _load_teacher(spec: str, modality: str, revision: str | None, dtype: str) -> PreTrainedModel:
-    source, single_file = resolve_model_source(spec, "teacher.model", revision=revision)
+    return freeze(load_pretrained(spec, modality, revision, dtype))
+
+
+def load_pretrained(spec: str, modality: str, revision: str | None = None, dtype: str = "fp32",
+                    what: str = "teacher.model", config: PretrainedConfig | None = None) -> torch.nn.Module:
+    """A model from safetensors weights: a transformers model with the modality's head (from a Hub id,
+    a folder or a lone .safetensors file with its config.json) or a log-mel CNN the kit exported.
+    `config`: the model's config with changes (a student's new labels); the weights that no longer
+    fit it (the old head) are left newly initialised."""
+    source, single_file = resolve_model_source(spec, what, revision=revision)
     if single_file is None and is_kit_model(source):
         if modality != "audio":
-            raise ModelLoadError(f"teacher.model: {spec} is the kit's {LOGMEL_KIND} (audio), but data.modality "
+            raise ModelLoadError(f"{what}: {spec} is the kit's {LOGMEL_KIND} (audio), but data.modality "
                                  f"is {modality!r}")
-        return freeze(load_logmel_cnn(source, "teacher.model").to(DTYPES[dtype]))
+        return load_logmel_cnn(source, what).to(DTYPES[dtype])
     cls = TASK_CLASSES[modality]
-    config = load_model_config(spec, "teacher.model", revision)  # a cut-off config.json is named as such
+    changed = config is not None
+    config = config or load_model_config(spec, what, revision)  # a cut-off config.json is named as such
     try:
         if single_file is not None and single_file.name != "model.safetensors":
             # A lone weights file with its config.json beside it: build the architecture, then load.
             model = cls.from_config(config, dtype=DTYPES[dtype])
-            missing, unexpected = model.load_state_dict(load_file(str(single_file)), strict=False)
-            if missing:
-                raise ModelLoadError(f"teacher.model: {single_file} lacks {len(missing)} weights of the "
+            weights = load_file(str(single_file))
+            if changed:  # keep what fits the changed config
+                shapes = model.state_dict()
+                weights = {k: v for k, v in weights.items() if k in shapes and shapes[k].shape == v.shape}
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            if missing and not changed:
+                raise ModelLoadError(f"{what}: {single_file} lacks {len(missing)} weights of the "
                                      f"architecture in config.json, e.g. {missing[0]}")
         else:
             model = cls.from_pretrained(source, config=config, revision=revision, use_safetensors=True,
-                                        trust_remote_code=False, dtype=DTYPES[dtype])
+                                        trust_remote_code=False, dtype=DTYPES[dtype],
+                                        ignore_mismatched_sizes=changed)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
-            f"teacher.model: cannot load {spec} as a {TASK_NAMES[modality]} with safetensors weights "
+            f"{what}: cannot load {spec} as a {TASK_NAMES[modality]} with safetensors weights "
             f"({first_line(exc)}); if it ships pickle weights only, {HOW_TO_CONVERT}"
         ) from None
     except RuntimeError as exc:  # torch's "size mismatch for <weight>", which transformers reports above its own
         mismatch = re.search(r"size mismatch for ([\w.]+)", str(exc))
         raise ModelLoadError(
-            f"teacher.model: the weights of {spec} do not fit the architecture its config.json describes"
+            f"{what}: the weights of {spec} do not fit the architecture its config.json describes"
             f"{f' ({mismatch.group(1)} has another shape)' if mismatch else ''}: the config was edited or belongs "
             "to another checkpoint") from None
-    return freeze(model)
+    return model
 
 
 def is_kit_model(spec: str | None) -> bool:
