@@ -7,7 +7,9 @@ In order, each step a subprocess with its own time limit and log file under --ou
 
   1. cuda-tests    pytest -m cuda: fast-path switches, the budget cap, a real out-of-memory error in
                    every phase, NVML fields, fp16/bf16, on-device features, compile (tests/test_cuda.py);
-                   configs/5gb.yaml end to end against the published layouts on 127.0.0.1 (tests/test_flagship.py)
+                   configs/5gb.yaml end to end against the published layouts on 127.0.0.1 (tests/test_flagship.py);
+                   a LoRA language-model student at 512 tokens under the 5.5 GB cap, both estimates against
+                   the measured peak
   2. memory        bench/bench_memory.py: pre-flight estimate against measured peaks (demo, flagship,
                    with each phase's peak) and a real out-of-memory recovery
   3. throughput    bench/bench_throughput.py: naive against optimised, KD step cost

@@ -461,6 +461,9 @@ def sampling_rate(cfg: Config, processor: Any) -> int | None:
     if cfg.distillation.enabled and is_kit_model(cfg.teacher.model):
         expected = read_kit_config(cfg.teacher.model, "teacher.model")["sample_rate"]
         source = f"teacher {cfg.teacher.model} was trained at"
+    elif not cfg.distillation.enabled and is_kit_model(cfg.student.model):  # no teacher: the pretrained student
+        expected = read_kit_config(cfg.student.model, "student.model")["sample_rate"]
+        source = f"student {cfg.student.model} was trained at"
     if expected and cfg.data.sampling_rate and cfg.data.sampling_rate != expected:
         raise ConfigError([f"data.sampling_rate: {cfg.data.sampling_rate} differs from the {expected} Hz the "
                            f"{source}; remove it or set it to that rate"])

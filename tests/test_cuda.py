@@ -299,3 +299,34 @@ def test_a_kd_training_step_never_waits_for_the_gpu(tmp_path, tone_data, tiny_te
                 trainer._micro_step(dict(batch))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_lora_language_model_at_512_tokens_fits_the_cap_as_the_estimates_say(tmp_path):
+    """A 30-layer, SmolLM2-135M-shaped Llama saved as a pretrained student, LoRA rank 16, bf16, 512 tokens,
+    a 4-layer teacher on the GPU, under the 5.5 GB cap: the run's pre-flight estimate and the plan from
+    configs alone (kd/lm/planner.py) against the measured peak (reserved, as the other estimates)."""
+    from kd.lm.planner import plan_from_configs
+    from kd.synthetic import save_tiny_llama, write_lm_dataset
+
+    student = save_tiny_llama(tmp_path / "student", layers=30, hidden=576)
+    teacher = save_tiny_llama(tmp_path / "teacher", layers=4, hidden=576)
+    data = write_lm_dataset(tmp_path / "data", "text", {"train": 64, "validation": 8})
+    cfg = {"run": {"output_dir": str(tmp_path / "run")},
+           "data": {"dataset": "json", "data_dir": str(data), "modality": "causal_lm", "input_column": "text",
+                    "max_length": 512, "packing": True, "num_workers": 0},
+           "teacher": {"model": str(teacher), "dtype": "bf16"},
+           "student": {"type": "hf", "model": str(student), "lora": {"rank": 16}, "gradient_checkpointing": True},
+           "distillation": {"alpha": 0.5, "temperature": 1.0},
+           "train": {"batch_size": 4, "epochs": None, "max_steps": 6, "mixed_precision": "bf16", "eval_every": 100},
+           "export": {"onnx": False}}
+    planned = plan_from_configs(config_from_dict(cfg)).estimate
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer = Trainer(build_run(config_from_dict(cfg)))
+    trainer.fit()
+    end = read_events(tmp_path / "run")[-1]
+    measured = end["peak"]["reserved"]
+    assert end["status"] == "completed" and measured < 5.5 * GB
+    for estimate in (trainer.run.estimate, planned):
+        ratio = (estimate.total - estimate.cuda_context) / measured
+        print(f"{estimate.method}: estimate {estimate.total / GB:.2f} GB, measured {measured / GB:.2f} GB, {ratio:.2f}x")
+        assert 0.7 <= ratio <= 1.5, (estimate, measured)

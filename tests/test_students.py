@@ -175,8 +175,34 @@ def test_a_pretrained_classifier_for_other_labels_gets_a_new_head_and_lora_train
     assert read_events(tmp_path / "run" / "telemetry.jsonl")[-1]["status"] == "completed"
 
 
-def test_a_student_model_of_the_wrong_kind_or_with_pickles_is_refused(tmp_path, sentiment):
-    cfg = text_config(sentiment, tmp_path / "run", "student", student={"type": "logmel_cnn", "model": None})
+def test_a_log_mel_cnn_the_kit_exported_continues_as_a_student(tmp_path, tone_data, capsys):
+    from kd.audio.logmel_cnn import LogMelCNN
+    from kd.export.student import save_student
+    from kd.synthetic import TONE_LABELS
+
+    from conftest import tiny_config
+
+    torch.manual_seed(3)
+    exported = save_student(LogMelCNN(len(TONE_LABELS), sample_rate=8000, n_mels=16, channels=[8, 16]),
+                            tmp_path / "exported", list(TONE_LABELS))
+    cfg = tiny_config(tone_data, None, tmp_path / "run", student={"model": str(exported)})
+    run = build_run(config_from_dict(cfg))
+    saved = load_file(str(exported / "model.safetensors"))
+    assert all(torch.equal(run.student.state_dict()[k], v) for k, v in saved.items())
+    assert "new head" not in capsys.readouterr().out
+    relabelled = save_student(LogMelCNN(2, sample_rate=8000, n_mels=16, channels=[8, 16]), tmp_path / "other",
+                              ["yes", "no"])
+    run = build_run(config_from_dict(tiny_config(tone_data, None, tmp_path / "run2",
+                                                 student={"model": str(relabelled)})))
+    assert f"a new head for the data's {len(TONE_LABELS)} labels" in capsys.readouterr().out
+    assert run.student(torch.zeros(2, 8000)).shape == (2, len(TONE_LABELS))
+    with pytest.raises(ModelLoadError, match="is a log-mel CNN this kit exported; set student.type: logmel_cnn"):
+        build_run(config_from_dict(tiny_config(tone_data, None, tmp_path / "run3", student={
+            "type": "hf", "model": str(exported)})))
+
+
+def test_a_student_model_with_pickles_only_is_refused(tmp_path, sentiment):
+    cfg = text_config(sentiment, tmp_path / "run", "student")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((sentiment["student"] / "config.json").read_text())
