@@ -328,5 +328,6 @@ def test_a_lora_language_model_at_512_tokens_fits_the_cap_as_the_estimates_say(t
     assert end["status"] == "completed" and measured < 5.5 * GB
     for estimate in (trainer.run.estimate, planned):
         ratio = (estimate.total - estimate.cuda_context) / measured
-        print(f"{estimate.method}: estimate {estimate.total / GB:.2f} GB, measured {measured / GB:.2f} GB, {ratio:.2f}x")
+        print(f"{estimate.method}: estimate {estimate.total / GB:.2f} GB, measured {measured / GB:.2f} GB "
+              f"({ratio:.2f}x)")
         assert 0.7 <= ratio <= 1.5, (estimate, measured)
