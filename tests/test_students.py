@@ -161,13 +161,14 @@ def test_a_pretrained_classifier_keeps_its_head_when_it_names_the_data_labels(tm
 
 def test_a_pretrained_classifier_for_other_labels_gets_a_new_head_and_lora_trains_it(tmp_path, sentiment, capsys):
     cfg = text_config(sentiment, tmp_path / "run", "other", student={"lora": {"rank": 2}})
-    trainer = train(cfg)
+    run = build_run(config_from_dict(cfg))
+    trainable = {n for n, p in run.student.named_parameters() if p.requires_grad}
+    Trainer(run).fit()
     out = capsys.readouterr().out
     assert ("student.model: " + str(sentiment["other"]) + "'s head predicted sports, weather; a new head for the "
             "data's 2 labels starts from random weights") in out
     assert "LoRA: rank 2, alpha 32 on query, value, classifier trained fully" in out
-    trainable = {n for n, p in trainer.run.student.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
+    assert any("lora_A" in n for n in trainable) and all("lora_" in n or "classifier" in n for n in trainable)
     from transformers import AutoModelForSequenceClassification
 
     exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "student")
@@ -210,3 +211,31 @@ def test_a_student_model_with_pickles_only_is_refused(tmp_path, sentiment):
     cfg["student"] = {"type": "hf", "model": str(pickled)}
     with pytest.raises(ModelLoadError, match=r"student.model: .*pickled holds only pickle weights"):
         build_run(config_from_dict(cfg))
+
+
+@pytest.mark.parametrize("modality", ["audio", "image"])
+def test_lora_adapts_audio_and_image_transformer_students_and_trains_their_heads(tmp_path, tone_data, tiny_teacher,
+                                                                                 modality, capsys):
+    """The audio (wav2vec2) and image (ViT) classifiers as pretrained LoRA students, CE only: the
+    attention's query/value projections get adapters by their names, the head trains fully."""
+    from conftest import tiny_config
+
+    from kd.synthetic import save_tiny_vit, write_color_images
+
+    if modality == "audio":
+        cfg = tiny_config(tone_data, None, tmp_path / "run", student={
+            "type": "hf", "model": str(tiny_teacher), "lora": {"rank": 2}}, train={"max_steps": 2})
+        targets = "q_proj, v_proj"
+    else:
+        images = write_color_images(tmp_path / "images")
+        vit = save_tiny_vit(tmp_path / "vit", ["blue", "red"])
+        cfg = tiny_config(images, None, tmp_path / "run", data={"dataset": "imagefolder", "test_split": None},
+                          student={"type": "hf", "model": str(vit), "lora": {"rank": 2}}, train={"max_steps": 2})
+        targets = "q_proj, v_proj"  # transformers 5's ViT names them as Llama does
+    run = build_run(config_from_dict(cfg))
+    assert f"LoRA: rank 2, alpha 32 on {targets}" in capsys.readouterr().out
+    trainable = {n for n, p in run.student.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("classifier" in n for n in trainable)
+    assert all("lora_" in n or "classifier" in n or "projector" in n for n in trainable)
+    Trainer(run).fit()  # the export merges the adapters into the live model: checked above, before it
+    assert (tmp_path / "run" / "student" / "adapter" / "adapter_config.json").is_file()
