@@ -218,9 +218,9 @@ def test_lora_adapts_audio_and_image_transformer_students_and_trains_their_heads
                                                                                  modality, capsys):
     """The audio (wav2vec2) and image (ViT) classifiers as pretrained LoRA students, CE only: the
     attention's query/value projections get adapters by their names, the head trains fully."""
-    from conftest import tiny_config
-
     from kd.synthetic import save_tiny_vit, write_color_images
+
+    from conftest import tiny_config
 
     if modality == "audio":
         cfg = tiny_config(tone_data, None, tmp_path / "run", student={
