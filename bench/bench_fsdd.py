@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                              "with --demo-schedule)")
     parser.add_argument("--seeds", type=int, default=3,
                         help="runs of each student per fold, run.seed 0 .. N-1 (default 3; the teacher trains once)")
+    parser.add_argument("--tag", default=None,
+                        help="name the students' run folders <kd|baseline>-<tag>-seedN, so a sweep in the same --work "
+                             "keeps the earlier students and shares the teachers")
     parser.add_argument("--set", dest="student_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for both students (repeatable), e.g. train.lr=0.01")
     args = parser.parse_args(argv)
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     for speaker in chosen:
         fold = write_fold(args.data, rows, speaker, work / f"fold-{speaker}")
         print(f"== held out: {speaker} (train: {', '.join(s for s in speakers if s != speaker)})", flush=True)
-        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", student, args.seeds)
+        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", student, args.seeds, args.tag)
         print("   " + ", ".join(f"{name} {' / '.join(f'{100 * a:.1f}' for a in accs)}%"
                                 for name, accs in folds[speaker].items() if not name.endswith("_s")), flush=True)
     results = {"env": env, "data": str(args.data), "student_overrides": student, "seeds": args.seeds,
@@ -130,7 +133,8 @@ def write_fold(data: Path, rows: list[dict], held_out: str, folder: Path) -> Pat
     return folder
 
 
-def run_fold(fold: Path, runs: Path, student_overrides: list[str], seeds: int = 1) -> dict[str, list[float]]:
+def run_fold(fold: Path, runs: Path, student_overrides: list[str], seeds: int = 1,
+             tag: str | None = None) -> dict[str, list[float]]:
     """Teacher, then KD from it and the baseline once per seed, each with `student_overrides`; each
     one's test accuracy (the teacher's as a one-item list) and wall time in seconds (`<name>_s`). A run
     that `runs` already holds, completed with the same config, is reused: an interrupted bench resumes
@@ -141,7 +145,7 @@ def run_fold(fold: Path, runs: Path, student_overrides: list[str], seeds: int = 
     results: dict[str, list[float]] = {}
     for name, config in RUNS:
         for seed in ([None] if name == "teacher" else range(seeds)):
-            out = runs / (name if seed is None else f"{name}-seed{seed}")
+            out = runs / (name if seed is None else f"{name}{f'-{tag}' if tag else ''}-seed{seed}")
             overrides = [f"data.data_dir={fold}", "data.eval_split=null", "data.test_split=test",
                          f"run.output_dir={out}"]
             if name == "kd":
