@@ -47,6 +47,7 @@ class Estimate:
     teacher_activations: int  # the part of `activations` only the teacher's forward needs (its peak over the student's)
     method: str  # "measured" (GPU probe) or "analytic" (CPU)
     logits: int = 0  # language models: the teacher's logits held through the student's step + the chunked loss
+    loss_work: int = 0  # the part of `logits` that the loss's memory.loss_chunk-wide work tensors take
 
     def as_telemetry(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,11 +102,11 @@ def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[s
             b.copy_(buffers[name])
     scale = micro_batch / max(1, int(batch["labels"].shape[0]))
     student_act, teacher_act = int(student_act * scale), int(teacher_act * scale)
-    logits = 0
+    logits = loss_work = 0
     if len(shape) == 3:  # (batch, positions, vocabulary): a language model
         per_row = shape[1] * shape[2] * 4
-        logits = per_row * micro_batch * ((teacher is not None) + 2 * (method == "analytic"))
-        logits += 6 * min(loss_chunk, micro_batch * shape[1]) * shape[2] * 4
+        loss_work = 6 * min(loss_chunk, micro_batch * shape[1]) * shape[2] * 4
+        logits = per_row * micro_batch * ((teacher is not None) + 2 * (method == "analytic")) + loss_work
     if not teacher_on_gpu:
         teacher_act = 0
     # The teacher's forward and the student's step run one after the other, and the teacher's
@@ -122,7 +123,8 @@ def estimate_memory(teacher: nn.Module | None, student: nn.Module, batch: dict[s
         "cuda_context": context,
         "logits": logits,
     }
-    return Estimate(**parts, total=sum(parts.values()), teacher_activations=teacher_extra, method=method)
+    return Estimate(**parts, total=sum(parts.values()), teacher_activations=teacher_extra, method=method,
+                    loss_work=loss_work)
 
 
 def measured_cuda_context(device: torch.device) -> int | None:
@@ -278,6 +280,9 @@ def advice(est: Estimate, cfg: Any, budget: int, student: nn.Module | None) -> l
     elif cfg.data.modality in ("text", "causal_lm"):
         options.append((f"data.max_length: {max(1, cfg.data.max_length // 2)} (shorter inputs)",
                         (est.activations + est.logits) // 2))
+    if est.loss_work and cfg.memory.loss_chunk >= 64:
+        options.append((f"memory.loss_chunk: {cfg.memory.loss_chunk // 4} (the loss works through fewer positions "
+                        "at a time; a little slower)", est.loss_work * 3 // 4))
     return sorted((o for o in options if o[1] > 0), key=lambda o: -o[1])
 
 

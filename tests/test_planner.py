@@ -125,7 +125,8 @@ def test_preflight_of_a_language_model_pair_plans_from_configs_and_advises(tmp_p
     assert "0.494B parameters, every weight trains" in out and "7.62B parameters, on the GPU" in out
     assert "OVER BUDGET" in out and "activations (from configs)" in out
     for advice in ("student.lora: {rank: 16}", "teacher.device: cpu", "distillation.teacher_cache: require",
-                   "teacher.endpoint", "data.max_length: 512", "student.gradient_checkpointing: true"):
+                   "teacher.endpoint", "data.max_length: 512", "student.gradient_checkpointing: true",
+                   "memory.loss_chunk: 64"):
         assert advice in out, advice
     assert not (tmp_path / "run").exists()
     fits = run_cli(["--config", str(config), "--preflight", "student.lora.rank=16", "teacher.device=cpu",

@@ -146,8 +146,8 @@ def plan_from_configs(cfg: Config) -> Plan:
         teacher_act = 3 * tokens * max(2 * t_shapes.intermediate, t_shapes.vocab) * t_element
         where = "cpu" if cfg.teacher.device == "cpu" else "gpu"
     vocab = shapes.vocab
-    logits = length * vocab * 4 * micro * ((where == "gpu" or where == "cpu") + 2)
-    logits += 6 * min(cfg.memory.loss_chunk, tokens) * vocab * 4
+    loss_work = 6 * min(cfg.memory.loss_chunk, tokens) * vocab * 4
+    logits = length * vocab * 4 * micro * ((where == "gpu" or where == "cpu") + 2) + loss_work
     teacher_extra = max(0, teacher_act - student_act)
 
     def estimate(on_gpu: bool) -> Estimate:
@@ -156,7 +156,7 @@ def plan_from_configs(cfg: Config) -> Plan:
                  "activations": student_act + (teacher_extra if on_gpu else 0), "cuda_context": CUDA_CONTEXT_BYTES,
                  "logits": logits}
         return Estimate(**parts, total=sum(parts.values()), teacher_activations=teacher_extra if on_gpu else 0,
-                        method="from configs")
+                        method="from configs", loss_work=loss_work)
 
     plan = estimate(where == "gpu")
     if where == "gpu" and cfg.teacher.device == "auto":
