@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	# The CUDA build of torch pulls ~3 GB of wheels: resume an interrupted download rather than fail
+	$(PY) -m pip install -q --disable-pip-version-check --resume-retries 20 -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
