@@ -22,6 +22,7 @@ from kd.audio.logmel_cnn import read_config as read_kit_config
 from kd.config import Config, config_from_dict, set_modality
 from kd.data import PreparedData, check_data_source, prepare_data
 from kd.errors import ConfigError, DataError, ModelLoadError, SourceError, TrainingError
+from kd.lm.on_policy import sampling_bytes
 from kd.lm.vocabulary import check_shared_vocabulary, cut_to_tokenizer
 from kd.lora import is_lora, trainable_parameters
 from kd.memory import cuda_index
@@ -33,6 +34,7 @@ from kd.preflight import (
     fmt,
     format_estimate,
     largest_fitting_micro_batch,
+    with_generation,
 )
 from kd.students import build_student, model_input_key, use_channels_last
 from kd.teachers.factory import LazyTeacher, open_soft_targets
@@ -149,6 +151,10 @@ def build_run(cfg: Config, plan_only: bool = False, precompute: bool = False) ->
         raise ConfigError([f"student.lora: not supported yet under {accelerator.distributed_type.value} (the merged "
                            "export needs the whole model in one process); use DDP (accelerate launch "
                            "--multi_gpu) or train every weight"])
+    if cfg.distillation.on_policy.share > 0 and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise ConfigError([f"distillation.on_policy: not supported yet under {accelerator.distributed_type.value} "
+                           "(the student samples with its whole weights in each process); use DDP (accelerate "
+                           "launch --multi_gpu) or set distillation.on_policy.share: 0"])
     # The teacher that runs in training (None: no KD, a remote one, or every soft target on disk).
     running = soft_targets.teacher if soft_targets is not None else None
     if data.features is not None:
@@ -411,10 +417,11 @@ def plan_memory(cfg: Config, accelerator: Accelerator, data: PreparedData, *, te
         while True:
             batch = data.collate([train[i % len(train)] for i in range(rows)])
             try:
-                return estimate_memory(teacher, student, batch, input_key, micro_batch=micro,
-                                       mixed_precision=cfg.train.mixed_precision, teacher_on_gpu=on_gpu,
-                                       device=device, loss_chunk=cfg.memory.loss_chunk, features=features,
-                                       autocast=accelerator.autocast)
+                est = estimate_memory(teacher, student, batch, input_key, micro_batch=micro,
+                                      mixed_precision=cfg.train.mixed_precision, teacher_on_gpu=on_gpu,
+                                      device=device, loss_chunk=cfg.memory.loss_chunk, features=features,
+                                      autocast=accelerator.autocast)
+                return with_generation(est, sampling_bytes(cfg, getattr(student, "config", None), micro))
             except torch.OutOfMemoryError:
                 if device.type != "cuda" or rows == 1:
                     raise

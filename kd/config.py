@@ -173,6 +173,19 @@ class AugmentConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """causal_lm: on-policy distillation (GKD, Agarwal et al. 2024; kd/lm/on_policy.py). A `share` of the
+    training micro-batches is replaced by the student's own samples: it continues each row's prompt, the
+    teacher scores exactly those tokens, and the loss is `divergence` over the generated positions alone."""
+
+    share: float = 0.0  # GKD's lambda: the fraction of micro-batches the student writes (0: off, 1: all)
+    max_new_tokens: int = 64  # tokens the student samples per prompt (the generation KV cache grows with it)
+    temperature: float = 1.0  # sampling temperature (0: greedy)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "reverse_kl"  # jsd uses distillation.jsd_beta
+    prompt_tokens: int = 32  # plain-text rows (no prompt of their own): the first tokens taken as the prompt
+
+
+@dataclass
 class DistillationConfig:
     enabled: bool = True
     alpha: float = 0.5
@@ -191,6 +204,7 @@ class DistillationConfig:
     # causal_lm: the token-level divergence (kd/lm/losses.py); jsd is TRL GKD's generalised JSD with jsd_beta
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     jsd_beta: float = 0.5
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     def cache_folder(self) -> Path:
         if self.cache_dir:
@@ -343,8 +357,10 @@ def config_from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
             continue
         sections[key] = _build_section(key, SECTIONS[key], value, problems)
     cfg = Config(**{name: sections.get(name, SECTIONS[name]()) for name in SECTIONS})
-    if cfg.data.modality is None and (cfg.teacher.endpoint is not None or cfg.distillation.divergence != "forward_kl"):
-        set_modality(cfg.data, "causal_lm")  # only language models have a teacher endpoint or another divergence
+    dist = cfg.distillation
+    if cfg.data.modality is None and (cfg.teacher.endpoint is not None or dist.divergence != "forward_kl"
+                                      or dist.on_policy.share > 0):
+        set_modality(cfg.data, "causal_lm")  # only language models have an endpoint, another divergence, sampling
     elif cfg.data.modality is None and cfg.augment.enabled:
         set_modality(cfg.data, "audio")  # waveform augmentation
     # Value rules run even after type errors (a mistyped field keeps its default), so one pass
@@ -529,6 +545,7 @@ def _check_values(cfg: Config) -> list[str]:
                         f"(data.modality is {data.modality!r})")
     need(0.0 <= dist.jsd_beta <= 1.0, "distillation.jsd_beta", dist.jsd_beta,
          "must be in [0, 1] (0: forward KL, 1: reverse KL)")
+    problems.extend(_check_on_policy(cfg))
     if student.type == "hf":
         need(student.config is not None or teacher.model is not None or student.model is not None,
              "student.config", student.config, "an hf student needs pretrained weights (student.model) or a config: "
@@ -620,6 +637,39 @@ def _check_values(cfg: Config) -> list[str]:
     need(tel.warmup_steps >= 0, "telemetry.warmup_steps", tel.warmup_steps, "must be >= 0")
     need(tel.gpu_sample_s > 0, "telemetry.gpu_sample_s", tel.gpu_sample_s,
          "must be > 0 (seconds between NVML readings)")
+    return problems
+
+
+def _check_on_policy(cfg: Config) -> list[str]:
+    problems: list[str] = []
+    need = _requirement(problems, prefix="distillation.on_policy.")
+    op, dist, data = cfg.distillation.on_policy, cfg.distillation, cfg.data
+    need(0.0 <= op.share <= 1.0, "share", op.share, "must be in [0, 1]: the fraction of micro-batches the student "
+         "samples itself (GKD's lambda; 0 turns on-policy distillation off)")
+    need(op.max_new_tokens >= 1, "max_new_tokens", op.max_new_tokens, "must be an integer >= 1")
+    need(0.0 <= op.temperature <= 2.0, "temperature", op.temperature, "must be in [0, 2] (0: greedy)")
+    need(op.prompt_tokens >= 1, "prompt_tokens", op.prompt_tokens, "must be an integer >= 1")
+    if op.share == 0:
+        return problems
+    if data.modality != "causal_lm":
+        problems.append(f"distillation.on_policy.share: on-policy distillation samples text from the student, so it "
+                        f"needs data.modality: causal_lm (not {data.modality!r}); set share: 0")
+        return problems
+    need(dist.enabled, "share", op.share, "needs distillation.enabled: true (the teacher scores the samples)")
+    need(data.max_length > op.max_new_tokens + 1, "max_new_tokens", op.max_new_tokens,
+         f"must leave room for a prompt: below data.max_length - 1 = {data.max_length - 1} (prompt + sample make "
+         "one row of at most data.max_length tokens)")
+    if data.packing:
+        problems.append("data.packing: true cannot be combined with distillation.on_policy.share > 0 (the student "
+                        "continues each row's prompt; packed rows are not prompts); set data.packing: false")
+    if dist.enabled and dist.teacher_cache == "require" and not cfg.remote_teacher:
+        problems.append("distillation.teacher_cache: 'require' never loads the teacher, but on-policy batches "
+                        "(distillation.on_policy.share > 0) need it to score the student's samples; set "
+                        "teacher_cache: auto (the cache then serves the off-policy share)")
+    ep = cfg.teacher.endpoint
+    if ep is not None and ep.mode != "score":
+        problems.append(f"distillation.on_policy.share: a remote teacher scores the student's samples in "
+                        f"teacher.endpoint.mode: score, not {ep.mode!r}")
     return problems
 
 

@@ -78,10 +78,18 @@ class NextToken:
     def __init__(self, cfg: Config):
         dist = cfg.distillation
         self.kind, self.beta, self.temperature = dist.divergence, dist.jsd_beta, dist.temperature
+        self.on_policy_kind = dist.on_policy.divergence
         self.chunk = cfg.memory.loss_chunk
 
     def loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor | None, batch: dict[str, Any], *,
              targets: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if batch.get("on_policy"):
+            # The student's own samples (kd/lm/on_policy.py): the divergence alone over the sampled
+            # positions; their tokens are no CE target, so the parts carry no ce.
+            loss, parts = token_distillation_loss(s_logits, t_logits, targets, alpha=1.0, kind=self.on_policy_kind,
+                                                  beta=self.beta, temperature=self.temperature,
+                                                  chunk_size=self.chunk)
+            return loss, {"total": parts["total"], "kd": parts["kd"]}
         return token_distillation_loss(s_logits, t_logits, targets, alpha=alpha, kind=self.kind, beta=self.beta,
                                        temperature=self.temperature,
                                        chunk_size=self.chunk)

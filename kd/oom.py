@@ -78,6 +78,11 @@ def oom_advice(cfg: Any, phase: str, *, micro: int, accum: int, has_teacher: boo
         advice.append(f"data.max_length below {cfg.data.max_length} shortens every input")
     if cfg.data.modality == "causal_lm":
         advice.append(f"memory.loss_chunk below {cfg.memory.loss_chunk} shrinks the (chunk x vocabulary) loss tensors")
+        op = cfg.distillation.on_policy
+        if op.share > 0:
+            sampling = (f"distillation.on_policy.max_new_tokens below {op.max_new_tokens} shortens the samples and "
+                        "the KV cache of sampling")
+            advice.insert(0 if phase == "generate" else len(advice), sampling)
     return advice
 
 
@@ -85,7 +90,7 @@ class OomFault:
     """Fault injection: KD_FAULT_OOM_AT_STEP=N raises one out-of-memory error in optimizer step N.
 
     It hits the last micro-batch of that step (so with accumulation, a partly accumulated step has
-    to be thrown away), in the phase KD_FAULT_OOM_PHASE names (teacher_forward, student_forward,
+    to be thrown away), in the phase KD_FAULT_OOM_PHASE names (generate, teacher_forward, student_forward,
     backward, optimizer; default backward). Works on any device, so recovery can be tested and
     shown without a GPU.
     """

@@ -18,7 +18,7 @@ import math
 import os
 import random
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, ContextManager
 
 import numpy as np
@@ -48,9 +48,19 @@ class Estimate:
     method: str  # "measured" (GPU probe) or "analytic" (CPU)
     logits: int = 0  # language models: the teacher's logits held through the student's step + the chunked loss
     loss_work: int = 0  # the part of `logits` that the loss's memory.loss_chunk-wide work tensors take
+    # On-policy distillation: sampling's KV cache and prompt forward. Alive while the student samples, not
+    # with activations and logits, so `total` is the larger of the two moments (`with_generation`).
+    generation: int = 0
 
     def as_telemetry(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def with_generation(est: Estimate, generation: int) -> Estimate:
+    """The estimate with the on-policy sampling counted: weights, gradients, optimizer state and context
+    stay; sampling's memory replaces the training step's activations and logits while it runs."""
+    sampling = est.total - est.activations - est.logits + generation
+    return replace(est, generation=generation, total=max(est.total, sampling))
 
 
 def param_bytes(model: nn.Module | None) -> int:
@@ -296,6 +306,8 @@ def format_estimate(est: Estimate, budget: int, free: int | None = None) -> str:
             (f"activations ({est.method})", est.activations), ("CUDA context", est.cuda_context)]
     if est.logits:
         rows.insert(5, ("logits and loss (LM)", est.logits))
+    if est.generation:  # not added to the step's peak: the larger of the two moments is the total
+        rows.insert(-1, ("sampling (on-policy, apart)", est.generation))
     lines = ["Pre-flight memory estimate (GPU)"]
     lines += [f"  {name:<26} {fmt(value):>10}" for name, value in rows]
     verdict = "fits" if est.total <= budget else "OVER BUDGET"

@@ -29,6 +29,7 @@ from kd.data import make_loader
 from kd.errors import KDError, TrainingError, first_line
 from kd.export.onnx import export_saved_student
 from kd.export.student import save_student
+from kd.lm.on_policy import OnPolicy
 from kd.losses import LOSS_PARTS, alpha_at, raise_if_not_finite
 from kd.memory import GpuSampler, PhasePeaks, cuda_memory
 from kd.objectives import make_objective
@@ -70,8 +71,10 @@ class Window:
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
-        self.sums = torch.zeros(len(LOSS_PARTS), device=self.device)
+        # Per loss part: its sum and how many micro-batches had it (an on-policy batch has no ce).
+        self.sums = torch.zeros(2, len(LOSS_PARTS), device=self.device)
         self.micro_batches = 0
+        self.on_policy = {"batches": 0, "generated": 0, "rows": 0, "generate_s": 0.0, "score_s": 0.0}
         self.steps = 0
         self.samples = 0
         self.tokens = torch.zeros((), device=self.device, dtype=torch.long)  # language models
@@ -79,7 +82,10 @@ class Window:
         self.started = now
 
     def add(self, parts: dict[str, torch.Tensor], tokens: torch.Tensor | None) -> None:
-        self.sums += torch.stack([parts[name].detach().float() for name in LOSS_PARTS])
+        zero = self.sums.new_zeros(())
+        values = torch.stack([parts[name].detach().float() if name in parts else zero for name in LOSS_PARTS])
+        had = torch.tensor([name in parts for name in LOSS_PARTS], dtype=torch.float32, device=self.device)
+        self.sums += torch.stack([values, had])
         if tokens is not None:
             self.tokens += tokens
         self.micro_batches += 1
@@ -108,6 +114,7 @@ class Trainer:
         self.state.train_rows = len(run.data.splits["train"])
         if self.targets is not None:
             self.targets.report_to(self._warn)  # e.g. a teacher server retrying while the loop waits on it
+        self.on_policy = self._on_policy()
         # The sizes may differ from those the Accelerator was created with (memory.auto_batch_size).
         self.acc.gradient_accumulation_steps = self.state.grad_accum
         # On a GPU, the fused AdamW: one kernel for the whole update, and under fp16 the gradient scaler
@@ -140,6 +147,19 @@ class Trainer:
         self.acc.register_for_checkpointing(self.scheduler, self.state)
         self.metrics: dict[str, dict[str, Any]] = {}
         self.stopper = StopAfterStep()  # SIGTERM or Ctrl-C: stop after the current step (kd/stopping.py)
+
+    def _on_policy(self) -> OnPolicy | None:
+        """distillation.on_policy: the sampler of the student's own batches (None: off)."""
+        op = self.cfg.distillation.on_policy
+        if self.targets is None or self.cfg.data.modality != "causal_lm" or op.share == 0:
+            return None
+        tokenizer = self.run.processor
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.acc.print(f"On-policy distillation: {100 * op.share:g}% of micro-batches are the student's own samples "
+                       f"(up to {op.max_new_tokens} new tokens at temperature {op.temperature:g}), scored by the "
+                       f"teacher, loss {op.divergence} over the sampled tokens")
+        return OnPolicy(op, max_length=self.cfg.data.max_length, seed=self.cfg.run.seed, rank=self.acc.process_index,
+                        pad_id=pad, eos_id=tokenizer.eos_token_id)
 
     def _loader(self, role: str, batch_size: int):
         """The role's DataLoader, prepared by Accelerate (sharded over processes, batches on the device)."""
@@ -237,7 +257,7 @@ class Trainer:
     def _train(self) -> None:
         state = self.state
         self.student.train()
-        window = Window(self.acc.device)
+        window = self.window = Window(self.acc.device)  # on-policy sampling adds its figures to it too
         # A context manager, so the bar is closed (and its line ended) before any error is printed.
         with tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
                   disable=not self.acc.is_local_main_process, dynamic_ncols=True) as bar:
@@ -275,7 +295,7 @@ class Trainer:
         for batch in self._ahead(loader, self.train_dl, "train", state.batches_in_epoch):
             window.data_s += time.perf_counter() - waited
             with acc.accumulate(self.student):
-                parts, grad_norm = self._micro_step(batch)
+                parts, grad_norm, batch = self._micro_step(batch)
             window.add(parts, self.objective.tokens(batch))
             state.batches_in_epoch += 1
             batch_samples = batch["labels"].shape[0] * acc.num_processes
@@ -312,21 +332,32 @@ class Trainer:
             full_loader.set_epoch(self.state.epoch)
 
         def upcoming():
-            for indices in order[skip:]:
-                yield [split[int(i)] for i in indices]
+            for k, indices in enumerate(order[skip:], start=skip):
+                # An on-policy batch's rows are not scored: the student writes its own.
+                wanted = role != "train" or self.on_policy is None or not self.on_policy.chosen(self.state.epoch, k)
+                yield [split[int(i)] for i in indices] if wanted else None
 
         return self.targets.prefetch(loader, upcoming())
 
-    def _micro_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def _micro_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[str, Any]]:
+        """One micro-batch forward and backward (the optimizer steps when it completes a step);
+        returns the loss parts, the gradient norm of a completed step, and the batch trained on."""
         labels = batch["labels"]
         if labels.numel() == 0:
             raise TrainingError("empty batch: the data loader produced a batch with no samples")
         alpha = self.alpha()
+        on_policy = self.on_policy is not None and self.on_policy.chosen(self.state.epoch, self.state.batches_in_epoch)
         with self.acc.autocast():
+            if on_policy:
+                self._enter("generate")
+                batch = self._sample(batch)
             self._enter("teacher_forward")  # includes augmentation and the on-device feature extraction
             targets = self._augment(batch)
             self._add_features(batch)
-            t_logits = self.targets.logits(batch, "train") if self.targets is not None else None
+            if on_policy:
+                t_logits = self._score(batch)
+            else:
+                t_logits = self.targets.logits(batch, "train") if self.targets is not None else None
             self._enter("student_forward")
             s_logits = student_logits(self.student, batch, self.run.input_key)
         loss, parts = self.objective.loss(s_logits, t_logits, batch, targets=targets, alpha=alpha)
@@ -339,7 +370,28 @@ class Trainer:
             grad_norm = self.acc.clip_grad_norm_(self.student.parameters(), self.cfg.train.max_grad_norm)
         self.optimizer.step()  # a no-op on accumulation steps (the prepared optimizer knows)
         self.optimizer.zero_grad(set_to_none=True)
-        return parts, grad_norm
+        return parts, grad_norm, batch
+
+    def _sample(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The micro-batch rebuilt from the student's own continuations of its prompts (kd/lm/on_policy.py)."""
+        model = self.acc.unwrap_model(self.student, keep_torch_compile=False)
+        sampled = self.on_policy.sample(model, batch, self.state.epoch, self.state.batches_in_epoch)
+        stats = self.window.on_policy
+        stats["batches"] += 1
+        stats["generated"] += sampled.generated
+        stats["rows"] += sampled.batch["labels"].shape[0]
+        stats["generate_s"] += sampled.seconds
+        return sampled.batch
+
+    def _score(self, batch: dict[str, Any]) -> Any:
+        """The teacher's soft targets of the student's samples, timed (the wait is on the device's work
+        or on a teacher server)."""
+        started = time.perf_counter()
+        out = self.targets.score(batch)
+        if self.acc.device.type == "cuda":
+            torch.cuda.synchronize(self.acc.device)
+        self.window.on_policy["score_s"] += time.perf_counter() - started
+        return out
 
     def _augment(self, batch: dict[str, Any]) -> torch.Tensor:
         """Augment the batch's waveform in place (augment.enabled); return the CE targets.
@@ -459,9 +511,12 @@ class Trainer:
         now = time.perf_counter()
         # Mean over the window and over all processes (every process logs at the same steps), read
         # back in one host sync; a NaN on any process therefore stops all of them.
-        means = self.acc.reduce(window.sums / max(1, window.micro_batches), reduction="mean")
-        values = dict(zip(LOSS_PARTS, means.tolist()))
-        raise_if_not_finite(values, self.state.step, {"kd": "the teacher's logits or the student's are not finite"})
+        sums, had = self.acc.reduce(window.sums, reduction="sum")
+        means = (sums / had.clamp_min(1)).tolist()
+        # A part no micro-batch had (ce when every batch was on-policy) is None, not zero.
+        values = {name: m if n else None for name, m, n in zip(LOSS_PARTS, means, had.tolist())}
+        raise_if_not_finite({k: v for k, v in values.items() if v is not None}, self.state.step,
+                            {"kd": "the teacher's logits or the student's are not finite"})
         elapsed = now - window.started
         warm = self.state.step > self.cfg.telemetry.warmup_steps  # the first steps include start-up costs
         rate = None
@@ -474,14 +529,16 @@ class Trainer:
         gn = float(grad_norm) if grad_norm is not None else None
         alpha = self.alpha() if self.targets is not None else 0.0
         cache = self.targets.stats() if self.targets is not None else None
+        extra = {self.targets.telemetry_key: cache} if cache else {}
+        if self.on_policy is not None:
+            extra["on_policy"] = on_policy_figures(window)
         self.telemetry.emit("step", self.state.step, epoch=self.state.step / self.steps_per_epoch,
                             samples=self.state.samples, loss=values, alpha=alpha,
                             temperature=self.cfg.distillation.temperature, lr=lr, grad_norm=gn, rate=rate,
                             time=step_time, mem=self.peaks.snapshot(), gpu=self.gpu.read() if self.gpu else None,
-                            memory=self.peaks.epoch_peaks(),
-                            **({self.targets.telemetry_key: cache} if cache else {}))
+                            memory=self.peaks.epoch_peaks(), **extra)
         if self.cfg.telemetry.report_to:
-            scalars = {f"train/{k}": v for k, v in values.items()}
+            scalars = {f"train/{k}": v for k, v in values.items() if v is not None}
             scalars.update({"train/lr": lr, "train/alpha": alpha})
             self.acc.log(scalars, step=self.state.step)
         postfix = {"loss": f"{values['total']:.3f}"}
@@ -561,6 +618,19 @@ class Trainer:
         # Every process leaves training together: a rank that returns while the main process is still
         # saving tears the process group down under it.
         self.acc.wait_for_everyone()
+
+
+def on_policy_figures(window: Window) -> dict[str, Any]:
+    """The step event's `on_policy` figures over the log window (this process): the share of its
+    micro-batches the student wrote, sampled tokens per second of sampling, mean sample length, and
+    the seconds spent sampling and waiting for the teacher's scores."""
+    op = window.on_policy
+    return {"batches": op["batches"], "share": op["batches"] / max(1, window.micro_batches),
+            "generated_tokens": op["generated"],
+            "generated_tokens_per_s": op["generated"] / op["generate_s"] if op["generate_s"] > 0 else None,
+            "mean_sample_tokens": op["generated"] / op["rows"] if op["rows"] else None,
+            "generate_s": op["generate_s"], "score_s": op["score_s"],
+            "score_s_per_batch": op["score_s"] / op["batches"] if op["batches"] else None}
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -338,12 +338,15 @@ def test_gguf_is_accepted_only_by_the_converter(tmp_path, tiny_llama, capsys):
 @pytest.mark.launches
 def test_two_cpu_processes_train_and_evaluate_a_language_model(tmp_path, tiny_llama):
     """DDP over two CPU processes (gloo): sharded rows, tokens/s summed over processes, eval rows
-    gathered once each, one telemetry file, one saved student."""
+    gathered once each, one telemetry file, one saved student; on-policy batches (each process
+    samples its own rows) mixed with off-policy ones."""
     data = write_lm_dataset(tmp_path / "data", "text", {"train": 16, "validation": 6})
 
     def attempt(n):  # a hung launch is retried once (conftest.once_more_if_hung)
         cfg = lm_config(data, tiny_llama, tmp_path / f"run{n}",
-                        train={"max_steps": 2, "eval_every": 2, "batch_size": 2})
+                        train={"max_steps": 2, "eval_every": 2, "batch_size": 2},
+                        distillation={"on_policy": {"share": 0.5, "max_new_tokens": 6, "prompt_tokens": 4}},
+                        telemetry={"log_every": 1, "warmup_steps": 0}, run={"seed": 2})
         return run_cli(["--config", str(write_config(tmp_path / f"c{n}.yaml", cfg))], launcher=accelerate_launch(2),
                        env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
 
@@ -353,7 +356,11 @@ def test_two_cpu_processes_train_and_evaluate_a_language_model(tmp_path, tiny_ll
     events = read_events(run / "telemetry.jsonl")
     assert [e["type"] for e in events].count("run_start") == 1
     assert events[0]["env"]["world_size"] == 2
-    assert [e["samples"] for e in events if e["type"] == "step"] == [4, 8]
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["samples"] for e in steps] == [4, 8]
+    assert sorted(e["on_policy"]["share"] for e in steps) == [0.0, 1.0]  # seed 2: one step of each kind
+    sampled = next(e for e in steps if e["on_policy"]["share"])
+    assert sampled["loss"]["ce"] is None and sampled["on_policy"]["generated_tokens"] > 0
     final = [e for e in events if e["type"] == "eval"][-1]
     assert final["samples"] == 6  # every validation row once, none duplicated by the uneven shard
     assert (run / "student" / "model.safetensors").is_file()

@@ -209,7 +209,9 @@ async def test_app_shows_tokens_per_second_and_perplexity_for_a_language_model_r
     lm_start = start()
     lm_start["config"] = {"run": {"name": "lm"}, "data": {"modality": "causal_lm"}}
     rates = [{"samples_per_s": 8.0, "tokens_per_s": 1000.0 * n, "steps_per_s": 1.0} for n in (1, 2, 3)]
-    write_lines(path, lm_start, *(step(n, rate=r) for n, r in zip((1, 2, 3), rates)),
+    on_policy = {"batches": 1, "share": 0.5, "generated_tokens": 96, "generated_tokens_per_s": 240.0,
+                 "mean_sample_tokens": 12.0, "generate_s": 0.4, "score_s": 0.15, "score_s_per_batch": 0.15}
+    write_lines(path, lm_start, *(step(n, rate=r, on_policy=on_policy) for n, r in zip((1, 2, 3), rates)),
                 {"type": "eval", "ts": 1003.5, "step": 3, "split": "validation",
                  "metrics": {"student_acc": 0.4, "teacher_acc": 0.6, "agreement": 0.5, "loss": 2.0,
                              "perplexity": 12.5, "teacher_perplexity": 4.25}})
@@ -222,6 +224,8 @@ async def test_app_shows_tokens_per_second_and_perplexity_for_a_language_model_r
         assert str(spark.parent.query_one(Label).content) == "tokens/s"
         row = app.query_one("#evals", DataTable).get_row_at(0)
         assert row[-1] == "12.5" and row[2] == "40.0%"
+        assert ("on-policy: 50% of batches sampled (3 so far), 240 sampled tokens/s, mean sample 12 tokens, "
+                "teacher scoring 150 ms per batch") in str(app.query_one("#loss", Static).content)
         await pilot.press("q")
     text = summary_text(app.state)
     assert "3000 tokens/s" in text and "perplexity 12.5 (teacher 4.25)" in text

@@ -9,6 +9,7 @@ import pytest
 
 from kd.config import config_from_dict
 from kd.lm.planner import plan_from_configs
+from kd.preflight import format_estimate
 from kd.synthetic import write_lm_dataset
 
 from conftest import run_cli, write_config
@@ -92,6 +93,20 @@ def test_lora_trains_a_few_million_parameters_and_fits_with_the_teacher_off_the_
     assert plan.estimate.grads == 4 * lora and plan.estimate.optimizer == 8 * lora
     assert plan.estimate.teacher_weights == 0 and plan.teacher_where == "cpu"
     assert plan.estimate.total < 5.5 * GB
+
+
+def test_on_policy_sampling_is_planned_apart_from_the_training_step(data):
+    """The KV cache of sampling by hand (2 x 24 layers x 128 key/value width x 1024 positions x 2 B for
+    Qwen2.5-0.5B in bf16) is counted; it lives while the student samples, not with the step's
+    activations, so the total is the larger of the two moments."""
+    base = pair("7B", "0.5B", data, student={"lora": {"rank": 16}}, teacher={"device": "cpu"})
+    plain = plan_from_configs(config_from_dict(base)).estimate
+    sampled = plan_from_configs(config_from_dict({**base, "distillation": {"on_policy": {"share": 0.5}}})).estimate
+    cache = 2 * 24 * 128 * 1024 * 2
+    assert plain.generation == 0 and cache < sampled.generation < cache + 3 * 1024 * 4864 * 2 + 2 * 151936 * 4 + 1
+    assert sampled.total == max(plain.total, plain.total - plain.activations - plain.logits + sampled.generation)
+    # The step's logits (1024 x 151936 x 4 B, x3) outweigh sampling's cache: the step stays the peak.
+    assert sampled.total == plain.total and "sampling (on-policy, apart)" in format_estimate(sampled, int(5.5 * GB))
 
 
 def test_a_cached_or_remote_teacher_is_not_in_memory(data):

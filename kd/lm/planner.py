@@ -29,8 +29,9 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from kd.config import Config
 from kd.errors import ModelLoadError
+from kd.lm.on_policy import sampling_bytes
 from kd.lora import default_targets
-from kd.preflight import ADAMW_STATE_PER_PARAM, CUDA_CONTEXT_BYTES, Estimate, choose_teacher_device
+from kd.preflight import ADAMW_STATE_PER_PARAM, CUDA_CONTEXT_BYTES, Estimate, choose_teacher_device, with_generation
 from kd.teachers.loading import DTYPES, load_model_config
 
 
@@ -155,8 +156,9 @@ def plan_from_configs(cfg: Config) -> Plan:
                  "grads": trainable * 4, "optimizer": trainable * ADAMW_STATE_PER_PARAM,
                  "activations": student_act + (teacher_extra if on_gpu else 0), "cuda_context": CUDA_CONTEXT_BYTES,
                  "logits": logits}
-        return Estimate(**parts, total=sum(parts.values()), teacher_activations=teacher_extra if on_gpu else 0,
-                        method="from configs", loss_work=loss_work)
+        est = Estimate(**parts, total=sum(parts.values()), teacher_activations=teacher_extra if on_gpu else 0,
+                       method="from configs", loss_work=loss_work)
+        return with_generation(est, sampling_bytes(cfg, s_config, micro))
 
     plan = estimate(where == "gpu")
     if where == "gpu" and cfg.teacher.device == "auto":

@@ -38,6 +38,9 @@ class CachedTeacher(SoftTargetSource):
         self.cache, self.split_ids, self.sizes, self._teacher = cache, split_ids, sizes, teacher
         self.covered = {role: cache.coverage(split_ids[role]) for role in split_ids}
         self._hits = self._misses = 0
+        # On-policy distillation: the teacher scores the student's samples, so it stays loaded once the
+        # store is complete (the store then serves the off-policy batches).
+        self.keep_teacher = False
 
     @property
     def teacher(self) -> torch.nn.Module | None:
@@ -69,6 +72,12 @@ class CachedTeacher(SoftTargetSource):
         self._hits += len(found) * counted
         self._misses += len(new) * counted
         return self.from_teacher(out)
+
+    def score(self, batch: dict[str, Any]) -> torch.Tensor:
+        """A sampled batch's full teacher logits (never stored: such rows are not seen twice)."""
+        if self._teacher is None:
+            raise CacheError("on-policy batches need the teacher, and this cache run has not loaded it")
+        return teacher_logits(self._teacher, batch)
 
     def from_rows(self, found: dict[int, Any], indices: list[int], batch: dict[str, Any]) -> torch.Tensor:
         """The batch's soft targets from stored rows."""
@@ -124,7 +133,7 @@ class CachedTeacher(SoftTargetSource):
         if self._teacher is None:
             return None
         self.fill(runner)
-        if not self.complete():
+        if not self.complete() or self.keep_teacher:
             return None
         self._teacher = None  # every split is covered: free its weights, and on a GPU their cached blocks
         gc.collect()
@@ -225,6 +234,10 @@ def open_cached_teacher(cfg: Any, accelerator: Accelerator, data: PreparedData, 
         say("Teacher cache off: a language model's full next-token distributions are too large to store; set "
             "distillation.cache_top_k (e.g. 64) to cache its top k per token")
         return None
+    if lm and dist.on_policy.share >= 1.0:
+        say("Teacher cache off: with distillation.on_policy.share 1 every batch is the student's own samples, "
+            "which the teacher scores as they come")
+        return None
     if cfg.augment.enabled:  # 'require' with augmentation is a config error (kd/config.py)
         say("Teacher cache off: augment.enabled changes the teacher's inputs every epoch, so its outputs "
             "are computed online (distillation.teacher_cache: auto)")
@@ -245,6 +258,14 @@ def open_cached_teacher(cfg: Any, accelerator: Accelerator, data: PreparedData, 
         raise CacheError(f"distillation.teacher_cache is 'require' but the cache {cache.path} is incomplete "
                          f"({cached.coverage_text()}); fill it with `python train_kd.py --config <your config> "
                          "--precompute-teacher`, or set distillation.teacher_cache: auto")
+    share = dist.on_policy.share if lm else 0.0
+    if share > 0 and not precompute:
+        say(f"Teacher cache {cache.path}: {cached.coverage_text()}; it serves the off-policy batches only "
+            f"({100 * (1 - share):.0f}% of them): the teacher stays loaded to score the student's samples "
+            "(distillation.on_policy)")
+        cached.keep_teacher = True
+        cached._teacher = teacher()
+        return cached
     if cached.complete():
         say(f"Teacher cache {cache.path}: {cached.coverage_text()} (complete: the teacher is not loaded)")
         return cached

@@ -20,3 +20,6 @@ class TeacherForward(SoftTargetSource):
 
     def logits(self, batch: dict[str, Any], role: str) -> torch.Tensor:
         return teacher_logits(self._teacher, batch)
+
+    def score(self, batch: dict[str, Any]) -> torch.Tensor:
+        return teacher_logits(self._teacher, batch)

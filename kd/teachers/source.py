@@ -60,12 +60,20 @@ class SoftTargetSource(ABC):
     def logits(self, batch: dict[str, Any], role: str) -> Any:
         """The batch's soft targets: teacher logits (batch, classes), or a language model's `TopK`."""
 
-    def prefetch(self, batches: Iterable[dict[str, Any]], upcoming: Iterator[list[dict[str, Any]]]
+    def score(self, batch: dict[str, Any]) -> Any:
+        """Soft targets of token rows that are in no split: the sequences a student sampled
+        (distillation.on_policy), scored as they are. Only a teacher that runs can do it."""
+        raise KDError(f"soft targets from the {self.source} cannot score the student's own samples "
+                      "(distillation.on_policy needs a teacher that runs: local or remote in score mode)")
+
+    def prefetch(self, batches: Iterable[dict[str, Any]], upcoming: Iterator[list[dict[str, Any]] | None]
                  ) -> Iterator[dict[str, Any]]:
         """The batches in order. `upcoming` yields the dataset rows of the same batches, in the same
         order, without loading them through the DataLoader: a source that fetches (a remote teacher)
         asks for later batches while the loop trains on the current one, and may hand a batch over
-        rebuilt (a remote teacher in generate mode: prompt + the teacher's answer)."""
+        rebuilt (a remote teacher in generate mode: prompt + the teacher's answer). None in place of
+        a batch's rows: its soft targets are not wanted (an on-policy batch: the student writes its
+        own rows, which `score` then serves)."""
         return iter(batches)
 
     def after_epoch(self, runner: SplitRunner) -> str | None:

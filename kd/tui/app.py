@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Footer, Label, RichLog, Sparkline, Static
 from textual.worker import get_current_worker
 
 from kd.telemetry import TelemetryTailer, load_history
-from kd.tui.state import RunState, fmt_bytes, fmt_duration, fmt_num, remote_text, teacher_text
+from kd.tui.state import RunState, fmt_bytes, fmt_duration, fmt_num, on_policy_text, remote_text, teacher_text
 
 CHUNK_BYTES = 4 * 2**20  # read at most this much per pass: history arrives in slices, the UI keeps up
 STATUS_STYLE = {"running": "bold green", "finished": "bold cyan", "stalled": "bold yellow", "waiting": "dim",
@@ -221,8 +221,8 @@ class MonitorApp(App):
             vram.append(f"\nestimate {fmt_bytes(s.estimate['total'])} vs peak {fmt_bytes(s.latest('mem_peak'))}")
         phases = s.last.get("memory") or {}
         if phases:
-            short = {"teacher_forward": "teacher", "student_forward": "student", "backward": "backward",
-                     "optimizer": "optim", "eval": "eval"}
+            short = {"generate": "sampling", "teacher_forward": "teacher", "student_forward": "student",
+                     "backward": "backward", "optimizer": "optim", "eval": "eval"}
             vram.append("\npeaks: " + "  ".join(f"{short.get(p, p)} {fmt_bytes(v.get('allocated'))}"
                                                for p, v in phases.items() if isinstance(v, dict)))
         self.query_one("#vram", Static).update(vram)
@@ -237,7 +237,8 @@ class MonitorApp(App):
         self.query_one("#loss", Static).update(
             f"total {fmt_num(s.latest('loss_total'))}  ce {fmt_num(s.latest('loss_ce'))}  "
             f"kd {fmt_num(s.latest('loss_kd'))}\nalpha {fmt_num(s.latest('alpha'), 3)}  "
-            f"lr {fmt_num(s.latest('lr'), 3)}  grad {fmt_num(s.latest('grad_norm'), 3)}")
+            f"lr {fmt_num(s.latest('lr'), 3)}  grad {fmt_num(s.latest('grad_norm'), 3)}"
+            + (f"\n{on_policy_text(s)}" if on_policy_text(s) else ""))
         self._spark("#loss_spark", s.values("loss_total"))
         self._spark("#ce_spark", s.values("loss_ce"))
         self._spark("#kd_spark", s.values("loss_kd") if any(s.values("loss_kd")) else [])

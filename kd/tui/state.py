@@ -41,6 +41,8 @@ class RunState:
     soft_targets: dict[str, Any] | None = None  # {source, coverage}: teacher online, filling, or cached
     remote: dict[str, Any] | None = None  # the last step's remote_teacher figures (a teacher behind a server)
     remote_totals: dict[str, float] = field(default_factory=dict)  # requests, retries, 429s, ... since the start
+    on_policy: dict[str, Any] | None = None  # the last step's on_policy figures (the student's own samples)
+    on_policy_batches: int = 0  # on-policy micro-batches since the start (of the main process)
     step: int = 0
     epoch: float = 0.0
     samples: int = 0
@@ -94,6 +96,10 @@ class RunState:
         cache = e.get("cache")
         if isinstance(cache, dict):
             self.soft_targets = {"source": cache.get("source"), "coverage": cache.get("covered") or {}}
+        on_policy = e.get("on_policy")
+        if isinstance(on_policy, dict):
+            self.on_policy = on_policy
+            self.on_policy_batches += int(on_policy.get("batches") or 0)
         remote = e.get("remote_teacher")
         if isinstance(remote, dict):
             self.remote = remote
@@ -274,6 +280,19 @@ def remote_text(state: RunState) -> str | None:
             f"{t.get('wait_s', 0.0):.1f} s")
 
 
+def on_policy_text(state: RunState) -> str | None:
+    """On-policy distillation's figures from the last step line: the share of micro-batches the
+    student sampled, its sampling speed and sample length, the teacher's scoring time. None without it."""
+    op = state.on_policy
+    if op is None:
+        return None
+    ms = op.get("score_s_per_batch")
+    return (f"on-policy: {100 * (op.get('share') or 0):.0f}% of batches sampled ({state.on_policy_batches} so far), "
+            f"{fmt_num(op.get('generated_tokens_per_s'), 4)} sampled tokens/s, mean sample "
+            f"{fmt_num(op.get('mean_sample_tokens'), 3)} tokens, teacher scoring "
+            f"{'-' if ms is None else f'{1000 * ms:.0f} ms'} per batch")
+
+
 def perplexity_text(e: dict[str, Any], prefix: str = "") -> str:
     """ "perplexity 95.4 (teacher 12.3)" for a language model's eval, "" for a classifier's."""
     if e.get("perplexity") is None:
@@ -312,6 +331,8 @@ def summary_text(state: RunState, now: float | None = None) -> str:
     lines.append(f"loss total {fmt_num(state.latest('loss_total'))} ce {fmt_num(state.latest('loss_ce'))} "
                  f"kd {fmt_num(state.latest('loss_kd'))} alpha {fmt_num(state.latest('alpha'), 3)} "
                  f"lr {fmt_num(state.latest('lr'), 3)} grad_norm {fmt_num(state.latest('grad_norm'), 3)}")
+    if on_policy_text(state):
+        lines.append(on_policy_text(state))
     if state.evals:
         e = state.evals[-1]
         lines.append(f"eval @ step {e['step']} ({e['split']}): student acc {fmt_num(e.get('student_acc'), 4)}, "

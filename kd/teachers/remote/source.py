@@ -271,16 +271,28 @@ class RemoteTeacher(SoftTargetSource):
         is rebuilt as prompt + answer). Before a batch is yielded, the requests of its rows and of the
         next `prefetch_batches` batches are sent; the rows come from `upcoming` (the same order as the
         loader), so the DataLoader's own end-of-epoch bookkeeping is untouched."""
-        queued: collections.deque = collections.deque()  # per batch ahead: [(row, future)]
+        queued: collections.deque = collections.deque()  # per batch ahead: [(row, future)], None: not wanted
+        ended = object()
         for batch in batches:
             while len(queued) <= self.ep.prefetch_batches:
-                rows = next(upcoming, None)
-                if rows is None:
+                rows = next(upcoming, ended)
+                if rows is ended:
                     break
-                queued.append([(row, self.submit_row(row)) for row in rows])
+                queued.append(None if rows is None else [(row, self.submit_row(row)) for row in rows])
             if not queued:
                 raise KDError("remote teacher: the loader yielded more batches than its sampler listed")
-            yield self._answered(batch, queued.popleft())
+            entries = queued.popleft()
+            yield batch if entries is None else self._answered(batch, entries)
+
+    def score(self, batch: dict[str, Any]) -> TopK:
+        """A sampled batch's soft targets (score mode): one request per row, all sent at once; the
+        answers are cached under the sampled ids like any other text's."""
+        if self.ep.mode != "score":
+            raise KDError("remote teacher: scoring the student's samples needs teacher.endpoint.mode: score")
+        ids = batch["inputs"]["input_ids"].tolist()
+        lengths = batch["inputs"]["attention_mask"].sum(-1).tolist()
+        rows = [{"input_ids": row[:n]} for row, n in zip(ids, lengths)]
+        return self._answered(batch, [(row, self.submit_row(row)) for row in rows])["soft_targets"]
 
     def _answered(self, batch: dict[str, Any], entries: list[tuple[dict[str, Any], Future]]) -> dict[str, Any]:
         """Wait for a batch's answers (the wait is what `wait_s` reports) and attach its soft targets."""
