@@ -6,6 +6,8 @@
     python bench/bench_fsdd.py --demo-schedule              # the students exactly as in the demo configs
     python bench/bench_fsdd.py --work /tmp/fsdd --set train.lr=0.01   # a student sweep: teachers an earlier
                                                          # run trained in /tmp/fsdd with the same config are reused
+    python bench/bench_fsdd.py --work /tmp/fsdd --curve 30 100 300 --png bench/fsdd_curves.png
+                                                         # patient teaching: both students at each schedule
 
 The Free Spoken Digit Dataset subset in ../shared/data/fsdd (4 speakers, 500 clips each, 8 kHz,
 trimmed of silence) is split by speaker: for each speaker, the three demo configs
@@ -66,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                              "keeps the earlier students and shares the teachers")
     parser.add_argument("--set", dest="student_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for both students (repeatable), e.g. train.lr=0.01")
+    parser.add_argument("--curve", type=int, nargs="+", metavar="EPOCHS",
+                        help="patient teaching: both students at each of these train.epochs (e.g. 30 100 300), "
+                             "the fold means drawn against the schedule into --png")
+    parser.add_argument("--png", type=Path, default=ROOT / "bench" / "fsdd_curves.png",
+                        help="where --curve draws its chart (default bench/fsdd_curves.png)")
     args = parser.parse_args(argv)
     bad = [o for o in args.student_overrides if "=" not in o]
     if bad:
@@ -74,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1:
         print(f"error: --seeds {args.seeds}: must be an integer >= 1", file=sys.stderr)
         return 2
-    if args.student_epochs is not None and args.student_epochs < 1:
-        print(f"error: --student-epochs {args.student_epochs}: must be an integer >= 1", file=sys.stderr)
-        return 2
+    for epochs in ([args.student_epochs] if args.student_epochs is not None else []) + (args.curve or []):
+        if epochs < 1:
+            print(f"error: epochs {epochs} (--student-epochs / --curve): must be an integer >= 1", file=sys.stderr)
+            return 2
     metadata = args.data / "metadata.csv"
     if not metadata.is_file():
         print(f"error: {metadata} not found (pass --data with the FSDD folder)", file=sys.stderr)
@@ -92,15 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     print_environment(env)
     work = args.work or Path(tempfile.mkdtemp(prefix="kd-fsdd-"))
-    started = time.time()
-    folds = {}
+    if args.curve:
+        return curve(args, rows, speakers, chosen, work, env)
     student = ([] if args.demo_schedule else list(REAL_SPEECH_STUDENTS))
     student += ([f"train.epochs={args.student_epochs}"] if args.student_epochs else []) + args.student_overrides
+    results = run_folds(args, rows, speakers, chosen, work, env, student, args.tag)
+    print_table(results)
+    save_results(results, args.out)
+    return 0
+
+
+def run_folds(args, rows: list[dict], speakers: list[str], chosen: list[str], work: Path, env: dict,
+              student: list[str], tag: str | None) -> dict:
+    """Every chosen fold: its teacher, then both students per seed with `student` overrides."""
+    started = time.time()
+    folds = {}
     print(f"Students: {' '.join(student) or 'as in the demo configs'}", flush=True)
     for speaker in chosen:
         fold = write_fold(args.data, rows, speaker, work / f"fold-{speaker}")
         print(f"== held out: {speaker} (train: {', '.join(s for s in speakers if s != speaker)})", flush=True)
-        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", student, args.seeds, args.tag)
+        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", student, args.seeds, tag)
         print("   " + ", ".join(f"{name} {' / '.join(f'{100 * a:.1f}' for a in accs)}%"
                                 for name, accs in folds[speaker].items() if not name.endswith("_s")), flush=True)
     results = {"env": env, "data": str(args.data), "student_overrides": student, "seeds": args.seeds,
@@ -110,8 +129,40 @@ def main(argv: list[str] | None = None) -> int:
                                        for s in range(args.seeds)] for name, _ in RUNS}
     results["mean_per_seed"].update({f"{name}_s": [statistics.mean(s for f in folds.values() for s in f[f"{name}_s"])]
                                      for name in ("kd", "baseline")})
-    print_table(results)
-    save_results(results, args.out)
+    return results
+
+
+def curve(args, rows: list[dict], speakers: list[str], chosen: list[str], work: Path, env: dict) -> int:
+    """Patient teaching (Beyer et al. 2022): both students at growing schedules, the same folds and
+    seeds, the teachers shared; a table per schedule and the fold means against epochs in a PNG. The
+    30-epoch students are the plain bench's own runs (reused from the same --work)."""
+    from curves import line_chart
+
+    per_schedule = {}
+    for epochs in sorted(set(args.curve)):
+        student = [o for o in REAL_SPEECH_STUDENTS if not o.startswith("train.epochs=")]
+        student += [f"train.epochs={epochs}", *args.student_overrides]
+        default = f"train.epochs={epochs}" in REAL_SPEECH_STUDENTS and not args.student_overrides
+        tag = args.tag if default else "-".join(filter(None, (args.tag, f"e{epochs}")))
+        print(f"=== students at {epochs} epochs", flush=True)
+        per_schedule[epochs] = run_folds(args, rows, speakers, chosen, work, env, student, tag)
+        print_table(per_schedule[epochs])
+    mean = {e: {name: statistics.mean(r["mean_per_seed"][name]) * 100 for name in ("teacher", "kd", "baseline")}
+            for e, r in per_schedule.items()}
+    print(f"\n{'epochs':>7} {'KD':>7} {'baseline':>9} {'KD gain':>8} {'s (KD/base, one run)':>22}")
+    for e, m in mean.items():
+        r = per_schedule[e]["mean_per_seed"]
+        print(f"{e:>7} {m['kd']:>7.1f} {m['baseline']:>9.1f} {m['kd'] - m['baseline']:>+8.1f} "
+              f"{r['kd_s'][0]:>13.0f} / {r['baseline_s'][0]:.0f}")
+    teacher = statistics.mean(m["teacher"] for m in mean.values())
+    folds = ", ".join(chosen)
+    line_chart([("KD student", (200, 60, 30), [(e, m["kd"]) for e, m in mean.items()]),
+                ("baseline (no teacher)", (40, 90, 200), [(e, m["baseline"]) for e, m in mean.items()])],
+               args.png, title=f"FSDD, unheard speakers ({folds}; {args.seeds} seed(s)): test accuracy against "
+                               "the students' schedule", x_label="student epochs (log scale)",
+               y_label="test accuracy, %", log_x=True, hlines=[("teacher", (90, 90, 90), teacher)])
+    print(f"Chart: {args.png}")
+    save_results({"env": env, "curve": {str(e): r for e, r in per_schedule.items()}, "means": mean}, args.out)
     return 0
 
 

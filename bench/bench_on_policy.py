@@ -16,7 +16,9 @@
    rows for every model); (b) the teacher's mean per-token negative log-likelihood of each student's
    greedy continuation (--new tokens) of the first --prompt tokens of each test row: lower means
    text the teacher finds likelier, which is what on-policy distillation optimises. The teacher's
-   own greedy continuations give the floor. A few continuations are printed side by side.
+   own greedy continuations give the floor; distinct-2 (the share of each continuation's token pairs
+   that are new in it) shows whether a low NLL is bought with repetition. A few continuations are
+   printed side by side.
 4. Wall-clock of each run, train tokens/s, and on-policy figures (sampled tokens/s, mean sample length).
 """
 
@@ -66,6 +68,9 @@ def train(name: str, teacher: Path, student: Path, corpus: Path, args, setting: 
         overrides += [f"teacher.endpoint.url={url}", f"teacher.endpoint.model={teacher.name}",
                       "teacher.endpoint.mode=score", "teacher.endpoint.top_k=20", "teacher.endpoint.precision=fp32",
                       f"distillation.cache_dir={out / 'answers'}"]
+    if args.reuse and (out / "wall_s").is_file() and (out / "student" / "model.safetensors").is_file():
+        print(f"   reusing {out} (--reuse)", flush=True)
+        return out
     started = time.time()
     subprocess.run([sys.executable, str(ROOT / "train_kd.py"), "--config", str(ROOT / "configs" / "smollm2_kd.yaml"),
                     *overrides], check=True, cwd=ROOT)
@@ -90,7 +95,7 @@ def continuations(models: dict[str, Path], teacher: Path, corpus: Path, args) ->
         for name, folder in models.items():
             model = judge if name == "teacher" else AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
             model.eval()
-            total, count, written = 0.0, 0, []
+            total, count, written, bigrams, distinct = 0.0, 0, [], 0, 0
             for prompt in prompts:
                 ids = torch.tensor([prompt])
                 out = model.generate(ids, max_new_tokens=args.new, do_sample=False, pad_token_id=tokenizer.eos_token_id,
@@ -99,6 +104,8 @@ def continuations(models: dict[str, Path], teacher: Path, corpus: Path, args) ->
                 if tokenizer.eos_token_id in new:
                     new = new[:new.index(tokenizer.eos_token_id) + 1]
                 written.append(tokenizer.decode(new, skip_special_tokens=True))
+                pairs = list(zip(new, new[1:]))
+                bigrams, distinct = bigrams + len(pairs), distinct + len(set(pairs))
                 if not new:
                     continue
                 seq = torch.tensor([prompt + new])
@@ -107,7 +114,9 @@ def continuations(models: dict[str, Path], teacher: Path, corpus: Path, args) ->
                 token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[len(prompt) - 1:]
                 total -= float(token_lp.sum())
                 count += len(new)
-            nll[name] = {"teacher_nll": total / max(1, count), "tokens": count}
+            # distinct-2: the share of a continuation's token pairs that are new in it (1: no repetition)
+            nll[name] = {"teacher_nll": total / max(1, count), "tokens": count,
+                         "distinct_2": distinct / bigrams if bigrams else None}
             text[name] = written
     return nll, {"prompts": [tokenizer.decode(p) for p in prompts], "text": text}
 
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-rows", type=int, default=48, help="test rows for perplexity")
     parser.add_argument("--prompts", type=int, default=40, help="held-out prompts continued greedily")
     parser.add_argument("--only", nargs="*", choices=sorted(SETTINGS), help="run these settings only")
+    parser.add_argument("--reuse", action="store_true", help="keep the runs an earlier call finished (evaluate again)")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md")
     args = parser.parse_args(argv)
     env = environment()
@@ -162,15 +172,17 @@ def main(argv: list[str] | None = None) -> int:
                                         "score_s": sum(o["score_s"] for o in ops), "generate_s": seconds}
     nll, samples = continuations({"teacher": teacher, "pretrained": pretrained,
                                   **{n: r / "student" for n, r in runs.items()}}, teacher, corpus, args)
-    lines = ["| model | test perplexity | teacher NLL of its greedy continuations (nats/token) | wall-clock | "
-             "train tokens/s | sampled tokens/s |", "|---|---|---|---|---|---|"]
-    lines.append(f"| {LABELS['teacher']} | - | {nll['teacher']['teacher_nll']:.3f} | - | - | - |")
-    lines.append(f"| {LABELS['pretrained']} | - | {nll['pretrained']['teacher_nll']:.3f} | - | - | - |")
+    lines = ["| model | test perplexity | teacher NLL of its greedy continuations (nats/token) | distinct-2 | "
+             "wall-clock | train tokens/s | sampled tokens/s |", "|---|---|---|---|---|---|---|"]
+    for name in ("teacher", "pretrained"):
+        lines.append(f"| {LABELS[name]} | - | {nll[name]['teacher_nll']:.3f} | {nll[name]['distinct_2']:.2f} | - | - "
+                     "| - |")
     for name in runs:
         s = summaries[name]
         op = s["on_policy"]["sampled_tokens_per_s"]
         lines.append(f"| {LABELS[name]} | {s['test']['perplexity']:.2f} | {nll[name]['teacher_nll']:.3f} | "
-                     f"{s['wall_s']:.0f} s | {s['tokens_per_s'] or 0:.0f} | {'-' if op is None else f'{op:.0f}'} |")
+                     f"{nll[name]['distinct_2']:.2f} | {s['wall_s']:.0f} s | {s['tokens_per_s'] or 0:.0f} | "
+                     f"{'-' if op is None else f'{op:.0f}'} |")
     lines.append(f"\n{args.steps} steps x {args.batch} rows from the pretrained student, rows of at most {args.seq} "
                  f"tokens (sampled rows: {args.prompt}-token prompt + up to {args.new} sampled); continuations: "
                  f"{len(samples['prompts'])} held-out prompts, {args.new} greedy tokens; {env['device']}, torch "

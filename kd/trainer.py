@@ -68,6 +68,7 @@ class Window:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self._had: dict[tuple[str, ...], torch.Tensor] = {}  # which parts a micro-batch had, on the device
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
@@ -84,8 +85,11 @@ class Window:
     def add(self, parts: dict[str, torch.Tensor], tokens: torch.Tensor | None) -> None:
         zero = self.sums.new_zeros(())
         values = torch.stack([parts[name].detach().float() if name in parts else zero for name in LOSS_PARTS])
-        had = torch.tensor([name in parts for name in LOSS_PARTS], dtype=torch.float32, device=self.device)
-        self.sums += torch.stack([values, had])
+        key = tuple(parts)
+        if key not in self._had:  # copied to the device once per kind of micro-batch, not every time
+            self._had[key] = torch.tensor([name in parts for name in LOSS_PARTS], dtype=torch.float32,
+                                          device=self.device)
+        self.sums += torch.stack([values, self._had[key]])
         if tokens is not None:
             self.tokens += tokens
         self.micro_batches += 1

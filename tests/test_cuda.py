@@ -331,3 +331,35 @@ def test_a_lora_language_model_at_512_tokens_fits_the_cap_as_the_estimates_say(t
         print(f"{estimate.method}: estimate {estimate.total / GB:.2f} GB, measured {measured / GB:.2f} GB "
               f"({ratio:.2f}x)")
         assert 0.7 <= ratio <= 1.5, (estimate, measured)
+
+
+def test_on_policy_sampling_on_the_gpu_stays_inside_the_estimate_and_its_phase_peak_is_reported(tmp_path):
+    """On-policy distillation (share 0.5, 64 sampled tokens, bf16) of the SmolLM2-shaped LoRA student:
+    the run completes under the 5.5 GB cap, the sampling phase has its own peak in the step telemetry,
+    below the run's estimate, and sampled batches report their figures."""
+    from kd.synthetic import save_tiny_llama, write_lm_dataset
+
+    student = save_tiny_llama(tmp_path / "student", layers=30, hidden=576)
+    teacher = save_tiny_llama(tmp_path / "teacher", layers=4, hidden=576)
+    data = write_lm_dataset(tmp_path / "data", "prompt_completion", {"train": 64, "validation": 8})
+    cfg = {"run": {"output_dir": str(tmp_path / "run")},
+           "data": {"dataset": "json", "data_dir": str(data), "modality": "causal_lm", "max_length": 256,
+                    "num_workers": 0},
+           "teacher": {"model": str(teacher), "dtype": "bf16"},
+           "student": {"type": "hf", "model": str(student), "lora": {"rank": 16}},
+           "distillation": {"alpha": 0.5, "temperature": 1.0, "on_policy": {"share": 0.5, "max_new_tokens": 64}},
+           "train": {"batch_size": 8, "epochs": None, "max_steps": 8, "mixed_precision": "bf16", "eval_every": 100},
+           "telemetry": {"log_every": 1, "warmup_steps": 0}, "export": {"onnx": False}}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer = Trainer(build_run(config_from_dict(cfg)))
+    trainer.fit()
+    events = read_events(tmp_path / "run")
+    end, steps = events[-1], [e for e in events if e["type"] == "step"]
+    assert end["status"] == "completed" and end["peak"]["reserved"] < 5.5 * GB
+    sampled = [e for e in steps if e["on_policy"]["share"]]
+    assert sampled and all(e["on_policy"]["generated_tokens_per_s"] > 0 for e in sampled)
+    generate_peak = max(e["memory"]["generate"]["allocated"] for e in steps if "generate" in (e["memory"] or {}))
+    estimate = trainer.run.estimate
+    print(f"sampling peak {generate_peak / GB:.2f} GB, run peak {end['peak']['reserved'] / GB:.2f} GB, estimate "
+          f"{estimate.total / GB:.2f} GB (sampling part {estimate.generation / GB:.2f} GB)")
+    assert estimate.generation > 0 and generate_peak < estimate.total

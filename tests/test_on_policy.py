@@ -98,6 +98,22 @@ def test_prompts_are_the_tokens_before_the_learnt_span_or_a_texts_first_tokens(t
     assert prompt_ids(text, prompt_tokens=2, room=1) == [[6]]  # cut from the left to fit the sample's room
 
 
+def test_a_chats_prompt_is_the_conversation_up_to_its_last_assistant_turn(tmp_path, tokenizer):
+    from datasets import load_dataset
+
+    from kd.config import DataConfig
+    from kd.lm.data import prepare_lm_splits
+
+    folder = write_lm_dataset(tmp_path / "chat", "messages", {"train": 3})
+    raw = load_dataset("json", data_dir=str(folder))["train"]
+    rows = prepare_lm_splits({"train": raw}, DataConfig(dataset="json", modality="causal_lm", max_length=64),
+                             tokenizer)["train"]
+    batch = LMCollator(tokenizer.pad_token_id)(list(rows))
+    for prompt, messages in zip(prompt_ids(batch, prompt_tokens=2, room=64), raw["messages"]):
+        expected = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        assert tokenizer.decode(prompt) == expected
+
+
 def test_only_the_sampled_positions_carry_loss(llamas, tokenizer):
     student = AutoModelForCausalLM.from_pretrained(llamas["student"])
     teacher = AutoModelForCausalLM.from_pretrained(llamas["teacher"])
