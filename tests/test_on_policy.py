@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_students import train  # a run of a few steps in this process
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kd.build import build_run
 from kd.config import OnPolicyConfig, config_from_dict
 from kd.errors import ConfigError
 from kd.lm.data import IGNORE, LMCollator
@@ -22,7 +22,6 @@ from kd.synthetic import save_tiny_llama, write_lm_dataset
 from kd.teachers.remote.server import BackgroundServer, TeacherLM, build_app
 from kd.teachers.remote.source import RemoteTeacher
 from kd.telemetry import read_events
-from kd.trainer import Trainer
 from kd.tui.state import RunState, summary_text
 
 
@@ -54,12 +53,6 @@ def lm_config(llamas: dict[str, Path], out: Path, **sections) -> dict:
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
-
-
-def train(cfg: dict, resume_from: Path | None = None) -> Trainer:
-    trainer = Trainer(build_run(config_from_dict(cfg)))
-    trainer.fit(resume_from=resume_from)
-    return trainer
 
 
 def steps(run_dir: Path) -> list[dict]:
