@@ -41,11 +41,15 @@ def teacher_lm(llama) -> TeacherLM:
 
 class Faults:
     """ASGI middleware in front of the teacher server: /v1/completions answers follow `script`
-    (None: the real answer), counting requests and the most in flight at once."""
+    (None: the real answer), counting requests and the most in flight at once. `outage` (after,
+    seconds): once `after` completions were answered, every completion fails with HTTP 500 for that
+    long, whichever requests arrive (a script assigns failures by arrival order, which concurrent
+    requests and their retries make a matter of timing)."""
 
-    def __init__(self, app, script=(), delay_s: float = 0.0):
-        self.app, self.script, self.delay_s = app, list(script), delay_s
+    def __init__(self, app, script=(), delay_s: float = 0.0, outage: tuple[int, float] | None = None):
+        self.app, self.script, self.delay_s, self.outage = app, list(script), delay_s, outage
         self.completions = self.active = self.max_active = 0
+        self.down_since: float | None = None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/v1/completions":
@@ -55,6 +59,9 @@ class Faults:
         self.max_active = max(self.max_active, self.active)
         try:
             fault = self.script.pop(0) if self.script else None
+            if self.outage is not None and self.completions > self.outage[0]:
+                self.down_since = self.down_since or time.monotonic()
+                fault = 500 if time.monotonic() - self.down_since < self.outage[1] else fault
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             if fault is None:
@@ -549,10 +556,10 @@ def reference_run(tmp_path_factory, llama, teacher_lm) -> Path:
 
 @pytest.mark.launches
 def test_a_server_that_comes_back_within_the_wait_costs_nothing_but_time(tmp_path, llama, teacher_lm, reference_run):
-    # After 14 answers (the probe and 13 rows) every completion fails 6 times: each request's retries
-    # (max_retries 1) are spent 3 times over; the run waits for the server, sends the failed requests
-    # again and trains on exactly what the uninterrupted run did.
-    faults = Faults(build_app(teacher_lm, "tiny"), [None] * 14 + [500] * 6)
+    # After 14 answers (the probe and 13 rows) every completion fails for 0.3 s: requests spend their
+    # retries (max_retries 1, 10-20 ms apart) within it; the run waits for the server (outage_wait_s 1),
+    # sends the failed requests again and trains on exactly what the uninterrupted run did.
+    faults = Faults(build_app(teacher_lm, "tiny"), outage=(14, 0.3))
     with BackgroundServer(faults) as url:
         result = run_cli(["--config", str(remote_config(tmp_path, llama, url, "run", **OUTAGE))])
     assert result.returncode == 0, result.stderr[-3000:]
