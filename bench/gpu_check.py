@@ -21,6 +21,9 @@ In order, each step a subprocess with its own time limit and log file under --ou
   8. agreement     the demo teacher just trained, in fp16 and bf16 against fp32 on the demo test set
   9. stem          bench/bench_stem.py: the log-mel CNN's training step with stem_stride 1 against 2
 
+Before any step, the pinned requirements of setup.cfg are looked up: one the machine lacks stops the
+check at once, naming the line to add to .gpu/wheels.txt (a missing dev extra is only a warning).
+
 Without a GPU the steps still run their CPU parts (the CUDA tests skip with a reason; the benches
 inject the out-of-memory error), and the report says that no GPU figure was measured. Nothing here
 needs the network: the flagship teacher is an AST built from its config with random weights.
@@ -29,8 +32,11 @@ needs the network: the flagship teacher is an AST built from its config with ran
 from __future__ import annotations
 
 import argparse
+import configparser
 import datetime
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -130,6 +136,27 @@ def markdown(env: dict, results: list[dict], out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def missing_requirements(setup_cfg: Path, extras: tuple[str, ...] = ("dev",)) -> list[str]:
+    """The pinned requirements (install_requires and `extras` of setup.cfg) whose distribution is not
+    installed here, as `name==version` lines. Only presence counts: a GPU machine brings its own torch."""
+    config = configparser.ConfigParser()
+    config.read(setup_cfg)
+    lines = config["options"]["install_requires"].splitlines()
+    for extra in extras:
+        lines += config["options.extras_require"].get(extra, "").splitlines()
+    missing = []
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        name = re.split(r"[<>=!~ ;\[]", line, maxsplit=1)[0]
+        if not name:
+            continue
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(line)
+    return missing
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu-check", help="report folder")
@@ -138,6 +165,17 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", default=None, choices=names, metavar="STEP",
                         help=f"run only these steps (always in this order): {', '.join(names)}")
     args = parser.parse_args()
+    # Found in a second, not after minutes of lent GPU time. The kit imports what install_requires
+    # lists, so a gap there fails every step; a missing dev extra (onnx, gguf, ...) fails only its tests.
+    needed = missing_requirements(ROOT / "setup.cfg", extras=())
+    optional = [r for r in missing_requirements(ROOT / "setup.cfg") if r not in needed]
+    fix = ("add these lines to .gpu/wheels.txt and run `bash ../shared/gpu/wheelhouse.sh` again "
+           "(../shared/gpu/README.md)")
+    if optional:
+        print(f"warning: not installed here: {', '.join(optional)} (tests that use them will fail); {fix}")
+    if needed:
+        print(f"error: not installed here: {', '.join(needed)}; {fix}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(f"GPU check: {env['gpu'] or 'no CUDA GPU (CPU parts only)'}; torch {env['torch']}; report in {args.out}")

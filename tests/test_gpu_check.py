@@ -42,3 +42,14 @@ def test_a_misspelt_step_is_refused_before_anything_runs(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert "invalid choice: 'utilisaton'" in last and "'utilisation'" in last and "'cuda-tests'" in last
     assert not (tmp_path / "gpu_report.json").exists()
+
+
+def test_a_requirement_the_machine_lacks_is_named_before_any_step(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_check import missing_requirements
+
+    assert missing_requirements(ROOT / "setup.cfg") == []  # this machine has the whole stack
+    cfg = tmp_path / "setup.cfg"
+    cfg.write_text("[options]\ninstall_requires =\n    torch==2.11.0\n    # a comment\n    no-such-dist-kd==1.0\n"
+                   "[options.extras_require]\ndev =\n    pytest==9.2.0\n    also-missing-kd>=2  # why\n")
+    assert missing_requirements(cfg) == ["no-such-dist-kd==1.0", "also-missing-kd>=2"]
