@@ -22,7 +22,7 @@ from kd.audio.logmel_cnn import read_config as read_kit_config
 from kd.config import Config, config_from_dict, set_modality
 from kd.data import PreparedData, check_data_source, prepare_data
 from kd.errors import ConfigError, DataError, ModelLoadError, SourceError, TrainingError
-from kd.lm.on_policy import sampling_bytes
+from kd.lm.planner import describe, plan_from_configs, sampling_bytes
 from kd.lm.vocabulary import check_shared_vocabulary, cut_to_tokenizer
 from kd.lora import is_lora, trainable_parameters
 from kd.memory import cuda_index
@@ -192,8 +192,6 @@ def preflight_from_configs(cfg: Config) -> bool:
     settle_modality(cfg, print)
     if cfg.data.modality != "causal_lm":
         return False
-    from kd.lm.planner import describe, plan_from_configs
-
     plan = plan_from_configs(cfg)
     budget = int(cfg.memory.vram_budget_gb * 1e9)
     print(describe(plan, cfg))

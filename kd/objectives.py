@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from kd.config import Config
-from kd.lm.losses import token_distillation_loss, token_eval_sums
+from kd.lm.losses import IGNORE, token_distillation_loss, token_eval_sums, token_loss_sums
 from kd.losses import distillation_loss, per_sample_losses
 from kd.metrics import split_metrics
 
@@ -86,10 +86,10 @@ class NextToken:
         if batch.get("on_policy"):
             # The student's own samples (kd/lm/on_policy.py): the divergence alone over the sampled
             # positions; their tokens are no CE target, so the parts carry no ce.
-            loss, parts = token_distillation_loss(s_logits, t_logits, targets, alpha=1.0, kind=self.on_policy_kind,
-                                                  beta=self.beta, temperature=self.temperature,
-                                                  chunk_size=self.chunk)
-            return loss, {"total": parts["total"], "kd": parts["kd"]}
+            _, kd_sum, count = token_loss_sums(s_logits, t_logits, None, targets != IGNORE, kind=self.on_policy_kind,
+                                               beta=self.beta, temperature=self.temperature, chunk_size=self.chunk)
+            kd = kd_sum / count.clamp_min(1).float()
+            return kd, {"total": kd, "kd": kd}
         return token_distillation_loss(s_logits, t_logits, targets, alpha=alpha, kind=self.kind, beta=self.beta,
                                        temperature=self.temperature,
                                        chunk_size=self.chunk)

@@ -12,7 +12,7 @@ Prompts: a row's tokens before its last learnt span (the completion of prompt/co
 last assistant turn of a chat). A plain-text row is learnt from its first token, so its first
 `prompt_tokens` tokens are the prompt. Prompts are cut from the left so that prompt + sample fit
 in data.max_length: an on-policy row is never longer than an off-policy one, and the memory plan
-(`generation_bytes`: the KV cache of sampling) holds for both.
+(kd/lm/planner.py `generation_bytes`: the KV cache of sampling) holds for both.
 
 Determinism: whether a micro-batch is on-policy depends on (run.seed, epoch, micro-batch index),
 the same on every process; the sampling on (run.seed, epoch, micro-batch index, process). A resumed
@@ -22,14 +22,13 @@ run therefore draws exactly what the original drew, and two processes sample dif
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from transformers import GenerationConfig, PretrainedConfig
+from transformers import GenerationConfig
 
-from kd.config import Config, OnPolicyConfig
+from kd.config import OnPolicyConfig
 from kd.lm.losses import IGNORE
 
 
@@ -83,9 +82,9 @@ class OnPolicy:
         return bool(torch.rand((), generator=generator) < share)
 
     @torch.no_grad()
-    def sample(self, model: torch.nn.Module, batch: dict[str, Any], epoch: int, index: int,
-               autocast: Callable[[], AbstractContextManager] = nullcontext) -> Sampled:
-        """The batch rebuilt from the student's own continuation of each row's prompt."""
+    def sample(self, model: torch.nn.Module, batch: dict[str, Any], epoch: int, index: int) -> Sampled:
+        """The batch rebuilt from the student's own continuation of each row's prompt (under the
+        caller's autocast)."""
         started = time.perf_counter()
         device = batch["labels"].device
         prompts = prompt_ids(batch, self.cfg.prompt_tokens, self.room)
@@ -101,9 +100,8 @@ class OnPolicy:
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(_mix(self.seed, epoch, index, 1 + self.rank))
-                with autocast():
-                    out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device),
-                                         generation_config=self.generation)
+                out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device),
+                                     generation_config=self.generation)
         finally:
             model.train(was_training)
         samples = [self._until_end(row) for row in out[:, longest:].tolist()]
@@ -136,23 +134,3 @@ def _mix(*values: int) -> int:
         seed = ((seed ^ (int(v) + 0x632BE59BD9B4E019)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     return seed >> 1
 
-
-def generation_bytes(config: PretrainedConfig, rows: int, length: int, element: int) -> int:
-    """Device memory of sampling `rows` sequences of up to `length` tokens: the KV cache (keys and
-    values of every layer and position) plus the prompt's forward, one layer's work at a time, and
-    the last position's logits. Alive only while the student samples, not with training's activations."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    cache = 2 * config.num_hidden_layers * kv_heads * head_dim * rows * length * element
-    intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
-    prefill = 3 * rows * length * max(intermediate, config.hidden_size) * element
-    return cache + prefill + 2 * rows * config.vocab_size * 4
-
-
-def sampling_bytes(cfg: Config, config: PretrainedConfig | None, micro: int) -> int:
-    """The run's sampling memory at this micro-batch (0 without on-policy distillation): sequences of
-    up to data.max_length tokens, the cache in 16 bits under mixed precision."""
-    if cfg.data.modality != "causal_lm" or cfg.distillation.on_policy.share == 0 or config is None:
-        return 0
-    return generation_bytes(config, micro, cfg.data.max_length, 2 if cfg.train.mixed_precision != "no" else 4)

@@ -29,7 +29,6 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from kd.config import Config
 from kd.errors import ModelLoadError
-from kd.lm.on_policy import sampling_bytes
 from kd.lora import default_targets
 from kd.preflight import ADAMW_STATE_PER_PARAM, CUDA_CONTEXT_BYTES, Estimate, choose_teacher_device, with_generation
 from kd.teachers.loading import DTYPES, load_model_config
@@ -52,6 +51,25 @@ class Shapes:
         kv = getattr(config, "num_key_value_heads", None) or heads
         return cls(config.num_hidden_layers, config.hidden_size, getattr(config, "intermediate_size", None)
                    or 4 * config.hidden_size, kv * head_dim, config.vocab_size)
+
+
+def generation_bytes(config: PretrainedConfig, rows: int, length: int, element: int) -> int:
+    """Device memory of sampling `rows` sequences of up to `length` tokens (on-policy distillation,
+    kd/lm/on_policy.py): the KV cache (keys and values of every layer and position) plus the prompt's
+    forward, one layer's work at a time, and the last position's logits. Alive only while the
+    student samples, not with training's activations."""
+    shapes = Shapes.of(config)
+    cache = 2 * shapes.layers * shapes.kv_dim * rows * length * element
+    prefill = 3 * rows * length * max(shapes.intermediate, shapes.hidden) * element
+    return cache + prefill + 2 * rows * shapes.vocab * 4
+
+
+def sampling_bytes(cfg: Config, config: PretrainedConfig | None, micro: int) -> int:
+    """The run's sampling memory at this micro-batch (0 without on-policy distillation): sequences of
+    up to data.max_length tokens, the cache in 16 bits under mixed precision."""
+    if cfg.data.modality != "causal_lm" or cfg.distillation.on_policy.share == 0 or config is None:
+        return 0
+    return generation_bytes(config, micro, cfg.data.max_length, 2 if cfg.train.mixed_precision != "no" else 4)
 
 
 def meta_model(config: PretrainedConfig, what: str) -> nn.Module:

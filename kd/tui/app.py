@@ -238,7 +238,7 @@ class MonitorApp(App):
             f"total {fmt_num(s.latest('loss_total'))}  ce {fmt_num(s.latest('loss_ce'))}  "
             f"kd {fmt_num(s.latest('loss_kd'))}\nalpha {fmt_num(s.latest('alpha'), 3)}  "
             f"lr {fmt_num(s.latest('lr'), 3)}  grad {fmt_num(s.latest('grad_norm'), 3)}"
-            + (f"\n{on_policy_text(s)}" if on_policy_text(s) else ""))
+            + (f"\n{sampled}" if (sampled := on_policy_text(s)) else ""))
         self._spark("#loss_spark", s.values("loss_total"))
         self._spark("#ce_spark", s.values("loss_ce"))
         self._spark("#kd_spark", s.values("loss_kd") if any(s.values("loss_kd")) else [])

@@ -331,8 +331,8 @@ def summary_text(state: RunState, now: float | None = None) -> str:
     lines.append(f"loss total {fmt_num(state.latest('loss_total'))} ce {fmt_num(state.latest('loss_ce'))} "
                  f"kd {fmt_num(state.latest('loss_kd'))} alpha {fmt_num(state.latest('alpha'), 3)} "
                  f"lr {fmt_num(state.latest('lr'), 3)} grad_norm {fmt_num(state.latest('grad_norm'), 3)}")
-    if on_policy_text(state):
-        lines.append(on_policy_text(state))
+    if sampled := on_policy_text(state):
+        lines.append(sampled)
     if state.evals:
         e = state.evals[-1]
         lines.append(f"eval @ step {e['step']} ({e['split']}): student acc {fmt_num(e.get('student_acc'), 4)}, "
