@@ -109,9 +109,10 @@ def check_can_precompute(cfg) -> None:
         raise ConfigError(["--precompute-teacher: distillation.enabled is false, there is no teacher to run"])
     if cfg.distillation.teacher_cache == "off":
         raise ConfigError(["--precompute-teacher: distillation.teacher_cache is 'off'; set it to auto or require"])
-    if cfg.augment.enabled:
-        raise ConfigError(["--precompute-teacher: augment.enabled is true, so the teacher's inputs change every "
-                           "epoch and cannot be computed once; set augment.enabled: false"])
+    if cfg.augment.enabled and not cfg.augment.views:
+        raise ConfigError(["--precompute-teacher: augment.enabled is true with augment.views 0, so the teacher's "
+                           "inputs change every epoch and cannot be computed once; set augment.views (k fixed "
+                           "versions of each clip, each stored) or augment.enabled: false"])
 
 
 def resolve_resume(arg: str | None, output_dir: Path) -> Path | None:

@@ -170,6 +170,10 @@ class AugmentConfig:
     freq_masks: int = 1  # removed frequency bands per clip
     freq_mask_hz: float = 400.0  # the widest one
     mixup_alpha: float = 0.0  # > 0: mix clip pairs with Beta(alpha, alpha) weights (labels mixed alike)
+    # 0: fresh draws every epoch (the teacher must run online). k >= 1: each clip has k fixed augmented
+    # versions drawn from (run.seed, view, clip), epoch e trains on view e mod k, so a teacher cache can
+    # store every view: the teacher runs in the first k epochs only.
+    views: int = 0
 
 
 @dataclass
@@ -604,10 +608,17 @@ def _check_values(cfg: Config) -> list[str]:
     aug = cfg.augment
     need(dist.cache_top_k is None or dist.cache_top_k >= 1, "distillation.cache_top_k", dist.cache_top_k,
          "must be null (store every logit) or an integer >= 1")
-    if dist.enabled and dist.teacher_cache == "require" and aug.enabled:
-        problems.append("distillation.teacher_cache: 'require' cannot be combined with augment.enabled: true (every "
-                        "epoch feeds the teacher new inputs, so stored soft targets would describe other clips); "
-                        "set augment.enabled: false or distillation.teacher_cache: off")
+    if dist.enabled and dist.teacher_cache == "require" and aug.enabled and not aug.views:
+        problems.append("distillation.teacher_cache: 'require' cannot be combined with augment.enabled: true and "
+                        "augment.views: 0 (every epoch feeds the teacher new inputs, so stored soft targets would "
+                        "describe other clips); set augment.views (e.g. 4: fixed augmented versions of each clip, "
+                        "each stored), augment.enabled: false or distillation.teacher_cache: off")
+    need(isinstance(aug.views, int) and aug.views >= 0, "augment.views", aug.views,
+         "must be an integer >= 0 (0: fresh augmentation every epoch; k: k fixed versions of each clip)")
+    if aug.enabled and aug.views and aug.mixup_alpha > 0:
+        problems.append(f"augment.views: {aug.views} cannot be combined with augment.mixup_alpha: {aug.mixup_alpha} "
+                        "(mixup pairs clips within a batch, and batches change every epoch, so a clip's version "
+                        "would not be fixed); set augment.mixup_alpha: 0 or augment.views: 0")
     if aug.enabled:
         need(data.modality in ("audio", None), "augment.enabled", True,
              f"waveform augmentation needs audio data, but data.modality is {data.modality!r}")

@@ -401,13 +401,17 @@ class Trainer:
         """Augment the batch's waveform in place (augment.enabled); return the CE targets.
 
         The targets are the labels, or their mixed one-hot vectors when mixup mixed the clips.
-        Seeded by (seed, epoch, batch index, process), so a resumed run draws what the original drew.
+        Seeded by (seed, epoch, batch index, process), so a resumed run draws what the original drew;
+        with augment.views by (seed, view, clip), and the batch carries its view for the teacher cache.
         """
         if self.augment is None:
             return batch["labels"]
         waveform, mixed = self.augment(batch["waveform"], batch["labels"], self.state.epoch,
-                                       self.state.batches_in_epoch)
+                                       self.state.batches_in_epoch, clips=batch.get("index"))
         batch["waveform"] = waveform
+        view = self.augment.view(self.state.epoch)
+        if view is not None:
+            batch["view"] = view
         return batch["labels"] if mixed is None else mixed
 
     def _add_features(self, batch: dict[str, Any]) -> None:
@@ -427,8 +431,11 @@ class Trainer:
         """What a soft-target source needs to run its teacher over whole splits: batches made as in
         training but not sharded by Accelerate (each process computes its own share)."""
 
-        def prepare(batch: dict[str, Any]) -> dict[str, Any]:
+        def prepare(batch: dict[str, Any], view: int | None = None) -> dict[str, Any]:
             batch = send_to_device(batch, self.acc.device, non_blocking=self.cfg.data.pin_memory)
+            if view is not None:  # a view's epoch is the view itself (view = epoch mod views)
+                batch["waveform"], _ = self.augment(batch["waveform"], batch["labels"], view, 0, clips=batch["index"])
+                batch["view"] = view
             self._add_features(batch)
             return batch
 

@@ -12,7 +12,11 @@ segments and band-stop filtered frequency bands.
 
 Random draws come from generators seeded by (run seed, epoch, batch index, process): a batch is
 augmented identically however the run got there (fresh, resumed from a checkpoint, after an
-out-of-memory retry at the same micro-batch size). Evaluation never calls this module.
+out-of-memory retry at the same micro-batch size). With `views: k` they are seeded per clip by
+(run seed, view, clip index) instead, view = epoch mod k: each clip has k fixed augmented versions
+whatever batch it lands in, on any process, so a teacher cache can store the soft targets of every
+view (kd/teachers/cached.py) and the teacher runs during the first k epochs only. Evaluation never
+calls this module.
 """
 
 from __future__ import annotations
@@ -44,12 +48,24 @@ class WaveformAugment:
         noise.manual_seed(int(large.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
         return np.random.default_rng(small), noise
 
-    def __call__(self, waveform: torch.Tensor, labels: torch.Tensor, epoch: int,
-                 index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def view(self, epoch: int) -> int | None:
+        """The fixed version of every clip that `epoch` trains on (None: fresh draws every epoch)."""
+        return epoch % self.cfg.views if self.cfg.views else None
+
+    def __call__(self, waveform: torch.Tensor, labels: torch.Tensor, epoch: int, index: int,
+                 clips: torch.Tensor | list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment one batch; `clips` (the dataset indices of its rows) is required with views."""
         cfg = self.cfg
-        rng, gen = self.generators(epoch, index, waveform.device)
         batch, n = waveform.shape
-        p = to_device(self.draw(rng, batch, n), waveform.device)
+        if cfg.views:
+            if clips is None:
+                raise ValueError("augment.views draws per clip: the batch's dataset indices are needed")
+            draws, noise_seeds = self.draw_views(self.view(epoch), [int(i) for i in clips], n)
+            gen = None
+        else:
+            rng, gen = self.generators(epoch, index, waveform.device)
+            draws, noise_seeds = self.draw(rng, batch, n), None
+        p = to_device(draws, waveform.device)
         x = waveform.float()
         if cfg.speed > 0:
             x = speed_perturb(x, p["speed"])
@@ -58,18 +74,31 @@ class WaveformAugment:
         if cfg.gain_db > 0:
             x = x * p["gain"].to(x.dtype)[:, None]
         if cfg.noise_prob > 0:
-            x = add_noise(x, p["snr_db"], gen)
+            noise = (torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype) if noise_seeds is None
+                     else clip_noise(noise_seeds, draws["snr_db"], n, x.device, x.dtype))
+            x = add_noise(x, p["snr_db"], noise)
         for i in range(cfg.time_masks):
             x = mask_time(x, p[f"time_start{i}"].long(), p[f"time_width{i}"].long())
         for i in range(cfg.freq_masks):
             x = mask_band(x, p[f"band_low{i}"], p[f"band_high{i}"], self.rate)
         targets = None
-        if cfg.mixup_alpha > 0:
+        if cfg.mixup_alpha > 0:  # refused with views (kd/config.py): a pair depends on the batch
             perm, weight = p["mix_perm"].long(), p["mix_weight"].to(x.dtype)[:, None]
             x = weight * x + (1 - weight) * x[perm]
             onehot = torch.nn.functional.one_hot(labels, self.num_classes).to(x.dtype)
             targets = weight * onehot + (1 - weight) * onehot[perm]
         return x.to(waveform.dtype), targets
+
+    def draw_views(self, view: int, clips: list[int], n: int) -> tuple[dict[str, np.ndarray], list[int]]:
+        """Per-clip parameters of `view` (each clip's own generator, so a clip's version does not depend on
+        its batch, its process or the micro-batch size) and a seed for each clip's noise."""
+        rows, noise_seeds = [], []
+        for clip in clips:
+            params, noise = np.random.SeedSequence([self.seed, view, clip]).spawn(2)
+            rows.append(self.draw(np.random.default_rng(params), 1, n))
+            noise_seeds.append(int(noise.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+        draws = {key: np.concatenate([row[key] for row in rows]) for key in rows[0]} if rows else {}
+        return draws, noise_seeds
 
     def draw(self, rng: np.random.Generator, batch: int, n: int) -> dict[str, np.ndarray]:
         """Every per-clip parameter of one batch, drawn on the host in a fixed order."""
@@ -134,13 +163,23 @@ def time_shift(x: torch.Tensor, shifts: Params) -> torch.Tensor:
     return x.gather(1, src.clamp(0, n - 1)) * valid
 
 
-def add_noise(x: torch.Tensor, snr_db: Params, gen: torch.Generator) -> torch.Tensor:
-    """White noise at `snr_db[i]` below clip i's mean power (inf: no noise for that clip)."""
+def add_noise(x: torch.Tensor, snr_db: Params, noise: torch.Tensor) -> torch.Tensor:
+    """`noise` (unit white noise, x's shape) at `snr_db[i]` below clip i's mean power (inf: none for that clip)."""
     power = x.pow(2).mean(dim=1, keepdim=True)
     snr = torch.as_tensor(snr_db, dtype=torch.float64, device=x.device)
     scale = (10 ** (-snr / 20)).to(x.dtype)[:, None]  # 0 where inf
-    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     return x + noise * power.sqrt() * scale
+
+
+def clip_noise(seeds: list[int], snr_db: np.ndarray, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Unit white noise per clip from its own seed (views); zeros for clips that get none."""
+    noise = torch.zeros((len(seeds), n), device=device, dtype=dtype)
+    gen = torch.Generator(device=device)
+    for row, (seed, snr) in enumerate(zip(seeds, snr_db)):
+        if np.isfinite(snr):
+            gen.manual_seed(seed)
+            noise[row] = torch.randn(n, generator=gen, device=device, dtype=dtype)
+    return noise
 
 
 def mask_time(x: torch.Tensor, start: Params, width: Params) -> torch.Tensor:
@@ -185,5 +224,7 @@ def describe(cfg: AugmentConfig) -> str:
         parts.append(f"{cfg.freq_masks} band mask(s) <= {cfg.freq_mask_hz:g} Hz")
     if cfg.mixup_alpha > 0:
         parts.append(f"mixup Beta({cfg.mixup_alpha:g})")
+    if cfg.views:
+        parts.append(f"{cfg.views} fixed version(s) of each clip (augment.views)")
     return ", ".join(parts) or "no transform enabled"
 

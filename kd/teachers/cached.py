@@ -5,12 +5,20 @@ whole batch and the missing rows are stored (online and first-epoch results agre
 the first epoch every process fills what the store still lacks (its own share of each split), and
 once every split is covered the teacher is released from memory: the rest of training runs at the
 student's speed. `--precompute-teacher` fills everything ahead; `require` never loads the teacher.
+
+With augmentation the teacher's input changes every epoch, so nothing can be stored, unless each
+clip has a fixed set of augmented versions (augment.views: k, kd/audio/augment.py): the training
+split is then stored once per view, under keys train@0 .. train@k-1, each a split of its own in the
+store whose fingerprint names the augmentation, the seed and the view.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +37,10 @@ from kd.teachers.store import CacheError, TeacherCache, TokenCache, cache_file
 
 
 class CachedTeacher(SoftTargetSource):
-    """Soft targets from the store; a teacher, when given, fills what is missing."""
+    """Soft targets from the store; a teacher, when given, fills what is missing.
+
+    `split_ids` and `sizes` are keyed by role (train / eval / test), or for a training split with
+    augmented views by train@<view> (`view_key`)."""
 
     source = "cache"
 
@@ -52,8 +63,16 @@ class CachedTeacher(SoftTargetSource):
     def refresh(self) -> None:
         self.covered = {role: self.cache.coverage(self.split_ids[role]) for role in self.split_ids}
 
+    def key(self, batch: dict[str, Any], role: str) -> str:
+        """Where the batch's rows are stored: its role, or its view of the training split."""
+        return view_key(batch["view"]) if role == "train" and "view" in batch else role
+
     def logits(self, batch: dict[str, Any], role: str) -> torch.Tensor:
-        split_id = self.split_ids[role]
+        key = self.key(batch, role)
+        if key not in self.split_ids:
+            raise CacheError(f"teacher cache {self.cache.path}: no stored split for {key} (this run's splits: "
+                             f"{', '.join(self.split_ids)})")
+        split_id = self.split_ids[key]
         indices = list(batch["index"])
         found = self.cache.get(split_id, indices)
         counted = role == "train"  # step telemetry reports the training batches
@@ -68,7 +87,7 @@ class CachedTeacher(SoftTargetSource):
         # the rows the cache lacks are stored.
         out = teacher_logits(self._teacher, batch)
         new = [k for k, i in enumerate(indices) if i not in found]
-        self.covered[role] += self.store(role, batch, out, new)
+        self.covered[key] += self.store(key, batch, out, new)
         self._hits += len(found) * counted
         self._misses += len(new) * counted
         return self.from_teacher(out)
@@ -87,44 +106,46 @@ class CachedTeacher(SoftTargetSource):
         """The batch's soft targets from the teacher's fresh outputs (as the stored ones will read)."""
         return out
 
-    def store(self, role: str, batch: dict[str, Any], logits: torch.Tensor, rows: list[int] | None = None) -> int:
-        """Store the teacher's outputs for `rows` of the batch (None: all); returns how many were new.
-        The labels go along: a language model's cache stores the learnt positions only."""
+    def store(self, key: str, batch: dict[str, Any], logits: torch.Tensor, rows: list[int] | None = None) -> int:
+        """Store the teacher's outputs for `rows` of the batch (None: all) under `key`; returns how many
+        were new. The labels go along: a language model's cache stores the learnt positions only."""
         rows = list(range(len(batch["index"]))) if rows is None else rows
         if not rows:
             return 0
-        return self.cache.put(self.split_ids[role], [int(batch["index"][k]) for k in rows], logits[rows],
+        return self.cache.put(self.split_ids[key], [int(batch["index"][k]) for k in rows], logits[rows],
                               batch["labels"][rows])
 
     def fill(self, runner: SplitRunner, roles: tuple[str, ...] = ROLES) -> int:
-        """Compute the soft targets the store lacks for `roles`, each process its own contiguous share;
-        returns the rows this process wrote."""
+        """Compute the soft targets the store lacks for `roles` (every view of the training split),
+        each process its own contiguous share; returns the rows this process wrote."""
         if self._teacher is None:
             return 0
-        roles = tuple(r for r in roles if r in self.split_ids)
+        keys = tuple(k for k in self.split_ids if k.split("@")[0] in roles)
         # Every process reads what is missing before any of them writes, so their shares agree and
         # no sample is computed twice.
-        missing = {role: self.cache.missing(self.split_ids[role], self.sizes[role]) for role in roles}
+        missing = {key: self.cache.missing(self.split_ids[key], self.sizes[key]) for key in keys}
         runner.barrier()
         written = 0
         with runner.autocast():  # the teacher runs as it does in training
-            for role in roles:
-                share = missing[role][runner.rank * len(missing[role]) // runner.world:
-                                      (runner.rank + 1) * len(missing[role]) // runner.world]
-                written += self._fill_rows(runner, role, share)
+            for key in keys:
+                share = missing[key][runner.rank * len(missing[key]) // runner.world:
+                                     (runner.rank + 1) * len(missing[key]) // runner.world]
+                written += self._fill_rows(runner, key, share)
         runner.barrier()
         self.refresh()
         return written
 
-    def _fill_rows(self, runner: SplitRunner, role: str, rows: list[int]) -> int:
+    def _fill_rows(self, runner: SplitRunner, key: str, rows: list[int]) -> int:
         if not rows:
             return 0
+        role, _, view = key.partition("@")
         written = 0
-        with tqdm(total=len(rows), desc=f"teacher -> cache ({role})", unit="sample", disable=not runner.show,
+        with tqdm(total=len(rows), desc=f"teacher -> cache ({key})", unit="sample", disable=not runner.show,
                   dynamic_ncols=True) as bar:
             for batch in runner.loader(runner.splits[role].select(rows)):
-                batch = runner.prepare(batch)
-                written += self.store(role, batch, teacher_logits(self._teacher, batch))
+                # Rows of a selection keep their split's index (kd/data.py), which a view is drawn from.
+                batch = runner.prepare(batch, int(view) if view else None)
+                written += self.store(key, batch, teacher_logits(self._teacher, batch))
                 bar.update(len(batch["index"]))
         return written
 
@@ -216,7 +237,27 @@ def open_cache(cfg: Any, identity: dict[str, Any], *, num_outputs: int, label_na
                              top_k=dist.cache_top_k)
     names = cfg.data.split_names()
     split_ids = {role: cache.register_split(names[role], fingerprints[role], sizes[role]) for role in fingerprints}
+    aug = cfg.augment
+    if aug.enabled and aug.views and "train" in split_ids:
+        # Each view of the training split is a split of its own: its inputs are the augmented clips, so
+        # its fingerprint names the augmentation, the seed that draws it and the view.
+        drawn = json.dumps({"augment": asdict(aug), "seed": cfg.run.seed}, sort_keys=True)
+        views = {}
+        for view in range(aug.views):
+            fingerprint = hashlib.sha256(f"{fingerprints['train']}|{drawn}|{view}".encode()).hexdigest()[:16]
+            views[view_key(view)] = cache.register_split(f"{names['train']}@view{view}", fingerprint, sizes["train"])
+        split_ids = {**views, **{role: i for role, i in split_ids.items() if role != "train"}}
     return cache, split_ids
+
+
+def view_key(view: int) -> str:
+    """The key of one augmented view of the training split (augment.views)."""
+    return f"train@{view}"
+
+
+def key_sizes(split_ids: dict[str, str], sizes: dict[str, int]) -> dict[str, int]:
+    """Each key's number of samples: a view has its split's."""
+    return {key: sizes[key.split("@")[0]] for key in split_ids}
 
 
 def open_cached_teacher(cfg: Any, accelerator: Accelerator, data: PreparedData, processor: Any,
@@ -238,9 +279,9 @@ def open_cached_teacher(cfg: Any, accelerator: Accelerator, data: PreparedData, 
         say("Teacher cache off: with distillation.on_policy.share 1 every batch is the student's own samples, "
             "which the teacher scores as they come")
         return None
-    if cfg.augment.enabled:  # 'require' with augmentation is a config error (kd/config.py)
+    if cfg.augment.enabled and not cfg.augment.views:  # 'require' here is a config error (kd/config.py)
         say("Teacher cache off: augment.enabled changes the teacher's inputs every epoch, so its outputs "
-            "are computed online (distillation.teacher_cache: auto)")
+            "are computed online (augment.views: k gives each clip k fixed versions, which the cache can store)")
         return None
     device_kind = "cpu" if cfg.teacher.device == "cpu" else accelerator.device.type
     identity = teacher_identity(cfg, processor, sampling_rate=data.sampling_rate, device_kind=device_kind,
@@ -253,7 +294,7 @@ def open_cached_teacher(cfg: Any, accelerator: Accelerator, data: PreparedData, 
         cache, split_ids = open_cache(cfg, identity, num_outputs=outputs, label_names=data.label_names,
                                       fingerprints=data.fingerprints, sizes=sizes,
                                       may_create=precompute or dist.teacher_cache == "auto")
-    cached = (CachedTokenTeacher if lm else CachedTeacher)(cache, split_ids, sizes, teacher=None)
+    cached = (CachedTokenTeacher if lm else CachedTeacher)(cache, split_ids, key_sizes(split_ids, sizes), teacher=None)
     if dist.teacher_cache == "require" and not cached.complete() and not precompute:
         raise CacheError(f"distillation.teacher_cache is 'require' but the cache {cache.path} is incomplete "
                          f"({cached.coverage_text()}); fill it with `python train_kd.py --config <your config> "

@@ -39,7 +39,9 @@ class SplitRunner:
 
     splits: dict[str, Any]  # role -> dataset
     loader: Callable[[Any], Iterable[dict[str, Any]]]  # a dataset's batches, not sharded over processes
-    prepare: Callable[[dict[str, Any]], dict[str, Any]]  # a batch on the device with its model inputs
+    # A batch on the device with its model inputs; given a view (augment.views), its clips augmented as
+    # that view draws them, so the teacher sees what training will show the student.
+    prepare: Callable[[dict[str, Any], int | None], dict[str, Any]]
     autocast: Callable[[], AbstractContextManager]
     barrier: Callable[[], None]  # every process waits for the others
     rank: int = 0

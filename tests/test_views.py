@@ -1,0 +1,110 @@
+"""Augmented views (augment.views): each clip has k fixed augmented versions, so a teacher cache can
+store them and augmentation no longer forces the teacher to run every epoch."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import torch
+
+from kd.audio.augment import WaveformAugment
+from kd.config import AugmentConfig, config_from_dict
+from kd.errors import ConfigError
+from kd.telemetry import read_events
+
+from conftest import run_cli, tiny_config, write_config
+
+RATE = 8000
+ALL_ON = AugmentConfig(enabled=True, noise_prob=1.0, views=3)
+
+
+def clips(n: int = 6) -> torch.Tensor:
+    t = torch.arange(RATE // 2) / RATE
+    return torch.stack([torch.sin(2 * torch.pi * (200 + 100 * i) * t) for i in range(n)])
+
+
+def test_a_clips_version_depends_on_its_view_alone_not_on_its_batch_or_process():
+    x, labels = clips(), torch.zeros(6, dtype=torch.long)
+    whole, _ = WaveformAugment(ALL_ON, RATE, 3, seed=7)(x, labels, epoch=1, index=0, clips=list(range(6)))
+    # The same clips in another order, split across two batches at other batch positions, on another process.
+    order = [4, 1, 5, 0, 3, 2]
+    other = WaveformAugment(ALL_ON, RATE, 3, seed=7, rank=1)
+    first, _ = other(x[order[:2]], labels[:2], epoch=4, index=9, clips=order[:2])  # epoch 4: view 1 again
+    rest, _ = other(x[order[2:]], labels[4:], epoch=1, index=3, clips=order[2:])
+    torch.testing.assert_close(torch.cat([first, rest]), whole[order], rtol=0, atol=0)
+    assert not torch.allclose(whole, x)
+    # Another view, or another seed, is another version.
+    for changed in (WaveformAugment(ALL_ON, RATE, 3, seed=7)(x, labels, epoch=2, index=0, clips=list(range(6)))[0],
+                    WaveformAugment(ALL_ON, RATE, 3, seed=8)(x, labels, epoch=1, index=0, clips=list(range(6)))[0]):
+        assert all(not torch.allclose(a, b) for a, b in zip(changed, whole))
+    with pytest.raises(ValueError, match="dataset indices"):
+        WaveformAugment(ALL_ON, RATE, 3, seed=7)(x, labels, epoch=0, index=0)
+
+
+@pytest.mark.parametrize(("augment", "distillation", "message"), [
+    ({"views": -1}, {}, "augment.views: -1 is not allowed; must be an integer >= 0"),
+    ({"views": 2, "mixup_alpha": 0.4}, {}, "augment.views: 2 cannot be combined with augment.mixup_alpha: 0.4"),
+    ({"views": 0}, {"teacher_cache": "require"}, "set augment.views (e.g. 4"),
+])
+def test_view_settings_that_cannot_work_are_refused(tmp_path, tone_data, tiny_teacher, augment, distillation, message):
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path, augment={"enabled": True, **augment},
+                      distillation=distillation)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        config_from_dict(cfg)
+
+
+def _losses(run_dir) -> list[float]:
+    return [e["loss"]["total"] for e in read_events(run_dir / "telemetry.jsonl") if e["type"] == "step"]
+
+
+@pytest.mark.launches
+def test_cached_views_train_as_the_teacher_online_would_and_free_it_after_epoch_one(tmp_path, tone_data,
+                                                                                 tiny_teacher):
+    """Three epochs over two views: with the cache, epoch 1 stores view 0 as it trains and its end stores
+    view 1 (the fill augments as training will); the losses equal a run with the teacher on every batch,
+    epoch 3 (view 0 again) is all hits, and a `require` run never loads the teacher."""
+    cache = tmp_path / "cache"
+
+    def run(name: str, mode: str, **extra) -> object:
+        cfg = tiny_config(tone_data, tiny_teacher, tmp_path / name, augment={"enabled": True, "views": 2},
+                          distillation={"teacher_cache": mode, "cache_dir": str(cache)},
+                          train={"max_steps": None, "epochs": 3, "eval_every": 100}, **extra)
+        result = run_cli(["--config", str(write_config(tmp_path / f"{name}.yaml", cfg))])
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    run("online", "off")
+    auto = run("auto", "auto")
+    required = run("require", "require")
+    online, cached, again = (_losses(tmp_path / n) for n in ("online", "auto", "require"))
+    assert len(online) == 18  # 3 epochs of 6 steps
+    assert cached == pytest.approx(online, rel=1e-5, abs=1e-6)
+    assert again == cached
+    assert "2 fixed version(s) of each clip" in auto.stdout and "the teacher is released" in auto.stdout
+    assert "Teacher cache off" not in auto.stdout
+    steps = [e for e in read_events(tmp_path / "auto" / "telemetry.jsonl") if e["type"] == "step"]
+    assert sum(e["cache"]["misses"] for e in steps[:6]) == 24  # epoch 1: view 0 computed as it trains
+    assert all(e["cache"]["hits"] == 4 and e["cache"]["misses"] == 0 for e in steps[6:])
+    assert steps[-1]["cache"]["covered"] == {"eval": [12, 12], "test": [12, 12], "train@0": [24, 24],
+                                             "train@1": [24, 24]}
+    start = next(e for e in read_events(tmp_path / "require" / "telemetry.jsonl") if e["type"] == "run_start")
+    assert start["soft_targets"]["source"] == "cache" and start["params"]["teacher"] is None
+    with sqlite3.connect(next(cache.glob("*.sqlite"))) as db:
+        assert db.execute("SELECT COUNT(*) FROM logits").fetchone()[0] == 2 * 24 + 12 + 12
+    # Another seed draws other versions: its views are misses, the clean splits are shared.
+    other = run("seed1", "auto", run={"name": "tiny", "output_dir": str(tmp_path / "seed1"), "seed": 1})
+    assert "train@0 0/24, train@1 0/24, eval 12/12, test 12/12" in other.stdout
+
+
+@pytest.mark.launches
+def test_precompute_fills_every_view(tmp_path, tone_data, tiny_teacher):
+    cfg = tiny_config(tone_data, tiny_teacher, tmp_path / "run", augment={"enabled": True, "views": 3},
+                      distillation={"teacher_cache": "require"})
+    config = write_config(tmp_path / "c.yaml", cfg)
+    result = run_cli(["--config", str(config), "--precompute-teacher"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train@0 24/24, train@1 24/24, train@2 24/24" in result.stdout
+    trained = run_cli(["--config", str(config)])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "complete: the teacher is not loaded" in trained.stdout
