@@ -1,26 +1,27 @@
-"""The demo's recipe on real recorded speech, speaker-independently: leave one speaker out.
+"""The real-speech recipe on real recorded speech, speaker-independently: leave one speaker out.
 
     python bench/bench_fsdd.py                              # all four folds, students over 3 seeds
     python bench/bench_fsdd.py --seeds 1                    # one seed: about 17 min on 2 CPU cores
     python bench/bench_fsdd.py --speakers george --out /tmp/fsdd.json
-    python bench/bench_fsdd.py --demo-schedule              # the students exactly as in the demo configs
+    python bench/bench_fsdd.py --demo-schedule              # the students of the demo configs instead
     python bench/bench_fsdd.py --work /tmp/fsdd --set train.lr=0.01   # a student sweep: teachers an earlier
                                                          # run trained in /tmp/fsdd with the same config are reused
     python bench/bench_fsdd.py --work /tmp/fsdd --curve 30 100 300 --png bench/fsdd_curves.png
                                                          # patient teaching: both students at each schedule
 
 The Free Spoken Digit Dataset subset in ../shared/data/fsdd (4 speakers, 500 clips each, 8 kHz,
-trimmed of silence) is split by speaker: for each speaker, the three demo configs
-(configs/demo_teacher.yaml, demo.yaml, demo_baseline.yaml) train on the other three speakers and are
-tested on the held-out one, whose voice and recording set-up none of them has heard. Each training
-is `python train_kd.py --config ...` in its own process, as a user would run it; accuracies are read
-back from the telemetry.
+trimmed of silence) is split by speaker: for each speaker, the teacher (configs/demo_teacher.yaml)
+and the two students of the shipped real-speech example (configs/real_speech_kd.yaml and
+real_speech_baseline.yaml) train on the other three speakers and are tested on the held-out one,
+whose voice and recording set-up none of them has heard. Each training is `python train_kd.py
+--config ...` in its own process, as a user would run it, with overrides only for the fold's folders,
+the seed and (students) no ONNX export; accuracies are read back from the telemetry.
 
-The teacher runs its config unchanged. Both students (KD and baseline, always alike) take the demo's
-recipe with the schedule real speech needs (REAL_SPEECH_STUDENTS below): unheard real voices are far
-harder than the demo's synthetic ones, and at the demo's 10 epochs both students stop far short of
-the teacher (KD at 64% of it, bench/RESULTS.md). The strided stem (`student.stem_stride: 2`, the same
-parameters, 3.4-4.2x cheaper steps) buys the 30 epochs that bring them near it within 20 minutes.
+The real-speech students differ from the demo's (configs/demo.yaml) by their schedule: unheard real
+voices are far harder than the demo's synthetic ones, and at the demo's 10 epochs both students stop
+far short of the teacher (KD at 64% of it, bench/RESULTS.md). The strided stem (`student.stem_stride:
+2`, the same parameters, 3.4-4.2x cheaper steps) buys 30 epochs, and fixed augmented views
+(`augment.views: 4`) let the teacher cache serve epochs 2-30.
 
 The clips are not copied: each fold is a folder of symbolic links (train/ and test/, each with a
 metadata.csv) under --work. Prints teacher / KD / baseline per held-out speaker and their mean, with
@@ -41,10 +42,11 @@ from pathlib import Path
 
 from workloads import ROOT, environment, print_environment, save_results
 
-RUNS = (("teacher", "configs/demo_teacher.yaml"), ("kd", "configs/demo.yaml"),
-        ("baseline", "configs/demo_baseline.yaml"))
-# Overrides for both students on real speech (see the module docstring); --demo-schedule drops them.
-REAL_SPEECH_STUDENTS = ("student.stem_stride=2", "train.epochs=30")
+RUNS = (("teacher", "configs/demo_teacher.yaml"), ("kd", "configs/real_speech_kd.yaml"),
+        ("baseline", "configs/real_speech_baseline.yaml"))
+DEMO_RUNS = (RUNS[0], ("kd", "configs/demo.yaml"), ("baseline", "configs/demo_baseline.yaml"))  # --demo-schedule
+# For the students: the bench reads test accuracy, the shipped model files are not needed.
+NO_EXPORT = ("export.onnx=false", "export.int8=false")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="fold folders and runs (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--demo-schedule", action="store_true",
-                        help="train the students exactly as the demo configs say (10 epochs, full-resolution stem) "
-                             f"instead of with {' '.join(REAL_SPEECH_STUDENTS)}")
+                        help="students from configs/demo.yaml and demo_baseline.yaml (10 epochs, full-resolution "
+                             "stem, fresh augmentation) instead of the real-speech configs")
     parser.add_argument("--student-epochs", type=int, default=None,
-                        help="train.epochs of the KD and baseline students (default: 30, or the configs' own "
-                             "with --demo-schedule)")
+                        help="train.epochs of the KD and baseline students (default: their configs' own, 30 for "
+                             "the real-speech ones)")
     parser.add_argument("--seeds", type=int, default=3,
                         help="runs of each student per fold, run.seed 0 .. N-1 (default 3; the teacher trains once)")
     parser.add_argument("--tag", default=None,
@@ -102,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="kd-fsdd-"))
     if args.curve:
         return curve(args, rows, speakers, chosen, work, env)
-    student = ([] if args.demo_schedule else list(REAL_SPEECH_STUDENTS))
-    student += ([f"train.epochs={args.student_epochs}"] if args.student_epochs else []) + args.student_overrides
+    student = ([f"train.epochs={args.student_epochs}"] if args.student_epochs else []) + args.student_overrides
     results = run_folds(args, rows, speakers, chosen, work, env, student, args.tag)
     print_table(results)
     save_results(results, args.out)
@@ -115,11 +116,12 @@ def run_folds(args, rows: list[dict], speakers: list[str], chosen: list[str], wo
     """Every chosen fold: its teacher, then both students per seed with `student` overrides."""
     started = time.time()
     folds = {}
-    print(f"Students: {' '.join(student) or 'as in the demo configs'}", flush=True)
+    runs = DEMO_RUNS if args.demo_schedule else RUNS
+    print(f"Students: {runs[1][1]} and {runs[2][1]}{' with ' + ' '.join(student) if student else ''}", flush=True)
     for speaker in chosen:
         fold = write_fold(args.data, rows, speaker, work / f"fold-{speaker}")
         print(f"== held out: {speaker} (train: {', '.join(s for s in speakers if s != speaker)})", flush=True)
-        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", student, args.seeds, tag)
+        folds[speaker] = run_fold(fold, work / f"runs-{speaker}", student, args.seeds, tag, runs)
         print("   " + ", ".join(f"{name} {' / '.join(f'{100 * a:.1f}' for a in accs)}%"
                                 for name, accs in folds[speaker].items() if not name.endswith("_s")), flush=True)
     results = {"env": env, "data": str(args.data), "student_overrides": student, "seeds": args.seeds,
@@ -138,11 +140,12 @@ def curve(args, rows: list[dict], speakers: list[str], chosen: list[str], work: 
     30-epoch students are the plain bench's own runs (reused from the same --work)."""
     from curves import line_chart
 
+    from kd.config import load_config
+
     per_schedule = {}
     for epochs in sorted(set(args.curve)):
-        student = [o for o in REAL_SPEECH_STUDENTS if not o.startswith("train.epochs=")]
-        student += [f"train.epochs={epochs}", *args.student_overrides]
-        default = f"train.epochs={epochs}" in REAL_SPEECH_STUDENTS and not args.student_overrides
+        student = [f"train.epochs={epochs}", *args.student_overrides]
+        default = epochs == load_config(ROOT / RUNS[1][1]).train.epochs and not args.student_overrides
         tag = args.tag if default else "-".join(filter(None, (args.tag, f"e{epochs}")))
         print(f"=== students at {epochs} epochs", flush=True)
         per_schedule[epochs] = run_folds(args, rows, speakers, chosen, work, env, student, tag)
@@ -185,7 +188,7 @@ def write_fold(data: Path, rows: list[dict], held_out: str, folder: Path) -> Pat
 
 
 def run_fold(fold: Path, runs: Path, student_overrides: list[str], seeds: int = 1,
-             tag: str | None = None) -> dict[str, list[float]]:
+             tag: str | None = None, configs: tuple[tuple[str, str], ...] = RUNS) -> dict[str, list[float]]:
     """Teacher, then KD from it and the baseline once per seed, each with `student_overrides`; each
     one's test accuracy (the teacher's as a one-item list) and wall time in seconds (`<name>_s`). A run
     that `runs` already holds, completed with the same config, is reused: an interrupted bench resumes
@@ -194,7 +197,7 @@ def run_fold(fold: Path, runs: Path, student_overrides: list[str], seeds: int = 
     from kd.demo.__main__ import finished_with_same_config
 
     results: dict[str, list[float]] = {}
-    for name, config in RUNS:
+    for name, config in configs:
         for seed in ([None] if name == "teacher" else range(seeds)):
             out = runs / (name if seed is None else f"{name}{f'-{tag}' if tag else ''}-seed{seed}")
             overrides = [f"data.data_dir={fold}", "data.eval_split=null", "data.test_split=test",
@@ -202,7 +205,7 @@ def run_fold(fold: Path, runs: Path, student_overrides: list[str], seeds: int = 
             if name == "kd":
                 overrides.append(f"teacher.model={runs / 'teacher' / 'student'}")
             if seed is not None:
-                overrides += [f"run.seed={seed}", *student_overrides]
+                overrides += [f"run.seed={seed}", *NO_EXPORT, *student_overrides]
             cfg = load_config(ROOT / config, overrides)
             # run.overwrite only says what to do with an interrupted run's folder: not part of the recipe.
             if any(finished_with_same_config(out, replace(cfg, run=replace(cfg.run, overwrite=flag)))

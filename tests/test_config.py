@@ -41,6 +41,36 @@ def test_shipped_configs_exist():
     assert {"demo.yaml", "demo_teacher.yaml", "demo_baseline.yaml", "5gb.yaml", "4gb_teacher_cpu.yaml"} <= names
 
 
+def _flat(section: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in section.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+@pytest.mark.parametrize("kd, baseline", [("demo", "demo_baseline"), ("real_speech_kd", "real_speech_baseline"),
+                                          ("text_kd", "text_baseline"), ("image_kd", "image_baseline")])
+def test_each_baseline_differs_from_its_kd_run_by_the_teacher_alone(kd, baseline):
+    """The gain a demo or the FSDD bench reports is the teacher's: same data, student, augmentation
+    (views included) and schedule; only the run's name, the teacher, the KD settings and the export."""
+    with_kd, without = (_flat(dataclasses.asdict(load_config(ROOT / "configs" / f"{n}.yaml"))) for n in (kd, baseline))
+    differ = {key for key in with_kd if with_kd[key] != without[key]}
+    assert differ <= {"run.name", "teacher.model", "export.onnx", "export.int8"} | {
+        k for k in with_kd if k.startswith("distillation.")}, sorted(differ)
+    assert without["distillation.enabled"] is False and with_kd["distillation.enabled"] is True
+
+
+def test_the_real_speech_recipe_is_shipped_where_users_copy_it():
+    """The students of the flagship, the demo and the real-speech example share the recipe measured
+    on FSDD (bench/RESULTS.md): strided stem, T 1 / alpha 1, augmentation in cacheable views."""
+    for name in ("5gb", "demo", "real_speech_kd"):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        recipe = (cfg.student.stem_stride, cfg.distillation.alpha, cfg.distillation.temperature,
+                  cfg.distillation.alpha_schedule, cfg.augment.enabled, cfg.augment.views > 0,
+                  cfg.distillation.teacher_cache)
+        assert recipe == (2, 1.0, 1.0, "constant", True, True, "auto"), name
+
+
 def test_demo_config_lists_every_key():
     """configs/demo.yaml is the reference: every key the kit knows appears there, with its comment."""
     raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())

@@ -76,7 +76,7 @@ def test_cached_views_train_as_the_teacher_online_would_and_free_it_after_epoch_
 
     run("online", "off")
     auto = run("auto", "auto")
-    required = run("require", "require")
+    run("require", "require")
     online, cached, again = (_losses(tmp_path / n) for n in ("online", "auto", "require"))
     assert len(online) == 18  # 3 epochs of 6 steps
     assert cached == pytest.approx(online, rel=1e-5, abs=1e-6)
@@ -88,6 +88,15 @@ def test_cached_views_train_as_the_teacher_online_would_and_free_it_after_epoch_
     assert all(e["cache"]["hits"] == 4 and e["cache"]["misses"] == 0 for e in steps[6:])
     assert steps[-1]["cache"]["covered"] == {"eval": [12, 12], "test": [12, 12], "train@0": [24, 24],
                                              "train@1": [24, 24]}
+    # The monitor counts the views together while the cache fills.
+    from kd.tui.state import RunState, summary_text
+
+    state = RunState()
+    for event in read_events(tmp_path / "auto" / "telemetry.jsonl"):
+        state.apply(event)
+        if event["type"] == "step" and event["step"] == 3:
+            assert "teacher: filling the cache 12/72 (train 12/48 in 2 views)" in summary_text(state)
+    assert "teacher: cached 72/72 (not in memory)" in summary_text(state)
     start = next(e for e in read_events(tmp_path / "require" / "telemetry.jsonl") if e["type"] == "run_start")
     assert start["soft_targets"]["source"] == "cache" and start["params"]["teacher"] is None
     with sqlite3.connect(next(cache.glob("*.sqlite"))) as db:

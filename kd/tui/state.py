@@ -261,7 +261,12 @@ def teacher_text(state: RunState) -> str | None:
     total = sum(int(t) for _, t in coverage.values())
     if targets.get("source") == "cache":
         return f"teacher: cached {done}/{total} (not in memory)"
-    return f"teacher: filling the cache {done}/{total} (train {'/'.join(map(str, coverage.get('train', ['?', '?'])))})"
+    views = [v for key, v in coverage.items() if key.startswith("train@")]  # augment.views: one entry per view
+    if views:
+        train = f"train {sum(int(n) for n, _ in views)}/{sum(int(t) for _, t in views)} in {len(views)} views"
+    else:
+        train = f"train {'/'.join(map(str, coverage.get('train', ['?', '?'])))}"
+    return f"teacher: filling the cache {done}/{total} ({train})"
 
 
 def remote_text(state: RunState) -> str | None:
