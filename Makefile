@@ -54,6 +54,7 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py --out bench/gpu-check
 
-clean-demo:
-	rm -rf .demo runs/demo-teacher runs/demo-kd runs/demo-baseline runs/text-teacher runs/text-kd \
-		runs/text-baseline runs/image-teacher runs/image-kd runs/image-baseline
+clean-demo:  # every demo's data and runs, the students' other seeds (runs/<name>-seedN) included
+	rm -rf .demo runs/demo-teacher runs/demo-kd runs/demo-kd-seed* runs/demo-baseline runs/demo-baseline-seed* \
+		runs/text-teacher runs/text-kd runs/text-kd-seed* runs/text-baseline runs/text-baseline-seed* \
+		runs/image-teacher runs/image-kd runs/image-kd-seed* runs/image-baseline runs/image-baseline-seed*
