@@ -117,3 +117,34 @@ def test_precompute_fills_every_view(tmp_path, tone_data, tiny_teacher):
     trained = run_cli(["--config", str(config)])
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "complete: the teacher is not loaded" in trained.stdout
+
+
+@pytest.mark.launches
+def test_two_processes_store_and_fill_views_as_one_process_computes_them_online(tmp_path, tone_data, tiny_teacher):
+    """Two CPU processes: a clip's version does not depend on the process that draws it, so each
+    process stores the views of its own batches, the end of epoch 1 splits the rest between them, and
+    the losses are those of the teacher run online on the same views."""
+    from conftest import accelerate_launch, once_more_if_hung
+
+    losses = {}
+    for mode in ("off", "auto"):
+        def attempt(n, mode=mode):  # each attempt its own run folder and cache; a hung launch is retried once
+            base = tmp_path / f"{mode}-try{n}"
+            cfg = tiny_config(tone_data, tiny_teacher, base / "run", augment={"enabled": True, "views": 2},
+                              distillation={"teacher_cache": mode, "cache_dir": str(base / "cache")},
+                              train={"max_steps": None, "epochs": 3, "eval_every": 100})
+            base.mkdir()
+            return run_cli(["--config", str(write_config(base / "c.yaml", cfg))], launcher=accelerate_launch(2),
+                           env={"ACCELERATE_USE_CPU": "true"}, timeout=150)
+
+        n, result = once_more_if_hung(attempt)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[mode] = _losses(tmp_path / f"{mode}-try{n}" / "run")
+        if mode == "auto":
+            events = read_events(tmp_path / f"auto-try{n}" / "run" / "telemetry.jsonl")
+            steps = [e for e in events if e["type"] == "step"]
+            assert steps[-1]["cache"]["source"] == "cache"
+            assert steps[-1]["cache"]["covered"] == {"train@0": [24, 24], "train@1": [24, 24], "eval": [12, 12],
+                                                     "test": [12, 12]}
+    assert len(losses["off"]) == 9  # 3 epochs of 3 steps (2 processes x batches of 4)
+    assert losses["auto"] == pytest.approx(losses["off"], rel=1e-5, abs=1e-6)
