@@ -172,7 +172,7 @@ class AugmentConfig:
     mixup_alpha: float = 0.0  # > 0: mix clip pairs with Beta(alpha, alpha) weights (labels mixed alike)
     # 0: fresh draws every epoch (the teacher must run online). k >= 1: each clip has k fixed augmented
     # versions drawn from (run.seed, view, clip), epoch e trains on view e mod k, so a teacher cache can
-    # store every view: the teacher runs in the first k epochs only.
+    # store every view: the teacher runs in the first epoch only (its end fills the other views).
     views: int = 0
 
 

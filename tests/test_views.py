@@ -66,8 +66,8 @@ def test_cached_views_train_as_the_teacher_online_would_and_free_it_after_epoch_
     epoch 3 (view 0 again) is all hits, and a `require` run never loads the teacher."""
     cache = tmp_path / "cache"
 
-    def run(name: str, mode: str, **extra) -> object:
-        cfg = tiny_config(tone_data, tiny_teacher, tmp_path / name, augment={"enabled": True, "views": 2},
+    def run(name: str, mode: str, views: int = 2, **extra) -> object:
+        cfg = tiny_config(tone_data, tiny_teacher, tmp_path / name, augment={"enabled": True, "views": views},
                           distillation={"teacher_cache": mode, "cache_dir": str(cache)},
                           train={"max_steps": None, "epochs": 3, "eval_every": 100}, **extra)
         result = run_cli(["--config", str(write_config(tmp_path / f"{name}.yaml", cfg))])
@@ -104,6 +104,9 @@ def test_cached_views_train_as_the_teacher_online_would_and_free_it_after_epoch_
     # Another seed draws other versions: its views are misses, the clean splits are shared.
     other = run("seed1", "auto", run={"name": "tiny", "output_dir": str(tmp_path / "seed1"), "seed": 1})
     assert "train@0 0/24, train@1 0/24, eval 12/12, test 12/12" in other.stdout
+    # More views keep those already stored: a clip's version v does not depend on how many there are.
+    more = run("views3", "auto", views=3)
+    assert "train@0 24/24, train@1 24/24, train@2 0/24, eval 12/12, test 12/12" in more.stdout
 
 
 @pytest.mark.launches

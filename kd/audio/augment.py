@@ -15,8 +15,8 @@ augmented identically however the run got there (fresh, resumed from a checkpoin
 out-of-memory retry at the same micro-batch size). With `views: k` they are seeded per clip by
 (run seed, view, clip index) instead, view = epoch mod k: each clip has k fixed augmented versions
 whatever batch it lands in, on any process, so a teacher cache can store the soft targets of every
-view (kd/teachers/cached.py) and the teacher runs during the first k epochs only. Evaluation never
-calls this module.
+view (kd/teachers/cached.py) and the teacher runs during the first epoch only (its end fills the other
+views). Evaluation never calls this module.
 """
 
 from __future__ import annotations

@@ -236,17 +236,20 @@ def open_cache(cfg: Any, identity: dict[str, Any], *, num_outputs: int, label_na
         cache = TeacherCache(dist.cache_folder(), identity, num_outputs, label_names, dtype=dist.cache_dtype,
                              top_k=dist.cache_top_k)
     names = cfg.data.split_names()
-    split_ids = {role: cache.register_split(names[role], fingerprints[role], sizes[role]) for role in fingerprints}
     aug = cfg.augment
-    if aug.enabled and aug.views and "train" in split_ids:
+    split_ids = {}
+    if aug.enabled and aug.views and "train" in fingerprints:
         # Each view of the training split is a split of its own: its inputs are the augmented clips, so
-        # its fingerprint names the augmentation, the seed that draws it and the view.
-        drawn = json.dumps({"augment": asdict(aug), "seed": cfg.run.seed}, sort_keys=True)
-        views = {}
+        # its fingerprint names the augmentation, the seed that draws it and the view. Not the number of
+        # views: a clip's version v is the same whatever k, so raising k keeps the views already stored.
+        drawn = json.dumps({"augment": {**asdict(aug), "views": None}, "seed": cfg.run.seed}, sort_keys=True)
         for view in range(aug.views):
             fingerprint = hashlib.sha256(f"{fingerprints['train']}|{drawn}|{view}".encode()).hexdigest()[:16]
-            views[view_key(view)] = cache.register_split(f"{names['train']}@view{view}", fingerprint, sizes["train"])
-        split_ids = {**views, **{role: i for role, i in split_ids.items() if role != "train"}}
+            split_ids[view_key(view)] = cache.register_split(f"{names['train']}@view{view}", fingerprint,
+                                                             sizes["train"])
+    for role in fingerprints:
+        if role != "train" or not split_ids:
+            split_ids[role] = cache.register_split(names[role], fingerprints[role], sizes[role])
     return cache, split_ids
 
 
