@@ -120,7 +120,7 @@ class CachedTeacher(SoftTargetSource):
         each process its own contiguous share; returns the rows this process wrote."""
         if self._teacher is None:
             return 0
-        keys = tuple(k for k in self.split_ids if k.split("@")[0] in roles)
+        keys = tuple(k for k in self.split_ids if parse_key(k)[0] in roles)
         # Every process reads what is missing before any of them writes, so their shares agree and
         # no sample is computed twice.
         missing = {key: self.cache.missing(self.split_ids[key], self.sizes[key]) for key in keys}
@@ -138,13 +138,13 @@ class CachedTeacher(SoftTargetSource):
     def _fill_rows(self, runner: SplitRunner, key: str, rows: list[int]) -> int:
         if not rows:
             return 0
-        role, _, view = key.partition("@")
+        role, view = parse_key(key)
         written = 0
         with tqdm(total=len(rows), desc=f"teacher -> cache ({key})", unit="sample", disable=not runner.show,
                   dynamic_ncols=True) as bar:
             for batch in runner.loader(runner.splits[role].select(rows)):
                 # Rows of a selection keep their split's index (kd/data.py), which a view is drawn from.
-                batch = runner.prepare(batch, int(view) if view else None)
+                batch = runner.prepare(batch, view)
                 written += self.store(key, batch, teacher_logits(self._teacher, batch))
                 bar.update(len(batch["index"]))
         return written
@@ -258,9 +258,15 @@ def view_key(view: int) -> str:
     return f"train@{view}"
 
 
+def parse_key(key: str) -> tuple[str, int | None]:
+    """A key's role and view: ('eval', None), ('train', 2) for train@2."""
+    role, _, view = key.partition("@")
+    return role, int(view) if view else None
+
+
 def key_sizes(split_ids: dict[str, str], sizes: dict[str, int]) -> dict[str, int]:
     """Each key's number of samples: a view has its split's."""
-    return {key: sizes[key.split("@")[0]] for key in split_ids}
+    return {key: sizes[parse_key(key)[0]] for key in split_ids}
 
 
 def open_cached_teacher(cfg: Any, accelerator: Accelerator, data: PreparedData, processor: Any,
